@@ -1,0 +1,117 @@
+"""Per-worker sharded batches with worker-count-independent randomness.
+
+Training: one seeded permutation per (seed, task, epoch) cuts the task's data into *global* batches; each of
+W workers takes its contiguous slice of every global batch. Averaging the W slices' gradients (DDP) equals
+the one-process gradient of the global batch, so 1 and W workers follow the same trajectory up to float
+summation order. Each sample's augmentation is seeded by (seed, task, epoch, sample index).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .base import ImageSource
+from .transforms import Preprocess
+
+# Epoch tags of the two covariance passes (before a task: design A_t; after: update the memory).
+COVARIANCE_BEFORE = -1
+COVARIANCE_AFTER = -2
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return z ^ (z >> np.uint64(31))
+
+
+def sample_seeds(seed: int, task: int, epoch: int, indices: np.ndarray) -> np.ndarray:
+    """A 63-bit augmentation seed per sample, a hash of (seed, task, epoch, index)."""
+    key = _splitmix64(np.array([seed], dtype=np.uint64))
+    key = _splitmix64(key ^ np.uint64(task + 1))
+    key = _splitmix64(key ^ np.uint64(epoch + 1_000_003))
+    return (_splitmix64(key ^ indices.astype(np.uint64)) >> np.uint64(1)).astype(np.int64)
+
+
+def epoch_permutation(indices: np.ndarray, seed: int, task: int, epoch: int) -> np.ndarray:
+    """The order in which a task's training samples are visited in an epoch."""
+    rng = np.random.Generator(np.random.PCG64([seed, task, epoch]))
+    return indices[rng.permutation(len(indices))]
+
+
+def shard_slice(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """This worker's contiguous slice of a global batch (sizes differ by at most one)."""
+    return np.array_split(batch, world_size)[rank]
+
+
+def train_batches(indices: np.ndarray, batch_size: int, seed: int, task: int, epoch: int,
+                  rank: int = 0, world_size: int = 1) -> list[list[tuple[int, int]]]:
+    """This worker's (index, aug seed) lists for every global batch of an epoch.
+
+    A final global batch smaller than ``world_size`` is dropped (every worker must get a sample).
+    """
+    order = epoch_permutation(indices, seed, task, epoch)
+    seeds = sample_seeds(seed, task, epoch, order)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        glob = np.arange(start, min(start + batch_size, len(order)))
+        if len(glob) < world_size:
+            break
+        local = shard_slice(glob, rank, world_size)
+        batches.append([(int(order[i]), int(seeds[i])) for i in local])
+    return batches
+
+
+def global_batch_sizes(num_samples: int, batch_size: int, world_size: int = 1) -> list[int]:
+    """Size of each global batch of an epoch (matching :func:`train_batches`)."""
+    sizes = [min(batch_size, num_samples - s) for s in range(0, num_samples, batch_size)]
+    return [b for b in sizes if b >= world_size]
+
+
+def pass_batches(indices: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: Optional[int] = None, task: int = 0, epoch: int = 0) -> list[list[tuple[int, int]]]:
+    """A strided shard ``indices[rank::world_size]`` in fixed-size batches (evaluation, covariance passes).
+
+    With ``seed`` set, each item carries its augmentation seed (training transform), else -1 (test transform).
+    """
+    shard = np.asarray(indices)[rank::world_size]
+    seeds = (sample_seeds(seed, task, epoch, shard) if seed is not None
+             else np.full(len(shard), -1, dtype=np.int64))
+    return [[(int(i), int(s)) for i, s in zip(shard[b:b + batch_size], seeds[b:b + batch_size])]
+            for b in range(0, len(shard), batch_size)]
+
+
+class TaskDataset(Dataset):
+    """Items are ``(index, aug_seed)``; aug_seed >= 0 applies the training transform seeded by it, -1 the test
+    transform. Returns (image float CHW, incremental label)."""
+
+    def __init__(self, source: ImageSource, preprocess: Preprocess, label_map: np.ndarray):
+        self.source = source
+        self.preprocess = preprocess
+        self.label_map = label_map
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, aug_seed = item
+        img = self.source.load(index)
+        if aug_seed >= 0:
+            gen = torch.Generator().manual_seed(int(aug_seed))
+            x = self.preprocess.train(img, gen)
+        else:
+            x = self.preprocess.test(img)
+        return x, int(self.label_map[int(self.source.labels[index])])
+
+
+def make_loader(dataset: TaskDataset, batches: Sequence[list[tuple[int, int]]], num_workers: int = 0,
+                pin_memory: bool = False) -> Iterator:
+    """A DataLoader over precomputed batches (decode/augment in ``num_workers`` processes)."""
+    return DataLoader(dataset, batch_sampler=list(batches), num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=False)

@@ -1,0 +1,80 @@
+"""Preprocessing in one place: the paper's train/test transforms on uint8 CHW tensors, inputs in [0, 1].
+
+Randomness comes from an explicit per-sample ``torch.Generator``, so an image's augmentation depends only
+on (seed, task, epoch, sample) and not on how samples are spread over workers or loader processes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+
+def _uniform(gen: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=gen))
+
+
+def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                            gen: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop with area fraction in ``scale`` and aspect ratio (log-uniform) in
+    ``ratio``; after 10 failed draws, the central crop clamped to ``ratio`` (Szegedy et al. 2015)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * _uniform(gen, *scale)
+        aspect = math.exp(_uniform(gen, *log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=gen))
+            left = int(torch.randint(0, width - w + 1, (), generator=gen))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Train: RandomResizedCrop(img_size) [+ horizontal flip]. Test: Resize(test_resize) + CenterCrop(img_size)
+    when ``test_resize`` is set, else Resize to ``img_size`` x ``img_size``. Output float in [0, 1], optionally
+    normalised with ``mean``/``std`` (for backbones trained that way; the paper's setup uses none)."""
+    img_size: int
+    train_scale: tuple[float, float] = (0.08, 1.0)
+    train_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    train_flip: bool = True
+    test_resize: Optional[int] = None
+    mean: Optional[tuple[float, float, float]] = None
+    std: Optional[tuple[float, float, float]] = None
+
+    def _finish(self, img: torch.Tensor) -> torch.Tensor:
+        out = img.float().div_(255.0) if img.dtype == torch.uint8 else img.float()
+        if self.mean is not None:
+            out = TF.normalize(out, list(self.mean), list(self.std))
+        return out.contiguous()
+
+    def train(self, img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Augmented training view of a uint8 (C, H, W) image."""
+        _, h, w = img.shape
+        top, left, ch, cw = random_resized_crop_box(h, w, self.train_scale, self.train_ratio, gen)
+        out = TF.resized_crop(img, top, left, ch, cw, [self.img_size, self.img_size], antialias=True)
+        if self.train_flip and float(torch.rand((), generator=gen)) < 0.5:
+            out = TF.horizontal_flip(out)
+        return self._finish(out)
+
+    def test(self, img: torch.Tensor) -> torch.Tensor:
+        """Deterministic evaluation view of a uint8 (C, H, W) image."""
+        if self.test_resize is not None:
+            out = TF.resize(img, [self.test_resize], antialias=True)
+            out = TF.center_crop(out, [self.img_size, self.img_size])
+        else:
+            out = TF.resize(img, [self.img_size, self.img_size], antialias=True)
+        return self._finish(out)

@@ -1,0 +1,178 @@
+"""InfLoRA and the baselines as small strategy objects around the task loop.
+
+A method decides how the current task's adapter is set up before training (``prepare_task``), which
+parameters train besides the head (``trainable_parameters``), and what happens after training
+(``finish_task``: memory update, merge). ``covariance(tag)`` is supplied by the loop and returns each adapted
+layer's input covariance on the current task's training data (already reduced over workers).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from .config import MethodConfig
+from .data.loader import COVARIANCE_AFTER, COVARIANCE_BEFORE
+from .model import ContinualViT
+from .subspace import LayerMemory, design_lora_A, random_lora_A, threshold_schedule
+
+log = logging.getLogger(__name__)
+
+CovarianceFn = Callable[[int], list[torch.Tensor]]
+
+
+class Method:
+    """Base strategy: heads only (the linear probe)."""
+    name = "linear-probe"
+    uses_adapters = False
+
+    def __init__(self, cfg: MethodConfig, num_tasks: int, seed: int):
+        self.cfg = cfg
+        self.num_tasks = num_tasks
+        self.seed = seed
+        # Finished tasks' adapters (A, B_k, B_v per layer), replayed into W when a checkpoint is restored.
+        self.history: list[list[dict[str, torch.Tensor]]] = []
+
+    def adapter_rank(self) -> Optional[int]:
+        """Rank of the adapters to build, or None for none."""
+        return self.cfg.rank if self.uses_adapters else None
+
+    def prepare_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
+        """Set up the current task's adapter before training; returns figures worth logging."""
+        return {}
+
+    def set_task_trainable(self, model: ContinualViT) -> None:
+        """Mark the current task's adapter parameters trainable (also used when resuming mid-task)."""
+
+    def trainable_parameters(self, model: ContinualViT) -> list[torch.nn.Parameter]:
+        """Adapter parameters trained on the current task (heads are handled by the loop)."""
+        return []
+
+    def finish_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
+        """After training: update any memory, merge the task's adapter into W; returns figures to log."""
+        if self.uses_adapters:
+            self.history.append([{k: v.detach().cpu().clone() for k, v in _adapter_tensors(layer).items()}
+                                 for layer in model.adapters])
+            for layer in model.adapters:
+                layer.merge_and_reset()
+                _set_trainable(layer, a=False, b=False)
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "history": self.history}
+
+    def load_state_dict(self, state: dict, model: ContinualViT) -> None:
+        """Restore the method and replay finished tasks' merges into a freshly built model."""
+        if state["name"] != self.name:
+            raise ValueError(f"checkpoint was made by method {state['name']!r}, config says {self.name!r}")
+        self.history = state["history"]
+        with torch.no_grad():
+            for task_adapters in self.history:
+                for layer, tensors in zip(model.adapters, task_adapters):
+                    for k, v in tensors.items():
+                        getattr(layer, k).copy_(v)
+                    layer.merge_and_reset()
+
+
+def _adapter_tensors(layer) -> dict[str, torch.Tensor]:
+    return {"lora_A": layer.lora_A, "lora_B_k": layer.lora_B_k, "lora_B_v": layer.lora_B_v}
+
+
+def _set_trainable(layer, a: bool, b: bool) -> None:
+    layer.lora_A.requires_grad_(a)
+    layer.lora_B_k.requires_grad_(b)
+    layer.lora_B_v.requires_grad_(b)
+
+
+class SeqLoRA(Method):
+    """Plain sequential LoRA: random (Kaiming-uniform) A_t and zero B_t, both trained, no projection."""
+    name = "seq-lora"
+    uses_adapters = True
+
+    def prepare_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
+        with torch.no_grad():
+            for i, layer in enumerate(model.adapters):
+                gen = torch.Generator().manual_seed((self.seed * 1_000_003 + task) * 10_007 + i)
+                layer.lora_A.copy_(random_lora_A(layer.rank, layer.in_features, gen))
+                layer.lora_B_k.zero_()
+                layer.lora_B_v.zero_()
+        self.set_task_trainable(model)
+        return {}
+
+    def set_task_trainable(self, model: ContinualViT) -> None:
+        for layer in model.adapters:
+            _set_trainable(layer, a=True, b=True)
+
+    def trainable_parameters(self, model: ContinualViT) -> list[torch.nn.Parameter]:
+        return [p for layer in model.adapters for p in _adapter_tensors(layer).values()]
+
+
+class InfLoRA(Method):
+    """InfLoRA: A_t designed from the task's input covariance outside the DualGPM memory, frozen; B_t trained."""
+    name = "inflora"
+    uses_adapters = True
+
+    def __init__(self, cfg: MethodConfig, num_tasks: int, seed: int):
+        super().__init__(cfg, num_tasks, seed)
+        self.memory: list[LayerMemory] = []
+
+    def _ensure_memory(self, model: ContinualViT) -> None:
+        if not self.memory:
+            self.memory = [LayerMemory(dim=layer.in_features, representation=self.cfg.memory_representation)
+                           for layer in model.adapters]
+
+    def prepare_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
+        self._ensure_memory(model)
+        covs = covariance(COVARIANCE_BEFORE)
+        used = []
+        with torch.no_grad():
+            for layer, cov, mem in zip(model.adapters, covs, self.memory):
+                design = design_lora_A(cov, mem, layer.rank)
+                layer.lora_A.copy_(design.lora_A.to(layer.lora_A.device, layer.lora_A.dtype))
+                layer.lora_B_k.zero_()
+                layer.lora_B_v.zero_()
+                used.append(design.used_rank)
+        self.set_task_trainable(model)
+        return {"used_rank": used}
+
+    def set_task_trainable(self, model: ContinualViT) -> None:
+        for layer in model.adapters:
+            _set_trainable(layer, a=False, b=True)
+
+    def trainable_parameters(self, model: ContinualViT) -> list[torch.nn.Parameter]:
+        return [p for layer in model.adapters for p in (layer.lora_B_k, layer.lora_B_v)]
+
+    def finish_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
+        self._ensure_memory(model)
+        covs = covariance(COVARIANCE_AFTER)
+        eps = threshold_schedule(self.cfg.lamb, self.cfg.lame, task, self.num_tasks)
+        for cov, mem in zip(covs, self.memory):
+            mem.update(cov, eps)
+        info = super().finish_task(model, task, covariance)
+        info.update(threshold=eps, memory_dims=self.memory_dims(), memory_modes=[m.mode for m in self.memory])
+        return info
+
+    def memory_dims(self) -> list[int]:
+        """Dimension of the protected space per adapted layer."""
+        return [m.protected_dim for m in self.memory]
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["memory"] = [m.state_dict() for m in self.memory]
+        return state
+
+    def load_state_dict(self, state: dict, model: ContinualViT) -> None:
+        super().load_state_dict(state, model)
+        self.memory = [LayerMemory.from_state_dict(m) for m in state["memory"]]
+
+
+METHODS: dict[str, type[Method]] = {"inflora": InfLoRA, "seq-lora": SeqLoRA, "linear-probe": Method}
+
+
+def build_method(cfg: MethodConfig, num_tasks: int, seed: int) -> Method:
+    """The strategy object named by ``cfg.name``."""
+    try:
+        return METHODS[cfg.name](cfg, num_tasks, seed)
+    except KeyError:
+        raise ValueError(f"method.name={cfg.name!r}; choose one of {sorted(METHODS)}") from None

@@ -1,0 +1,77 @@
+"""A timm ViT with k/v low-rank adapters on every block and one linear head per task."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import timm
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .lora import KVLoRAQKV, adapt_vit_qkv
+
+
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """A timm ViT returning the final-norm CLS feature (``num_classes=0``, token pooling, no dropout).
+
+    Weights: ``pretrained=True`` uses timm's registry (hub/url); ``weights_file`` loads a local state_dict
+    through the same timm code path (``pretrained_cfg_overlay=dict(file=...)``), for offline clusters.
+    """
+    kwargs = dict(num_classes=0, global_pool="token", qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0,
+                  drop_path_rate=0.0, proj_drop_rate=0.0, pos_drop_rate=0.0, img_size=cfg.img_size)
+    kwargs.update(cfg.kwargs)
+    pretrained = cfg.pretrained or cfg.weights_file is not None
+    if cfg.weights_file is not None:
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(cfg.weights_file).expanduser()))
+    try:
+        backbone = timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        raise RuntimeError(f"model: could not create {cfg.name!r} (weights_file={cfg.weights_file!r}, "
+                           f"pretrained={cfg.pretrained}): {e}") from e
+    if not hasattr(backbone, "blocks") or not hasattr(backbone, "embed_dim"):
+        raise ValueError(f"model.name={cfg.name!r} is not a timm VisionTransformer")
+    return backbone
+
+
+class ContinualViT(nn.Module):
+    """Frozen ViT backbone + k/v adapters (optional) + per-task heads with class-incremental inference."""
+
+    def __init__(self, backbone: nn.Module, rank: Optional[int]):
+        super().__init__()
+        self.backbone = backbone
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.adapters: list[KVLoRAQKV] = adapt_vit_qkv(backbone, rank) if rank else []
+        self.heads = nn.ModuleList()
+        self.embed_dim = int(backbone.embed_dim)
+
+    @property
+    def num_classes_seen(self) -> int:
+        return sum(h.out_features for h in self.heads)
+
+    def add_head(self, num_classes: int, generator: Optional[torch.Generator] = None) -> nn.Linear:
+        """Append task head (default nn.Linear init, drawn from ``generator`` for reproducibility)."""
+        ref = next(self.backbone.parameters())
+        head = nn.Linear(self.embed_dim, num_classes).to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            bound = 1.0 / self.embed_dim ** 0.5  # nn.Linear's default init bound for weight and bias
+            for p in (head.weight, head.bias):
+                p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) * bound)
+        self.heads.append(head)
+        return head
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """CLS token after the final LayerNorm."""
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor, num_heads: Optional[int] = None) -> torch.Tensor:
+        """Concatenated logits of the first ``num_heads`` heads (default all): class-incremental inference."""
+        feats = self.features(images)
+        heads = self.heads if num_heads is None else self.heads[:num_heads]
+        return torch.cat([h(feats) for h in heads], dim=1)
+
+
+def build_model(cfg: ModelConfig, rank: Optional[int]) -> ContinualViT:
+    """Create the backbone from config and wrap it; ``rank=None`` means no adapters (linear probe)."""
+    return ContinualViT(create_backbone(cfg), rank)
