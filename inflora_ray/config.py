@@ -31,7 +31,6 @@ class ConfigError(ValueError):
 class ExperimentConfig:
     name: str = "inflora"
     seed: int = 0
-    output_dir: str = "runs"
     log_every_steps: int = 20
 
     def validate(self) -> None:
@@ -135,12 +134,60 @@ class TrainConfig:
 
 
 @dataclass
+class RunSection:
+    """How the run is placed on Ray: workers, resources, storage, fault tolerance, checkpoints."""
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    # Where checkpoints and results go: a local directory, an NFS path, or an s3:// / gs:// URI.
+    storage_path: str = "runs"
+    name: Optional[str] = None
+    # Worker failures tolerated (a failed worker group restarts from the latest checkpoint); -1: unlimited.
+    max_failures: int = 0
+    # Also checkpoint every K epochs inside a task (0: only at task boundaries).
+    checkpoint_every_epochs: int = 0
+    checkpoints_to_keep: Optional[int] = None
+    # False: fail at once if the cluster can never place the workers; True: wait (autoscaling clusters).
+    wait_for_resources: bool = False
+
+    def validate(self) -> None:
+        _require(self.num_workers >= 1, "run.num_workers", "must be >= 1")
+        _require(self.cpus_per_worker > 0, "run.cpus_per_worker", "must be > 0")
+        _require(self.gpus_per_worker > 0, "run.gpus_per_worker", "must be > 0")
+        _require(self.storage_path.strip() != "", "run.storage_path", "must not be empty")
+        _require(self.max_failures >= -1, "run.max_failures", "must be >= -1 (-1: unlimited)")
+        _require(self.checkpoint_every_epochs >= 0, "run.checkpoint_every_epochs", "must be >= 0")
+        _require(self.checkpoints_to_keep is None or self.checkpoints_to_keep >= 1, "run.checkpoints_to_keep",
+                 "must be >= 1 or null (keep all)")
+        if self.name is not None:
+            _require(re.fullmatch(r"[A-Za-z0-9._-]+", self.name) is not None, "run.name",
+                     "may only contain letters, digits, '.', '_' and '-'")
+
+
+@dataclass
+class DebugSection:
+    """Fault injection for tests: the worker of rank ``fail_rank`` fails once, before step ``fail_at_step``
+    of epoch ``fail_at_epoch`` of task ``fail_at_task`` ("exit": the process dies; "raise": an exception)."""
+    fail_at_task: Optional[int] = None
+    fail_at_epoch: int = 0
+    fail_at_step: int = 0
+    fail_rank: int = 0
+    fail_mode: Literal["exit", "raise"] = "exit"
+
+    def validate(self) -> None:
+        _require(self.fail_at_task is None or self.fail_at_task >= 0, "debug.fail_at_task", "must be >= 0")
+
+
+@dataclass
 class Config:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunSection = field(default_factory=RunSection)
+    debug: DebugSection = field(default_factory=DebugSection)
 
     def validate(self) -> "Config":
         """Check every section's fields; raise ConfigError on the first bad one."""

@@ -28,3 +28,14 @@ def tiny_overrides(**extra) -> list[str]:
 def tiny_cfg():
     from inflora_ray.config import load_config
     return load_config("quickstart", tiny_overrides())
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (2 CPUs: Ray Train workers take 1 CPU each)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()

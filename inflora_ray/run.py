@@ -1,0 +1,397 @@
+"""``python -m inflora_ray.run``: the whole task sequence as one Ray Train job.
+
+Connects to the cluster in ``RAY_ADDRESS`` when set (so ``ray job submit -- python -m inflora_ray.run``
+works), otherwise starts a local Ray. Everything that can be checked is checked before any compute.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+from urllib.parse import urlparse
+
+import torch
+import yaml
+
+from . import storage
+from .config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+from .logs import log_event, setup_logging
+from .metrics import AccuracyRecord, format_matrix, summary
+
+log = logging.getLogger("inflora_ray.run")
+
+
+class PreflightError(RuntimeError):
+    """Something that would make the run fail, found before any compute; the message says what to fix."""
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run produced."""
+    run_dir: str
+    name: str
+    tasks: list[dict]  # per-task records written by rank 0
+    summary: dict
+
+    @property
+    def accuracy_matrix(self) -> list[list[float]]:
+        return self.summary["accuracy_matrix"]
+
+
+# ----------------------------------------------------------------------------------------- preflight
+def check_model(cfg: Config) -> int:
+    """Build the architecture on the meta device (no weights, no memory) to check rank vs layer width."""
+    import timm
+
+    kwargs = dict(num_classes=0, img_size=cfg.model.img_size, **cfg.model.kwargs)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(cfg.model.name, pretrained=False, **kwargs)
+    except Exception as e:
+        raise PreflightError(f"model: cannot build {cfg.model.name!r} with kwargs {cfg.model.kwargs}: {e}") from None
+    dim = int(getattr(model, "embed_dim", 0))
+    if cfg.method.name != "linear-probe" and cfg.method.rank > dim:
+        raise PreflightError(f"method.rank={cfg.method.rank} is larger than the adapted layers' input dim {dim} "
+                             f"of {cfg.model.name}; use method.rank <= {dim}")
+    return dim
+
+
+def _tcp_reachable(address: str, timeout: float = 5.0) -> None:
+    if address in ("auto", "local", ""):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname, parsed.port
+    if host is None or port is None:
+        raise PreflightError(f"RAY_ADDRESS={address!r} is not host:port, ray://host:port or 'auto'")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise PreflightError(f"cannot reach the Ray cluster at RAY_ADDRESS={address!r} ({e}); is the head node "
+                             "up and the address right? Unset RAY_ADDRESS to run on a local Ray.") from None
+
+
+def connect_ray(address: Optional[str]) -> None:
+    """Use the running Ray, connect to ``address`` (RAY_ADDRESS), or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        _tcp_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as e:
+            raise PreflightError(f"cannot connect to Ray at {address!r}: {e}") from None
+    else:
+        ray.init(log_to_driver=True)
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail if the cluster can never place the workers (unless run.wait_for_resources)."""
+    import ray
+
+    r = cfg.run
+    need = {"CPU": r.num_workers * r.cpus_per_worker}
+    if r.use_gpu:
+        need["GPU"] = r.num_workers * r.gpus_per_worker
+    have = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    fits_one = any(n.get("CPU", 0) >= r.cpus_per_worker and (not r.use_gpu or n.get("GPU", 0) >= r.gpus_per_worker)
+                   for n in nodes)
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
+    if (short or not fits_one) and not r.wait_for_resources:
+        detail = ", ".join(f"{k}: needs {n:g}, cluster has {h:g}" for k, (n, h) in short.items()) or \
+            "no single node can hold one worker"
+        raise PreflightError(
+            f"the cluster can never place {r.num_workers} worker(s) x ({r.cpus_per_worker:g} CPU"
+            f"{f', {r.gpus_per_worker:g} GPU' if r.use_gpu else ''}) ({detail}); lower run.num_workers / "
+            "run.cpus_per_worker, or set run.wait_for_resources=true on an autoscaling cluster")
+
+
+# ----------------------------------------------------------------------------------------- the run
+def default_run_name(cfg: Config) -> str:
+    return f"{cfg.experiment.name}-{cfg.method.name}-s{cfg.experiment.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def versions() -> dict:
+    """Versions of the stack, recorded with every run."""
+    import mlflow  # noqa: F401  (version only)
+    import ray
+    import timm
+
+    from . import __version__
+    return {"inflora_ray": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "ray": ray.__version__, "mlflow": getattr(sys.modules.get("mlflow"), "__version__", "?"),
+            "python": sys.version.split()[0]}
+
+
+def _print_progress(rec: dict, num_tasks: int) -> None:
+    r = rec["report"]
+    print(f"[task {r['task'] + 1}/{num_tasks}] classes {r['classes'][0]}..{r['classes'][-1]}  "
+          f"pooled acc {100 * r['pooled_accuracy']:.2f}%  avg inc acc {100 * r['average_incremental_accuracy']:.2f}%  "
+          f"forgetting {100 * r['forgetting']:.2f}  loss {r['train_loss']:.4f}  {r['task_seconds']:.1f}s  "
+          f"{r['images_per_second']:.0f} img/s  peak {r['peak_memory_mb']:.0f} MiB", flush=True)
+
+
+class _ProgressWatcher(threading.Thread):
+    """Prints one line per finished task as rank 0 writes the task's results (works for remote storage)."""
+
+    def __init__(self, run_dir: str, num_tasks: int, on_task=None, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.run_dir, self.num_tasks, self.on_task, self.interval = run_dir, num_tasks, on_task, interval
+        self.seen: set[int] = set()
+        self._halt = threading.Event()
+
+    def poll(self) -> None:
+        from .ray_train import results_dir
+
+        for name in storage.list_names(results_dir(self.run_dir)):
+            if not (name.startswith("task_") and name.endswith(".json")):
+                continue
+            t = int(name[5:8])
+            if t in self.seen:
+                continue
+            try:
+                rec = storage.read_json(storage.join(results_dir(self.run_dir), name))
+            except Exception:
+                continue  # being written
+            self.seen.add(t)
+            _print_progress(rec, self.num_tasks)
+            if self.on_task is not None:
+                self.on_task(rec)
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            self.poll()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
+        self.poll()
+
+
+def collect_results(run_dir: str, num_tasks: int) -> tuple[list[dict], dict]:
+    """Read the per-task records of a run, in order, and the summary of the latest."""
+    from .ray_train import results_dir, task_result_path
+
+    tasks = []
+    for t in range(num_tasks):
+        path = task_result_path(run_dir, t)
+        if not storage.exists(path):
+            break
+        tasks.append(storage.read_json(path))
+    if not tasks:
+        return [], {}
+    record = AccuracyRecord(correct=[t["report"]["correct"] for t in tasks],
+                            total=[t["report"]["total"] for t in tasks])
+    return tasks, summary(record)
+
+
+def write_final_results(run_dir: str, tasks: list[dict], summ: dict) -> None:
+    """Accuracy matrix as Parquet (long format) and metrics as JSON in ``<run_dir>/results``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .ray_train import results_dir
+
+    rows = {"after_task": [], "on_task": [], "accuracy": [], "correct": [], "total": [], "own_head_accuracy": []}
+    for t in tasks:
+        r = t["report"]
+        for j, (c, n, own) in enumerate(zip(r["correct"], r["total"], r["own_head_correct"])):
+            rows["after_task"].append(r["task"])
+            rows["on_task"].append(j)
+            rows["accuracy"].append(c / n)
+            rows["correct"].append(c)
+            rows["total"].append(n)
+            rows["own_head_accuracy"].append(own / n)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(rows), sink)
+    storage.write_bytes(storage.join(results_dir(run_dir), "accuracy_matrix.parquet"), sink.getvalue().to_pybytes())
+    per_task = [{k: v for k, v in t["report"].items() if k not in ("correct", "total", "own_head_correct")}
+                for t in tasks]
+    storage.write_json(storage.join(results_dir(run_dir), "metrics.json"),
+                       {**summ, "tasks": per_task, "complete": len(tasks)})
+
+
+def print_final_table(name: str, summ: dict, num_tasks: int) -> None:
+    done = len(summ.get("accuracy_matrix", []))
+    print(f"\n== {name}: {done}/{num_tasks} tasks ==")
+    if not done:
+        return
+    print("accuracy matrix (%), row = after task i, column = test set of task j:")
+    print(format_matrix(summ["accuracy_matrix"]))
+    print(f"final accuracy A_T            {100 * summ['final_accuracy']:.2f}%")
+    print(f"average incremental accuracy  {100 * summ['average_incremental_accuracy']:.2f}%")
+    if done > 1:
+        print(f"forgetting                    {100 * summ['forgetting']:.2f}")
+        print(f"backward transfer             {100 * summ['backward_transfer']:.2f}")
+    sys.stdout.flush()
+
+
+def run_experiment(cfg: Config, name: Optional[str] = None, *, resume: bool = False,
+                   stop_after_task: Optional[int] = None, start_from: Optional[str] = None,
+                   address: Optional[str] = None, on_task=None, quiet_table: bool = False) -> RunResult:
+    """Run (or resume) a continual experiment as a Ray Train job and return its results.
+
+    Raises :class:`PreflightError` before any compute if the model, storage, checkpoint or cluster cannot
+    work, and ``RuntimeError`` if training fails beyond ``run.max_failures``.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .data import build_benchmark
+    from .ray_train import results_dir, train_worker
+
+    check_model(cfg)
+    storage_path = storage.absolute(cfg.run.storage_path)
+    name = name or cfg.run.name or default_run_name(cfg)
+    run_dir = storage.join(storage_path, name)
+    storage.check_writable(storage_path)
+    if not resume and storage.exists(run_dir):
+        raise PreflightError(f"run {name!r} already exists in {storage_path}; continue it with --resume {name} "
+                             "or choose another run.name")
+    if start_from is not None and not storage.exists(storage.join(start_from, "state.pt")):
+        raise PreflightError(f"--start-from {start_from!r}: no inflora-ray checkpoint there (state.pt missing)")
+    try:
+        benchmark = build_benchmark(cfg.data, cfg.model.img_size)
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"data: {e}") from None
+    if stop_after_task is not None and not 0 <= stop_after_task < benchmark.num_tasks:
+        raise PreflightError(f"--stop-after-task {stop_after_task}: must be in 0..{benchmark.num_tasks - 1}")
+    connect_ray(address)
+    check_resources(cfg)
+
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name))
+    if not resume:
+        storage.write_bytes(storage.join(results_dir(run_dir), "config.yaml"), cfg.to_yaml().encode())
+        storage.write_json(storage.join(results_dir(run_dir), "record.json"), {
+            "name": name, "class_order": benchmark.class_order, "tasks": benchmark.tasks,
+            "dataset_manifest": benchmark.manifest, "versions": versions(), "start_from": start_from,
+            "num_workers": cfg.run.num_workers})
+    log_event(log, "run_start", name=name, run_dir=run_dir, workers=cfg.run.num_workers, resume=resume,
+              method=cfg.method.name, benchmark=cfg.data.benchmark, tasks=benchmark.num_tasks)
+
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if cfg.run.use_gpu:
+        resources["GPU"] = cfg.run.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "stop_after_task": stop_after_task,
+                           "start_from": start_from},
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep)),
+    )
+    watcher = _ProgressWatcher(run_dir, benchmark.num_tasks, on_task=on_task)
+    watcher.start()
+    error = None
+    try:
+        trainer.fit()
+    except Exception as e:  # ray.train.TrainingFailedError and friends
+        error = e
+    finally:
+        watcher.stop()
+    tasks, summ = collect_results(run_dir, benchmark.num_tasks)
+    if tasks:
+        write_final_results(run_dir, tasks, summ)
+    if not quiet_table:
+        print_final_table(name, summ, benchmark.num_tasks)
+    if error is not None:
+        raise RuntimeError(f"run {name!r} failed after {len(tasks)} task(s): {type(error).__name__}: {error}\n"
+                           f"resume it with: python -m inflora_ray.run --resume {name} "
+                           f"run.storage_path={cfg.run.storage_path}") from error
+    log_event(log, "run_end", name=name, tasks_done=len(tasks), results=results_dir(run_dir))
+    return RunResult(run_dir=run_dir, name=name, tasks=tasks, summary=summ)
+
+
+def load_run_config(storage_path: str, run: str, overrides: list[str]) -> tuple[Config, str]:
+    """The stored config of run ``run`` (a name under ``storage_path``, or a run directory), with overrides."""
+    from .ray_train import results_dir
+
+    if storage.exists(storage.join(results_dir(run), "config.yaml")):
+        run_dir = run
+        storage_path, name = run.rstrip("/").rsplit("/", 1) if "/" in run else (".", run)
+    else:
+        name = run
+        run_dir = storage.join(storage.absolute(storage_path), run)
+    path = storage.join(results_dir(run_dir), "config.yaml")
+    if not storage.exists(path):
+        raise PreflightError(f"--resume {run!r}: no run found at {run_dir} (no results/config.yaml); give the run "
+                             f"name and the same run.storage_path, or the run directory")
+    data = yaml.safe_load(storage.read_bytes(path))
+    data.setdefault("run", {})["storage_path"] = storage_path
+    apply_overrides(data, overrides)
+    return config_from_dict(data), name
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m inflora_ray.run",
+        description="Run an InfLoRA continual-learning experiment as a Ray Train job.",
+        epilog="Overrides are section.key=value, e.g. method.rank=8 train.epochs=3 run.num_workers=2.")
+    p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    p.add_argument("--config", default="quickstart", help="preset name or YAML file (default: quickstart)")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks); = run.num_workers")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker; = run.use_gpu")
+    p.add_argument("--cpus-per-worker", type=float, help="= run.cpus_per_worker")
+    p.add_argument("--storage-path", help="local dir, NFS path or s3:// / gs:// URI; = run.storage_path")
+    p.add_argument("--name", help="run name (default: <experiment>-<method>-s<seed>-<time>); = run.name")
+    p.add_argument("--max-failures", type=int, help="worker failures to recover from; = run.max_failures")
+    p.add_argument("--resume", metavar="RUN", help="continue a stopped run (name or run directory)")
+    p.add_argument("--start-from", metavar="CHECKPOINT", help="start a new run from a checkpoint directory")
+    p.add_argument("--stop-after-task", type=int, metavar="K", help="stop after task K (0-based)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def _flag_overrides(args) -> list[str]:
+    out = []
+    for flag, key in (("num_workers", "run.num_workers"), ("use_gpu", "run.use_gpu"),
+                      ("cpus_per_worker", "run.cpus_per_worker"), ("storage_path", "run.storage_path"),
+                      ("name", "run.name"), ("max_failures", "run.max_failures")):
+        v = getattr(args, flag)
+        if v is not None:
+            out.append(f"{key}={json.dumps(v) if not isinstance(v, str) else v}")
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import os
+
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides) + _flag_overrides(args)
+    try:
+        if args.resume:
+            storage_path = load_config(args.config, overrides).run.storage_path
+            cfg, name = load_run_config(storage_path, args.resume, overrides)
+        else:
+            cfg, name = load_config(args.config, overrides), None
+        if args.print_config:
+            print(cfg.to_yaml())
+            return 0
+        run_experiment(cfg, name, resume=bool(args.resume), stop_after_task=args.stop_after_task,
+                       start_from=args.start_from, address=args.address or os.environ.get("RAY_ADDRESS"))
+    except (ConfigError, PreflightError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

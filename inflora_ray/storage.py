@@ -1,0 +1,89 @@
+"""Run storage on a local path or an object store (s3://, gs://, ...) through pyarrow's filesystems.
+
+Writes are atomic where the filesystem allows it (write a temporary name, then move), so a reader never
+sees a half-written file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    """True for ``scheme://...`` paths (object stores, remote filesystems)."""
+    return "://" in path
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (Ray needs absolute storage paths); URIs unchanged."""
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with '/' (URIs) or the OS separator (local paths)."""
+    return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``path`` and the path inside it."""
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), absolute(path)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file + move), creating parent directories."""
+    fs, p = filesystem(path)
+    fs.create_dir(posixpath.dirname(p) if is_uri(path) else os.path.dirname(p), recursive=True)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as out:
+        out.write(data)
+    fs.move(tmp, p)
+
+
+def read_bytes(path: str) -> bytes:
+    """The contents of ``path``."""
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    write_bytes(path, json.dumps(obj, indent=2, default=str).encode())
+
+
+def read_json(path: str):
+    return json.loads(read_bytes(path))
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def list_names(path: str) -> list[str]:
+    """Names directly under directory ``path`` (empty if it does not exist)."""
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return []
+    return sorted(posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(p)))
+
+
+def check_writable(path: str) -> None:
+    """Create ``path`` and write/delete a probe file; raise OSError saying what to fix if that fails."""
+    try:
+        fs, p = filesystem(path)
+        fs.create_dir(p, recursive=True)
+        probe = (posixpath.join if is_uri(path) else os.path.join)(p, f".write-probe-{uuid.uuid4().hex[:8]}")
+        with fs.open_output_stream(probe) as out:
+            out.write(b"ok")
+        fs.delete_file(probe)
+    except Exception as e:  # pyarrow raises OSError/ArrowInvalid variants
+        raise OSError(f"storage path {path!r} is not writable ({type(e).__name__}: {e}); "
+                      "give a writable local directory, NFS path, or s3:// / gs:// URI with credentials") from None
