@@ -166,6 +166,21 @@ class RunSection:
 
 
 @dataclass
+class TrackingSection:
+    """MLflow tracking: one run per experiment run, written by the driver only."""
+    enabled: bool = True
+    # Tracking URI; null: MLFLOW_TRACKING_URI when set, else MLflow's local default store in the working dir.
+    uri: Optional[str] = None
+    experiment: Optional[str] = None  # MLflow experiment name; null: experiment.name
+    sweep_id: Optional[str] = None  # tag that groups the runs of one sweep
+    log_checkpoint: bool = True  # upload the final checkpoint (adapters, heads, memory) as an artifact
+    tags: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require(all(isinstance(k, str) for k in self.tags), "tracking.tags", "keys must be strings")
+
+
+@dataclass
 class DebugSection:
     """Fault injection for tests: the worker of rank ``fail_rank`` fails once, before step ``fail_at_step``
     of epoch ``fail_at_epoch`` of task ``fail_at_task`` ("exit": the process dies; "raise": an exception)."""
@@ -187,6 +202,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunSection = field(default_factory=RunSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
     debug: DebugSection = field(default_factory=DebugSection)
 
     def validate(self) -> "Config":

@@ -88,6 +88,19 @@ def summary(record: AccuracyRecord) -> dict:
     }
 
 
+def aggregate_over_seeds(summaries: list[dict]) -> dict[str, float]:
+    """Mean and sample std over runs (seeds) of the final metrics; runs that failed (None) are skipped."""
+    import statistics
+
+    agg = {}
+    for key in ("final_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer"):
+        vals = [s[key] for s in summaries if s and not math.isnan(s[key])]
+        if vals:
+            agg[f"{key}_mean"] = statistics.fmean(vals)
+            agg[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return agg
+
+
 def format_matrix(acc: list[list[float]]) -> str:
     """The accuracy matrix as a fixed-width text table (percent)."""
     n = len(acc)

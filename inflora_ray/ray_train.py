@@ -2,6 +2,7 @@
 reports go through ``ray.train.report``; rank 0 also writes each task's results to the run directory."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -62,6 +63,10 @@ def write_task_record(run_dir: str, learner: ContinualLearner, task: int) -> Non
     rows = task + 1
     record = AccuracyRecord(correct=learner.record.correct[:rows], total=learner.record.total[:rows])
     own = AccuracyRecord(correct=learner.own_head_record.correct[:rows], total=learner.own_head_record.total[:rows])
+    if task < len(learner.method.history):  # the task's finished adapter (A, B_k, B_v per layer)
+        buf = io.BytesIO()
+        torch.save(learner.method.history[task], buf)
+        storage.write_bytes(storage.join(results_dir(run_dir), f"adapters_task_{task:03d}.pt"), buf.getvalue())
     storage.write_json(task_result_path(run_dir, task), {
         "report": learner.reports[task].to_dict(), "summary": summary(record),
         "own_head_accuracy_matrix": own.matrix(), "world_size": learner.world_size})

@@ -23,7 +23,7 @@ import yaml
 from . import storage
 from .config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from .logs import log_event, setup_logging
-from .metrics import AccuracyRecord, format_matrix, summary
+from .metrics import AccuracyRecord, aggregate_over_seeds, format_matrix, summary
 
 log = logging.getLogger("inflora_ray.run")
 
@@ -39,6 +39,8 @@ class RunResult:
     name: str
     tasks: list[dict]  # per-task records written by rank 0
     summary: dict
+    mlflow_run_id: Optional[str] = None
+    tracking_lost: Optional[str] = None  # why MLflow logging stopped mid-run, if it did
 
     @property
     def accuracy_matrix(self) -> list[list[float]]:
@@ -78,8 +80,16 @@ def _tcp_reachable(address: str, timeout: float = 5.0) -> None:
                              "up and the address right? Unset RAY_ADDRESS to run on a local Ray.") from None
 
 
+_RAY_LOCK = threading.Lock()
+
+
 def connect_ray(address: Optional[str]) -> None:
-    """Use the running Ray, connect to ``address`` (RAY_ADDRESS), or start a local Ray."""
+    """Use the running Ray, connect to ``address`` (RAY_ADDRESS), or start a local Ray (once per process)."""
+    with _RAY_LOCK:
+        _connect_ray(address)
+
+
+def _connect_ray(address: Optional[str]) -> None:
     import ray
 
     if ray.is_initialized():
@@ -117,8 +127,9 @@ def check_resources(cfg: Config) -> None:
 
 
 # ----------------------------------------------------------------------------------------- the run
-def default_run_name(cfg: Config) -> str:
-    return f"{cfg.experiment.name}-{cfg.method.name}-s{cfg.experiment.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+def default_run_name(cfg: Config, with_seed: bool = True) -> str:
+    seed = f"-s{cfg.experiment.seed}" if with_seed else ""
+    return f"{cfg.experiment.name}-{cfg.method.name}{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def versions() -> dict:
@@ -133,9 +144,9 @@ def versions() -> dict:
             "python": sys.version.split()[0]}
 
 
-def _print_progress(rec: dict, num_tasks: int) -> None:
+def _print_progress(rec: dict, num_tasks: int, label: str = "") -> None:
     r = rec["report"]
-    print(f"[task {r['task'] + 1}/{num_tasks}] classes {r['classes'][0]}..{r['classes'][-1]}  "
+    print(f"{label}[task {r['task'] + 1}/{num_tasks}] classes {r['classes'][0]}..{r['classes'][-1]}  "
           f"pooled acc {100 * r['pooled_accuracy']:.2f}%  avg inc acc {100 * r['average_incremental_accuracy']:.2f}%  "
           f"forgetting {100 * r['forgetting']:.2f}  loss {r['train_loss']:.4f}  {r['task_seconds']:.1f}s  "
           f"{r['images_per_second']:.0f} img/s  peak {r['peak_memory_mb']:.0f} MiB", flush=True)
@@ -144,10 +155,12 @@ def _print_progress(rec: dict, num_tasks: int) -> None:
 class _ProgressWatcher(threading.Thread):
     """Prints one line per finished task as rank 0 writes the task's results (works for remote storage)."""
 
-    def __init__(self, run_dir: str, num_tasks: int, on_task=None, interval: float = 1.0):
+    def __init__(self, run_dir: str, num_tasks: int, on_task=None, interval: float = 1.0, label: str = "",
+                 seen: Optional[set[int]] = None):
         super().__init__(daemon=True)
         self.run_dir, self.num_tasks, self.on_task, self.interval = run_dir, num_tasks, on_task, interval
-        self.seen: set[int] = set()
+        self.label = label
+        self.seen: set[int] = set(seen or ())
         self._halt = threading.Event()
 
     def poll(self) -> None:
@@ -164,9 +177,12 @@ class _ProgressWatcher(threading.Thread):
             except Exception:
                 continue  # being written
             self.seen.add(t)
-            _print_progress(rec, self.num_tasks)
+            _print_progress(rec, self.num_tasks, self.label)
             if self.on_task is not None:
-                self.on_task(rec)
+                try:
+                    self.on_task(rec)
+                except Exception as e:  # a callback must not stop the progress lines
+                    log_event(log, "on_task_error", level=logging.WARNING, task=t, error=str(e)[:300])
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):
@@ -238,17 +254,20 @@ def print_final_table(name: str, summ: dict, num_tasks: int) -> None:
 
 def run_experiment(cfg: Config, name: Optional[str] = None, *, resume: bool = False,
                    stop_after_task: Optional[int] = None, start_from: Optional[str] = None,
-                   address: Optional[str] = None, on_task=None, quiet_table: bool = False) -> RunResult:
+                   address: Optional[str] = None, on_task=None, quiet_table: bool = False,
+                   parent_run_id: Optional[str] = None, label: str = "") -> RunResult:
     """Run (or resume) a continual experiment as a Ray Train job and return its results.
 
-    Raises :class:`PreflightError` before any compute if the model, storage, checkpoint or cluster cannot
-    work, and ``RuntimeError`` if training fails beyond ``run.max_failures``.
+    Raises :class:`PreflightError` (or ``OSError`` for storage) before any compute if the model, storage,
+    checkpoint, tracking server or cluster cannot work, and ``RuntimeError`` if training fails beyond
+    ``run.max_failures``. MLflow problems after the start never stop training (see ``RunResult``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .data import build_benchmark
     from .ray_train import results_dir, train_worker
+    from .tracking import Tracker, TrackingUnavailable, check_server
 
     check_model(cfg)
     storage_path = storage.absolute(cfg.run.storage_path)
@@ -266,18 +285,45 @@ def run_experiment(cfg: Config, name: Optional[str] = None, *, resume: bool = Fa
         raise PreflightError(f"data: {e}") from None
     if stop_after_task is not None and not 0 <= stop_after_task < benchmark.num_tasks:
         raise PreflightError(f"--stop-after-task {stop_after_task}: must be in 0..{benchmark.num_tasks - 1}")
+    tracker = None
+    if cfg.tracking.enabled:
+        tracker = Tracker(cfg)
+        try:
+            check_server(tracker.uri)
+        except TrackingUnavailable as e:
+            raise PreflightError(str(e)) from None
     connect_ray(address)
     check_resources(cfg)
 
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name))
+    record = {"name": name, "class_order": benchmark.class_order, "tasks": benchmark.tasks,
+              "dataset_manifest": benchmark.manifest, "versions": versions(), "start_from": start_from,
+              "num_workers": cfg.run.num_workers}
+    tracking_file = storage.join(results_dir(run_dir), "tracking.json")
+    if tracker is not None:
+        previous = storage.read_json(tracking_file) if resume and storage.exists(tracking_file) else {}
+        try:
+            tracker.start(name, record, parent_run_id=parent_run_id, resume_run_id=previous.get("run_id"))
+        except Exception as e:
+            raise PreflightError(f"MLflow at {tracker.uri}: cannot start the run ({type(e).__name__}: "
+                                 f"{str(e)[:300]}); fix the tracking store or run with tracking.enabled=false") from None
+        tracker.logged_tasks = set(previous.get("logged_tasks", []))
     if not resume:
         storage.write_bytes(storage.join(results_dir(run_dir), "config.yaml"), cfg.to_yaml().encode())
-        storage.write_json(storage.join(results_dir(run_dir), "record.json"), {
-            "name": name, "class_order": benchmark.class_order, "tasks": benchmark.tasks,
-            "dataset_manifest": benchmark.manifest, "versions": versions(), "start_from": start_from,
-            "num_workers": cfg.run.num_workers})
+        storage.write_json(storage.join(results_dir(run_dir), "record.json"), record)
+    if tracker is not None:
+        storage.write_json(tracking_file, {"uri": tracker.uri, "run_id": tracker.run_id,
+                                           "experiment": tracker.experiment_name,
+                                           "logged_tasks": sorted(tracker.logged_tasks)})
     log_event(log, "run_start", name=name, run_dir=run_dir, workers=cfg.run.num_workers, resume=resume,
-              method=cfg.method.name, benchmark=cfg.data.benchmark, tasks=benchmark.num_tasks)
+              method=cfg.method.name, benchmark=cfg.data.benchmark, tasks=benchmark.num_tasks,
+              mlflow_run_id=tracker.run_id if tracker else None)
+
+    def task_done(rec: dict) -> None:
+        if tracker is not None:
+            tracker.log_task(rec, run_dir)
+        if on_task is not None:
+            on_task(rec)
 
     resources = {"CPU": cfg.run.cpus_per_worker}
     if cfg.run.use_gpu:
@@ -292,7 +338,8 @@ def run_experiment(cfg: Config, name: Optional[str] = None, *, resume: bool = Fa
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep)),
     )
-    watcher = _ProgressWatcher(run_dir, benchmark.num_tasks, on_task=on_task)
+    watcher = _ProgressWatcher(run_dir, benchmark.num_tasks, on_task=task_done, label=label,
+                               seen=tracker.logged_tasks if tracker else None)
     watcher.start()
     error = None
     try:
@@ -304,14 +351,61 @@ def run_experiment(cfg: Config, name: Optional[str] = None, *, resume: bool = Fa
     tasks, summ = collect_results(run_dir, benchmark.num_tasks)
     if tasks:
         write_final_results(run_dir, tasks, summ)
+    if tracker is not None:
+        tracker.finish(run_dir, summ, failed=error is not None)
     if not quiet_table:
         print_final_table(name, summ, benchmark.num_tasks)
+    if tracker is not None and tracker.lost:
+        print(f"{label}warning: MLflow tracking at {tracker.uri} was lost during the run ({tracker.lost}); "
+              f"training went on and every result is in {results_dir(run_dir)}", file=sys.stderr, flush=True)
     if error is not None:
         raise RuntimeError(f"run {name!r} failed after {len(tasks)} task(s): {type(error).__name__}: {error}\n"
                            f"resume it with: python -m inflora_ray.run --resume {name} "
                            f"run.storage_path={cfg.run.storage_path}") from error
-    log_event(log, "run_end", name=name, tasks_done=len(tasks), results=results_dir(run_dir))
-    return RunResult(run_dir=run_dir, name=name, tasks=tasks, summary=summ)
+    log_event(log, "run_end", name=name, tasks_done=len(tasks), results=results_dir(run_dir),
+              mlflow_run_id=tracker.run_id if tracker else None, tracking_lost=tracker.lost if tracker else None)
+    return RunResult(run_dir=run_dir, name=name, tasks=tasks, summary=summ,
+                     mlflow_run_id=tracker.run_id if tracker else None,
+                     tracking_lost=tracker.lost if tracker else None)
+
+
+def run_seeds(cfg: Config, seeds: list[int], name: Optional[str] = None, **kwargs) -> dict:
+    """Run one experiment per seed, concurrently where the cluster has room, under an MLflow parent run
+    that records mean +- std of the final metrics. Returns {"runs": {seed: RunResult|None}, "aggregate": ...}."""
+    import concurrent.futures as cf
+
+    from .tracking import finish_parent, start_parent
+
+    base = name or cfg.run.name or default_run_name(cfg, with_seed=False)
+    connect_ray(kwargs.get("address"))  # once, before the seeds' threads
+    parent = start_parent(cfg, base, seeds) if cfg.tracking.enabled else None
+    results: dict[int, Optional[RunResult]] = {}
+
+    def one(seed: int) -> RunResult:
+        c = dataclasses.replace(cfg, experiment=dataclasses.replace(cfg.experiment, seed=seed))
+        return run_experiment(c, f"{base}-seed{seed}", parent_run_id=parent[1] if parent else None,
+                              label=f"[seed {seed}] ", quiet_table=True, **kwargs)
+
+    with cf.ThreadPoolExecutor(max_workers=len(seeds)) as pool:
+        futures = {pool.submit(one, s): s for s in seeds}
+        for fut in cf.as_completed(futures):
+            seed = futures[fut]
+            try:
+                results[seed] = fut.result()
+            except Exception as e:
+                print(f"[seed {seed}] error: {e}", file=sys.stderr, flush=True)
+                results[seed] = None
+    agg = aggregate_over_seeds([r.summary if r else None for _, r in sorted(results.items())])
+    if parent is not None:
+        finish_parent(parent[0], agg, all_ok=all(results.values()))
+    print(f"\n== {base}: {len(seeds)} seeds ==")
+    for key in ("final_accuracy", "average_incremental_accuracy", "forgetting"):
+        if f"{key}_mean" in agg:
+            print(f"{key:30s} {100 * agg[f'{key}_mean']:.2f} +- {100 * agg[f'{key}_std']:.2f}")
+    if any(r is None for r in results.values()):
+        failed = sorted(s for s, r in results.items() if r is None)
+        raise RuntimeError(f"seeds {failed} failed (see above); the others finished")
+    return {"runs": results, "aggregate": agg, "parent_run_id": parent[1] if parent else None}
 
 
 def load_run_config(storage_path: str, run: str, overrides: list[str]) -> tuple[Config, str]:
@@ -352,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-from", metavar="CHECKPOINT", help="start a new run from a checkpoint directory")
     p.add_argument("--stop-after-task", type=int, metavar="K", help="stop after task K (0-based)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--seeds", help="comma-separated seeds, run concurrently under one MLflow parent run")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else a local "
+                                          "store in the working directory); = tracking.uri")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow; = tracking.enabled=false")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 
@@ -360,10 +458,13 @@ def _flag_overrides(args) -> list[str]:
     out = []
     for flag, key in (("num_workers", "run.num_workers"), ("use_gpu", "run.use_gpu"),
                       ("cpus_per_worker", "run.cpus_per_worker"), ("storage_path", "run.storage_path"),
-                      ("name", "run.name"), ("max_failures", "run.max_failures")):
+                      ("name", "run.name"), ("max_failures", "run.max_failures"),
+                      ("tracking_uri", "tracking.uri")):
         v = getattr(args, flag)
         if v is not None:
             out.append(f"{key}={json.dumps(v) if not isinstance(v, str) else v}")
+    if args.no_tracking:
+        out.append("tracking.enabled=false")
     return out
 
 
@@ -382,8 +483,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.print_config:
             print(cfg.to_yaml())
             return 0
-        run_experiment(cfg, name, resume=bool(args.resume), stop_after_task=args.stop_after_task,
-                       start_from=args.start_from, address=args.address or os.environ.get("RAY_ADDRESS"))
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if args.seeds:
+            if args.resume:
+                raise PreflightError("--seeds cannot be combined with --resume; resume each seed's run by name")
+            try:
+                seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+            except ValueError:
+                raise PreflightError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+            run_seeds(cfg, seeds, name, stop_after_task=args.stop_after_task, start_from=args.start_from,
+                      address=address)
+        else:
+            run_experiment(cfg, name, resume=bool(args.resume), stop_after_task=args.stop_after_task,
+                           start_from=args.start_from, address=address)
     except (ConfigError, PreflightError, OSError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -1,0 +1,151 @@
+"""MLflow tracking against a real `mlflow server` on loopback (sqlite backend, local artifact root), the local
+default store, and a server that is down at start or dies mid-run. No mocks."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import tiny_overrides
+from inflora_ray.config import load_config
+from inflora_ray.run import PreflightError, run_experiment, run_seeds
+
+pytestmark = pytest.mark.ray
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(tmp_path, name="srv"):
+    port = _free_port()
+    root = tmp_path / name
+    root.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "artifacts")],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    import urllib.request
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, uri
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, uri = _start_server(tmp_path_factory.mktemp("mlflow"))
+    yield uri
+    _stop(proc)
+
+
+def _cfg(tmp_path, **extra):
+    o = {"data.num_tasks": 2, "run.storage_path": str(tmp_path), "experiment.name": "tracking-test", **extra}
+    return load_config("quickstart", tiny_overrides(**o))
+
+
+def test_seeds_log_parent_children_params_metrics_and_artifacts(ray_session, server, tmp_path):
+    from mlflow import MlflowClient
+
+    cfg = _cfg(tmp_path, **{"tracking.uri": server, "tracking.sweep_id": "sw1"})
+    out = run_seeds(cfg, [0, 1], "multi")
+    client = MlflowClient(server)
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["seed"] == "parent"
+    finals = []
+    for seed, res in out["runs"].items():
+        run = client.get_run(res.mlflow_run_id)
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["method"] == "inflora" and run.data.tags["benchmark"] == "digits"
+        assert run.data.tags["seed"] == str(seed) and run.data.tags["sweep_id"] == "sw1"
+        p = run.data.params
+        assert p["method.rank"] == "4" and p["experiment.seed"] == str(seed) and p["num_workers"] == "1"
+        assert json.loads(p["class_order"]) == list(range(10)) and "version.torch" in p and "git_commit" in p
+        # one point per task, step = task index, values equal to what the run computed
+        hist = client.get_metric_history(run.info.run_id, "pooled_accuracy")
+        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [0, 1]
+        assert [m.value for m in sorted(hist, key=lambda m: m.step)] == pytest.approx(res.summary["pooled_accuracy"])
+        assert len(client.get_metric_history(run.info.run_id, "accuracy_task_0")) == 2
+        assert len(client.get_metric_history(run.info.run_id, "accuracy_task_1")) == 1
+        mem = client.get_metric_history(run.info.run_id, "memory_dim_layer_00")
+        assert len(mem) == 2 and all(m.value >= 1 for m in mem)
+        assert run.data.metrics["final_accuracy"] == pytest.approx(res.summary["final_accuracy"])
+        # artifacts, checked for content
+        art = client.download_artifacts(run.info.run_id, "tasks/task_001", str(tmp_path / f"dl{seed}"))
+        names = set(os.listdir(art))
+        assert {"accuracy_matrix.csv", "accuracy_matrix.png", "accuracy_vs_task.png", "memory_dims.json",
+                "adapters.pt"} <= names
+        rows = list(csv.reader(open(os.path.join(art, "accuracy_matrix.csv"))))
+        assert [float(x) for x in rows[2][1:3]] == pytest.approx(res.summary["accuracy_matrix"][1], abs=1e-6)
+        import torch
+        adapters = torch.load(os.path.join(art, "adapters.pt"), weights_only=True)
+        assert len(adapters) == 2 and adapters[0]["lora_B_k"].abs().sum() > 0  # one entry per block
+        top = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"tasks", "results", "checkpoint"} <= top
+        ckpt = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+        assert "checkpoint/state.pt" in ckpt
+        finals.append(res.summary["final_accuracy"])
+    import statistics
+    assert parent.data.metrics["final_accuracy_mean"] == pytest.approx(statistics.fmean(finals))
+    assert parent.data.metrics["final_accuracy_std"] == pytest.approx(statistics.stdev(finals))
+
+
+def test_local_default_store_with_no_environment(ray_session, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    res = run_experiment(_cfg(tmp_path / "runs", **{"data.num_tasks": 1}), "local", quiet_table=True)
+    import mlflow
+    uri = mlflow.get_tracking_uri()
+    assert str(tmp_path) in uri  # MLflow's default store lives in the working directory
+    run = MlflowClient(uri).get_run(res.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.params["method"] == "inflora"
+
+
+def test_server_down_at_start_fails_fast(tmp_path):
+    t0 = time.time()
+    with pytest.raises(PreflightError, match=r"MLflow tracking server at http://127.0.0.1:\d+ is unreachable"):
+        run_experiment(_cfg(tmp_path, **{"tracking.uri": f"http://127.0.0.1:{_free_port()}"}), "down")
+    assert time.time() - t0 < 15
+    assert not (tmp_path / "down").exists()
+
+
+def test_server_killed_mid_run_does_not_stop_training(ray_session, tmp_path, capsys):
+    proc, uri = _start_server(tmp_path, "dying")
+    killed = []
+
+    def kill_after_first_task(rec):
+        if rec["report"]["task"] == 0 and not killed:
+            _stop(proc)
+            killed.append(True)
+
+    res = run_experiment(_cfg(tmp_path / "runs", **{"tracking.uri": uri, "data.num_tasks": 3}), "dying",
+                         on_task=kill_after_first_task, quiet_table=True)
+    assert killed and len(res.tasks) == 3  # training completed
+    assert res.tracking_lost is not None and "task 1" in res.tracking_lost
+    err = capsys.readouterr().err
+    assert "MLflow tracking at" in err and "was lost during the run" in err
+    assert (tmp_path / "runs" / "dying" / "results" / "metrics.json").exists()
