@@ -119,6 +119,7 @@ class TrainConfig:
     step_gamma: float = 0.1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False  # torch.compile the training forward (GPU; recompiles once per task)
     deterministic: bool = True
 
     def validate(self) -> None:

@@ -255,7 +255,8 @@ def print_final_table(name: str, summ: dict, num_tasks: int) -> None:
 def run_experiment(cfg: Config, name: Optional[str] = None, *, resume: bool = False,
                    stop_after_task: Optional[int] = None, start_from: Optional[str] = None,
                    address: Optional[str] = None, on_task=None, quiet_table: bool = False,
-                   parent_run_id: Optional[str] = None, label: str = "") -> RunResult:
+                   parent_run_id: Optional[str] = None, label: str = "",
+                   train_callbacks: Optional[list] = None) -> RunResult:
     """Run (or resume) a continual experiment as a Ray Train job and return its results.
 
     Raises :class:`PreflightError` (or ``OSError`` for storage) before any compute if the model, storage,
@@ -336,7 +337,8 @@ def run_experiment(cfg: Config, name: Optional[str] = None, *, resume: bool = Fa
                                      resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+                             callbacks=list(train_callbacks or [])),
     )
     watcher = _ProgressWatcher(run_dir, benchmark.num_tasks, on_task=task_done, label=label,
                                seen=tracker.logged_tasks if tracker else None)

@@ -25,6 +25,15 @@ Mode = Literal["remove", "retain"]
 # Covariance accumulation
 # ---------------------------------------------------------------------------------------------
 
+def _fp32_gram(x: torch.Tensor) -> torch.Tensor:
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return x.T @ x
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 class CovarianceRecorder:
     """Accumulates ``sum_tokens x x^T`` (fp32, on the layer's device) and the token count of each layer's
     input while active. Every token counts (class token and patches)."""
@@ -39,7 +48,9 @@ class CovarianceRecorder:
         def hook(_module, args):
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1]).float()
-            s = x.T @ x
+            # Full fp32 even inside a bf16 autocast region and with TF32 enabled for training matmuls.
+            with torch.autocast(x.device.type, enabled=False):
+                s = x.T @ x if x.device.type != "cuda" else _fp32_gram(x)
             if self.sums[index] is None:
                 self.sums[index] = s
             else:

@@ -149,6 +149,9 @@ class ContinualLearner:
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (covariance, SVD inputs) on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
         seed_everything(cfg.experiment.seed)
         self.benchmark = benchmark or build_benchmark(cfg.data, cfg.model.img_size)
         self.method: Method = build_method(cfg.method, self.benchmark.num_tasks, cfg.experiment.seed)
@@ -264,9 +267,11 @@ class ContinualLearner:
         if state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
         module = self._wrap(_CurrentTask(self.model, task))
+        if cfg.train.compile:
+            module = torch.compile(module)
         offset = self.benchmark.task_offset(task)
         indices = self.benchmark.task_indices("train", task)
-        sizes = global_batch_sizes(len(indices), cfg.data.batch_size, self.world_size)
+        sizes = global_batch_sizes(len(indices), cfg.data.batch_size)
         self.model.eval()  # backbone in eval mode while training (no dropout), as in the paper
         for epoch in range(state["epochs_done"], cfg.train.epochs):
             factor = lr_factor(cfg.train, epoch)

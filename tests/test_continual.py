@@ -50,6 +50,16 @@ def test_batches_cover_every_sample_once_per_epoch_for_any_worker_count():
         evals = sorted(i for r in range(world) for b in pass_batches(idx, 16, r, world) for i, _ in b)
         assert evals == list(idx)
     assert sum(global_batch_sizes(103, 16)) == 103
+    # a worker reads only its own contiguous block of the task's samples
+    for world in (2, 3):
+        for r in range(world):
+            mine = {i for b in train_batches(idx, 16, 0, 1, 2, r, world) for i, _ in b}
+            mine |= {i for b in pass_batches(idx, 16, r, world) for i, _ in b}
+            assert mine == set(idx[np.array_split(np.arange(len(idx)), world)[r]])
+        # the global batches are the same for any worker count
+        per_batch = [sorted(i for r in range(world) for i, _ in train_batches(idx, 16, 0, 1, 2, r, world)[b])
+                     for b in range(7)]
+        assert per_batch == [sorted(i for i, _ in bb) for bb in train_batches(idx, 16, 0, 1, 2)]
     # each sample's augmentation seed does not depend on the worker count
     one = {i: s for b in train_batches(idx, 16, 0, 1, 2) for i, s in b}
     two = {i: s for r in range(2) for b in train_batches(idx, 16, 0, 1, 2, r, 2) for i, s in b}

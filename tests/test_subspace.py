@@ -208,3 +208,15 @@ def test_empty_shard_gives_zero_sums():
     model, layers = _tiny_vit()
     sums, counts = covariance_sums(model, layers, [])
     assert all(not s.any() for s in sums) and counts.sum() == 0
+
+
+def test_covariance_stays_fp32_under_bf16_autocast():
+    from inflora_ray.subspace import CovarianceRecorder
+    layer = torch.nn.Linear(64, 8)
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16), CovarianceRecorder([layer]) as rec:
+        layer(x)
+    exact = (x.double().T @ x.double())
+    err = float(((rec.sums[0].double() - exact).abs().max() / exact.abs().max()))
+    assert rec.sums[0].dtype == torch.float32
+    assert err < 1e-5, err  # a bf16 matmul would be off by ~1e-3

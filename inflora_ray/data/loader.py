@@ -1,9 +1,11 @@
 """Per-worker sharded batches with worker-count-independent randomness.
 
-Training: one seeded permutation per (seed, task, epoch) cuts the task's data into *global* batches; each of
-W workers takes its contiguous slice of every global batch. Averaging the W slices' gradients (DDP) equals
-the one-process gradient of the global batch, so 1 and W workers follow the same trajectory up to float
-summation order. Each sample's augmentation is seeded by (seed, task, epoch, sample index).
+Each of W workers owns one contiguous block of every task's samples (in dataset order) and only ever reads
+those: its shard. Training: one seeded permutation per (seed, task, epoch) cuts the task's data into *global*
+batches, the same for any W; each worker trains on the members of every global batch that it owns. The loss
+is scaled so that DDP's average over workers is exactly the global batch's mean gradient, so 1 and W workers
+follow the same trajectory up to float summation order. Each sample's augmentation is seeded by
+(seed, task, epoch, sample index).
 """
 from __future__ import annotations
 
@@ -45,42 +47,41 @@ def epoch_permutation(indices: np.ndarray, seed: int, task: int, epoch: int) -> 
     return indices[rng.permutation(len(indices))]
 
 
-def shard_slice(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """This worker's contiguous slice of a global batch (sizes differ by at most one)."""
-    return np.array_split(batch, world_size)[rank]
+def shard_bounds(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) positions of worker ``rank``'s contiguous block (sizes differ by at most one)."""
+    base, extra = divmod(num_samples, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
 
 
 def train_batches(indices: np.ndarray, batch_size: int, seed: int, task: int, epoch: int,
                   rank: int = 0, world_size: int = 1) -> list[list[tuple[int, int]]]:
-    """This worker's (index, aug seed) lists for every global batch of an epoch.
-
-    A final global batch smaller than ``world_size`` is dropped (every worker must get a sample).
-    """
-    order = epoch_permutation(indices, seed, task, epoch)
-    seeds = sample_seeds(seed, task, epoch, order)
+    """This worker's (index, aug seed) members of every global batch of an epoch (possibly empty lists)."""
+    indices = np.asarray(indices)
+    positions = epoch_permutation(np.arange(len(indices)), seed, task, epoch)
+    start, end = shard_bounds(len(indices), rank, world_size)
+    seeds = sample_seeds(seed, task, epoch, indices[positions])
     batches = []
-    for start in range(0, len(order), batch_size):
-        glob = np.arange(start, min(start + batch_size, len(order)))
-        if len(glob) < world_size:
-            break
-        local = shard_slice(glob, rank, world_size)
-        batches.append([(int(order[i]), int(seeds[i])) for i in local])
+    for b in range(0, len(positions), batch_size):
+        pos, sd = positions[b:b + batch_size], seeds[b:b + batch_size]
+        mine = (pos >= start) & (pos < end)
+        batches.append([(int(indices[p]), int(s)) for p, s in zip(pos[mine], sd[mine])])
     return batches
 
 
-def global_batch_sizes(num_samples: int, batch_size: int, world_size: int = 1) -> list[int]:
+def global_batch_sizes(num_samples: int, batch_size: int) -> list[int]:
     """Size of each global batch of an epoch (matching :func:`train_batches`)."""
-    sizes = [min(batch_size, num_samples - s) for s in range(0, num_samples, batch_size)]
-    return [b for b in sizes if b >= world_size]
+    return [min(batch_size, num_samples - s) for s in range(0, num_samples, batch_size)]
 
 
 def pass_batches(indices: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: Optional[int] = None, task: int = 0, epoch: int = 0) -> list[list[tuple[int, int]]]:
-    """A strided shard ``indices[rank::world_size]`` in fixed-size batches (evaluation, covariance passes).
+    """This worker's block of ``indices`` in fixed-size batches (evaluation, covariance passes).
 
     With ``seed`` set, each item carries its augmentation seed (training transform), else -1 (test transform).
     """
-    shard = np.asarray(indices)[rank::world_size]
+    start, end = shard_bounds(len(indices), rank, world_size)
+    shard = np.asarray(indices)[start:end]
     seeds = (sample_seeds(seed, task, epoch, shard) if seed is not None
              else np.full(len(shard), -1, dtype=np.int64))
     return [[(int(i), int(s)) for i, s in zip(shard[b:b + batch_size], seeds[b:b + batch_size])]
@@ -110,8 +111,21 @@ class TaskDataset(Dataset):
         return x, int(self.label_map[int(self.source.labels[index])])
 
 
+class _Collate:
+    """Stack (image, label) pairs; an empty batch (this worker owns none of a global batch) gives empty tensors."""
+
+    def __init__(self, image_shape: tuple[int, ...]):
+        self.image_shape = image_shape
+
+    def __call__(self, items):
+        if not items:
+            return torch.empty((0, *self.image_shape)), torch.empty(0, dtype=torch.long)
+        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+
 def make_loader(dataset: TaskDataset, batches: Sequence[list[tuple[int, int]]], num_workers: int = 0,
                 pin_memory: bool = False) -> Iterator:
     """A DataLoader over precomputed batches (decode/augment in ``num_workers`` processes)."""
+    size = dataset.preprocess.img_size
     return DataLoader(dataset, batch_sampler=list(batches), num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False)
+                      persistent_workers=False, collate_fn=_Collate((3, size, size)))

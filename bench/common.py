@@ -1,0 +1,120 @@
+"""Shared pieces of the benchmark scripts: models, the naive reference-style layer, timing, machine info."""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inflora_ray.config import ModelConfig, load_config
+from inflora_ray.lora import KVLoRAQKV
+from inflora_ray.model import ContinualViT, create_backbone
+
+MODELS = {
+    "quickstart": lambda: load_config("quickstart").model,
+    "vit-b16": lambda: ModelConfig(name="vit_base_patch16_224", img_size=224),
+}
+
+
+def model_config(name: str) -> ModelConfig:
+    cfg = MODELS[name]()
+    # Benchmarks measure speed: random weights are as fast as pre-trained ones (and need no download).
+    return ModelConfig(name=cfg.name, img_size=cfg.img_size, kwargs=dict(cfg.kwargs))
+
+
+class NaiveKVLoRA(nn.Module):
+    """The naive approach, re-implemented for comparison: every task keeps its own (A_s, B_s) for k and v,
+    and every forward rebuilds the dense delta ``sum_s B_s A_s`` (d x d_in each for k and v) and pays a
+    full dense matmul with it, so the cost grows with the number of tasks."""
+
+    def __init__(self, qkv: nn.Linear, rank: int):
+        super().__init__()
+        self.weight = nn.Parameter(qkv.weight.detach().clone(), requires_grad=False)
+        self.bias = None if qkv.bias is None else nn.Parameter(qkv.bias.detach().clone(), requires_grad=False)
+        self.dim, self.in_features, self.rank = qkv.out_features // 3, qkv.in_features, rank
+        self.A_k, self.B_k, self.A_v, self.B_v = (nn.ParameterList() for _ in range(4))
+
+    def add_task(self, trainable: bool) -> None:
+        dev, dt = self.weight.device, self.weight.dtype
+        for plist, shape in ((self.A_k, (self.rank, self.in_features)), (self.A_v, (self.rank, self.in_features))):
+            plist.append(nn.Parameter(torch.randn(shape, device=dev, dtype=dt) * 0.01, requires_grad=False))
+        for plist in (self.B_k, self.B_v):
+            plist.append(nn.Parameter(torch.randn(self.dim, self.rank, device=dev, dtype=dt) * 0.01,
+                                      requires_grad=trainable))
+        for p in list(self.B_k)[:-1] + list(self.B_v)[:-1]:
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        qkv = F.linear(x, self.weight, self.bias)
+        if len(self.A_k) == 0:
+            return qkv
+        w_k = torch.stack([b @ a for a, b in zip(self.A_k, self.B_k)]).sum(0)
+        w_v = torch.stack([b @ a for a, b in zip(self.A_v, self.B_v)]).sum(0)
+        q, k, v = qkv.split(self.dim, dim=-1)
+        return torch.cat([q, k + F.linear(x, w_k), v + F.linear(x, w_v)], dim=-1)
+
+
+def build(name: str, variant: str, tasks: int, rank: int, device: torch.device, classes_per_task: int = 10):
+    """A model at task ``tasks`` (1-based): ``ours`` with tasks-1 merged branches + the current one, or
+    ``naive`` with ``tasks`` stored branches. Returns (model, trainable params)."""
+    torch.manual_seed(0)
+    backbone = create_backbone(model_config(name))
+    if variant == "ours":
+        model = ContinualViT(backbone, rank)
+        for _ in range(tasks - 1):
+            for layer in model.adapters:
+                with torch.no_grad():
+                    layer.lora_A.normal_(0, 0.01)
+                    layer.lora_B_k.normal_(0, 0.01)
+                    layer.lora_B_v.normal_(0, 0.01)
+                layer.merge_and_reset()
+        for layer in model.adapters:
+            with torch.no_grad():
+                layer.lora_A.normal_(0, 0.01)
+        trainable = [p for layer in model.adapters for p in (layer.lora_B_k, layer.lora_B_v)]
+    else:
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        layers = []
+        for block in backbone.blocks:
+            layer = NaiveKVLoRA(block.attn.qkv, rank)
+            for t in range(tasks):
+                layer.add_task(trainable=(t == tasks - 1))
+            block.attn.qkv = layer
+            layers.append(layer)
+        model = ContinualViT(backbone, None)
+        trainable = [p for layer in layers for p in (layer.B_k[-1], layer.B_v[-1])]
+    for _ in range(tasks):
+        model.add_head(classes_per_task).requires_grad_(False)
+    trainable += list(model.heads[-1].parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    return model.to(device).eval(), trainable
+
+
+def timeit(fn: Callable[[], None], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    """One line describing where the figures were taken."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")

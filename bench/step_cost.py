@@ -1,0 +1,76 @@
+"""Training-step cost at task 1 and task T: ours (finished tasks merged into W, current task in low rank)
+vs the naive approach (dense sum of every task's B_s A_s rebuilt at each forward).
+
+    python bench/step_cost.py --model quickstart --tasks 1 10 20
+    python bench/step_cost.py --model vit-b16 --batch 128 --tasks 1 10 20 --device cuda --bf16
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from common import build, machine, timeit
+
+
+def step_fn(model, trainable, images, targets, autocast):
+    opt = torch.optim.Adam(trainable, lr=1e-4)
+
+    def step():
+        with autocast():
+            logits = model.heads[-1](model.features(images))
+        loss = F.cross_entropy(logits.float(), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="quickstart", choices=("quickstart", "vit-b16"))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--tasks", type=int, nargs="+", default=[1, 10, 20])
+    p.add_argument("--rank", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16
+                else contextlib.nullcontext)
+    print(f"# step cost, model={args.model} batch={args.batch} rank={args.rank} bf16={args.bf16} on {machine()}")
+    print(f"{'tasks':>5} {'variant':>7} {'step_ms':>9} {'img/s':>9} {'peak_MiB':>9}")
+    results = {}
+    for t in args.tasks:
+        for variant in ("ours", "naive"):
+            model, trainable = build(args.model, variant, t, args.rank, device)
+            size = model.backbone.patch_embed.img_size[0]
+            g = torch.Generator().manual_seed(0)
+            images = torch.rand(args.batch, 3, size, size, generator=g).to(device)
+            targets = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sec = timeit(step_fn(model, trainable, images, targets, autocast), device, repeats=args.repeats)
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+            results[(t, variant)] = sec
+            print(f"{t:>5} {variant:>7} {1000 * sec:>9.1f} {args.batch / sec:>9.1f} {peak:>9.0f}", flush=True)
+            del model, trainable
+    first, last = min(args.tasks), max(args.tasks)
+    for t in args.tasks:
+        print(f"task {t}: naive/ours step time = {results[(t, 'naive')] / results[(t, 'ours')]:.2f}x")
+    print(f"ours: step time at task {last} / task {first} = {results[(last, 'ours')] / results[(first, 'ours')]:.3f}")
+    print(f"naive: step time at task {last} / task {first} = "
+          f"{results[(last, 'naive')] / results[(first, 'naive')]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
