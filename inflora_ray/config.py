@@ -23,6 +23,19 @@ BENCHMARKS = ("digits", "cifar100", "imagenet-r", "domainnet")
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def builtin_weights() -> list[str]:
+    """Names of the backbone weights shipped in the package (``builtin:<name>``)."""
+    root = resources.files("inflora_ray") / "weights"
+    return sorted(p.name[:-4] for p in root.iterdir() if p.name.endswith(".pth")) if root.is_dir() else []
+
+
+def resolve_weights_file(spec: str) -> str:
+    """A weights path: ``builtin:<name>`` -> the file shipped in ``inflora_ray/weights``, else the path."""
+    if spec.startswith("builtin:"):
+        return str(resources.files("inflora_ray") / "weights" / f"{spec[len('builtin:'):]}.pth")
+    return str(Path(spec).expanduser())
+
+
 class ConfigError(ValueError):
     """An invalid configuration; the message says which field and what to change."""
 
@@ -70,8 +83,9 @@ class ModelConfig:
                  f"must be a timm ViT (a name starting with 'vit_'), got {self.name!r}")
         _require(self.img_size >= 8, "model.img_size", "must be >= 8")
         if self.weights_file is not None:
-            _require(Path(self.weights_file).expanduser().is_file(), "model.weights_file",
-                     f"file not found: {self.weights_file!r}; give the path of a saved state_dict")
+            _require(Path(resolve_weights_file(self.weights_file)).is_file(), "model.weights_file",
+                     f"file not found: {self.weights_file!r}; give the path of a saved state_dict or "
+                     f"builtin:<name> for weights shipped in inflora_ray/weights ({builtin_weights()})")
         reserved = {"num_classes", "img_size", "pretrained", "pretrained_cfg_overlay"}
         bad = sorted(reserved & set(self.kwargs))
         _require(not bad, "model.kwargs", f"must not set {bad}; use the dedicated fields")
@@ -80,6 +94,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     benchmark: Literal["digits", "cifar100", "imagenet-r", "domainnet"] = "digits"
+    # The dataset's folder as released (cifar100: the folder holding cifar-100-python/; imagenet-r: the
+    # imagenet-r/ folder of wnid folders; domainnet: the six domain folders + <domain>_{train,test}.txt).
     root: Optional[str] = None
     num_tasks: int = 5
     # Class order: the dataset's natural order unless an explicit list or a shuffle seed is given.
@@ -88,18 +104,47 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 256
     num_workers: int = 0
+    # Prepared Parquet shards (`python -m inflora_ray.data prepare`): a local path or s3:// / gs:// URI;
+    # when set, training reads them instead of data.root.
+    shards: Optional[str] = None
+    # CIFAR-100 only: download the release through torchvision into data.root when it is missing.
+    download: bool = False
+    # ImageNet-R split manifest: null (apply the versioned split rule to the files found), a JSON path
+    # written by `python -m inflora_ray.data manifest imagenet-r`, or "packaged" (shipped with the package).
+    manifest: Optional[str] = None
+    # With a manifest: also check every file's sha256 (reads the whole dataset); sizes are always checked.
+    verify_hashes: bool = False
+    # "none": inputs in [0, 1] (the paper); "backbone": the timm pretrained config's mean/std of model.name;
+    # "imagenet" / "inception": timm's constants.
+    normalize: Literal["none", "backbone", "imagenet", "inception"] = "none"
+    # Per-process LRU cache of encoded image bytes read from shards (whole row groups), in MiB.
+    shard_cache_mb: int = 1024
 
     def validate(self) -> None:
         _require(self.num_tasks >= 1, "data.num_tasks", "must be >= 1")
         _require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         _require(self.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.shard_cache_mb >= 1, "data.shard_cache_mb", "must be >= 1")
         _require(not (self.class_order is not None and self.class_order_seed is not None),
                  "data.class_order", "give either an explicit class_order or class_order_seed, not both")
-        if self.benchmark != "digits":
+        _require(not self.download or self.benchmark == "cifar100", "data.download",
+                 "only CIFAR-100 can be downloaded; ImageNet-R and DomainNet must be on disk")
+        _require(self.manifest is None or self.benchmark == "imagenet-r", "data.manifest",
+                 "a split manifest only applies to benchmark 'imagenet-r'")
+        if self.shards is not None:
+            _require(self.benchmark != "digits", "data.shards",
+                     "the digits quickstart is built in memory; shards apply to cifar100, imagenet-r, domainnet")
+            _require(self.shards.strip() != "", "data.shards", "must not be empty")
+            if "://" not in self.shards:
+                _require(Path(self.shards).expanduser().is_dir(), "data.shards",
+                         f"path not found: {self.shards!r}; prepare shards with `python -m inflora_ray.data "
+                         "prepare BENCHMARK --source PATH --out URI`")
+        elif self.benchmark != "digits":
             _require(self.root is not None, "data.root",
-                     f"benchmark {self.benchmark!r} needs data.root (the dataset's folder)")
-            _require(Path(self.root).expanduser().exists(), "data.root",
+                     f"benchmark {self.benchmark!r} needs data.root (the dataset's folder), "
+                     "e.g. data.root=/data/" + self.benchmark + ", or data.shards (prepared Parquet shards)")
+            _require(Path(self.root).expanduser().exists() or self.download, "data.root",
                      f"path not found: {self.root!r}")
 
 

@@ -1,14 +1,13 @@
 """A timm ViT with k/v low-rank adapters on every block and one linear head per task."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import timm
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, resolve_weights_file
 from .lora import KVLoRAQKV, adapt_vit_qkv
 
 
@@ -23,7 +22,7 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     kwargs.update(cfg.kwargs)
     pretrained = cfg.pretrained or cfg.weights_file is not None
     if cfg.weights_file is not None:
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(cfg.weights_file).expanduser()))
+        kwargs["pretrained_cfg_overlay"] = dict(file=resolve_weights_file(cfg.weights_file))
     try:
         backbone = timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:

@@ -281,7 +281,7 @@ def run_experiment(cfg: Config, name: Optional[str] = None, *, resume: bool = Fa
     if start_from is not None and not storage.exists(storage.join(start_from, "state.pt")):
         raise PreflightError(f"--start-from {start_from!r}: no inflora-ray checkpoint there (state.pt missing)")
     try:
-        benchmark = build_benchmark(cfg.data, cfg.model.img_size)
+        benchmark = build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model)
     except (OSError, ValueError) as e:
         raise PreflightError(f"data: {e}") from None
     if stop_after_task is not None and not 0 <= stop_after_task < benchmark.num_tasks:
@@ -470,41 +470,50 @@ def _flag_overrides(args) -> list[str]:
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    import os
-
-    setup_logging()
-    args = build_parser().parse_args(argv)
-    overrides = list(args.overrides) + _flag_overrides(args)
+def run_cli(body, usage_errors: tuple = ()) -> int:
+    """Run a CLI body: exit 0 on success, 2 on bad input found before compute, 1 if the run failed."""
     try:
-        if args.resume:
-            storage_path = load_config(args.config, overrides).run.storage_path
-            cfg, name = load_run_config(storage_path, args.resume, overrides)
-        else:
-            cfg, name = load_config(args.config, overrides), None
-        if args.print_config:
-            print(cfg.to_yaml())
-            return 0
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        if args.seeds:
-            if args.resume:
-                raise PreflightError("--seeds cannot be combined with --resume; resume each seed's run by name")
-            try:
-                seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-            except ValueError:
-                raise PreflightError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-            run_seeds(cfg, seeds, name, stop_after_task=args.stop_after_task, start_from=args.start_from,
-                      address=address)
-        else:
-            run_experiment(cfg, name, resume=bool(args.resume), stop_after_task=args.stop_after_task,
-                           start_from=args.start_from, address=address)
-    except (ConfigError, PreflightError, OSError) as e:
+        body()
+    except (ConfigError, PreflightError, OSError, *usage_errors) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: _main(args))
+
+
+def _main(args) -> None:
+    import os
+
+    overrides = list(args.overrides) + _flag_overrides(args)
+    if args.resume:
+        storage_path = load_config(args.config, overrides).run.storage_path
+        cfg, name = load_run_config(storage_path, args.resume, overrides)
+    else:
+        cfg, name = load_config(args.config, overrides), None
+    if args.print_config:
+        print(cfg.to_yaml())
+        return
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if args.seeds:
+        if args.resume:
+            raise PreflightError("--seeds cannot be combined with --resume; resume each seed's run by name")
+        try:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            raise PreflightError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        run_seeds(cfg, seeds, name, stop_after_task=args.stop_after_task, start_from=args.start_from,
+                  address=address)
+    else:
+        run_experiment(cfg, name, resume=bool(args.resume), stop_after_task=args.stop_after_task,
+                       start_from=args.start_from, address=address)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ class ContinualLearner:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (covariance, SVD inputs) on tensor cores
             torch.backends.cudnn.allow_tf32 = True
         seed_everything(cfg.experiment.seed)
-        self.benchmark = benchmark or build_benchmark(cfg.data, cfg.model.img_size)
+        self.benchmark = benchmark or build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model)
         self.method: Method = build_method(cfg.method, self.benchmark.num_tasks, cfg.experiment.seed)
         self.model = build_model(cfg.model, self.method.adapter_rank()).to(self.device)
         self.autocast_dtype = self._autocast_dtype()

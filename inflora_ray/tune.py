@@ -22,7 +22,7 @@ import yaml
 from . import storage
 from .config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from .logs import log_event, setup_logging
-from .run import PreflightError, check_model, connect_ray, run_experiment
+from .run import PreflightError, check_model, connect_ray, run_cli, run_experiment
 
 log = logging.getLogger("inflora_ray.tune")
 
@@ -224,7 +224,7 @@ def run_sweep(cfg: Config, space: SearchSpace, *, name: Optional[str] = None, nu
         except ImportError:
             raise PreflightError("--search optuna needs the optuna package: pip install 'inflora-ray[optuna]'") from None
     check_model(cfg)
-    num_tasks = build_benchmark(cfg.data, cfg.model.img_size).num_tasks
+    num_tasks = build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model).num_tasks
     if first_tasks is not None and not 1 <= first_tasks <= num_tasks:
         raise PreflightError(f"--first-tasks {first_tasks}: must be in 1..{num_tasks}")
     horizon = first_tasks or num_tasks
@@ -386,10 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    import os
-
     setup_logging()
     args = build_parser().parse_args(argv)
+    return run_cli(lambda: _main(args), usage_errors=(SpaceError,))
+
+
+def _main(args) -> None:
+    import os
+
     overrides = list(args.overrides)
     for flag, key in (("storage_path", "run.storage_path"), ("num_workers", "run.num_workers"),
                       ("use_gpu", "run.use_gpu"), ("tracking_uri", "tracking.uri")):
@@ -397,25 +401,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if v is not None:
             overrides.append(f"{key}={v if isinstance(v, str) else json.dumps(v)}")
     if args.resume and not args.name:
-        print("error: --resume needs --name SWEEP", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(args.config, overrides)
-        space = load_space(args.space, cfg)
-        if args.num_samples < 1:
-            raise SpaceError("--num-samples must be >= 1")
-        run_sweep(cfg, space, name=args.name, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
-                  scheduler=args.scheduler, search=args.search, first_tasks=args.first_tasks, resume=args.resume,
-                  address=args.address or os.environ.get("RAY_ADDRESS"), grace_period=args.grace_period,
-                  reduction_factor=args.reduction_factor)
-    except (ConfigError, SpaceError, PreflightError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 0
-
+        raise SpaceError("--resume needs --name SWEEP")
+    if args.num_samples < 1:
+        raise SpaceError("--num-samples must be >= 1")
+    cfg = load_config(args.config, overrides)
+    space = load_space(args.space, cfg)
+    run_sweep(cfg, space, name=args.name, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+              scheduler=args.scheduler, search=args.search, first_tasks=args.first_tasks, resume=args.resume,
+              address=args.address or os.environ.get("RAY_ADDRESS"), grace_period=args.grace_period,
+              reduction_factor=args.reduction_factor)
 
 if __name__ == "__main__":
     sys.exit(main())

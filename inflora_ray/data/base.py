@@ -88,3 +88,68 @@ class Benchmark:
         """Sorted sample indices of ``split`` ("train"/"test") whose class belongs to ``task``."""
         source = self.train if split == "train" else self.test
         return np.flatnonzero(np.isin(source.labels, self.tasks[task])).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared by the real datasets (CIFAR-100, ImageNet-R, DomainNet) and the Parquet shards
+# ---------------------------------------------------------------------------------------------------------
+
+class DataError(ValueError):
+    """A dataset that cannot be used as configured (missing files, wrong layout, altered copy); the message
+    says what was expected and how to fix it."""
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Encoded image bytes (JPEG, PNG, ...) -> uint8 RGB tensor (3, H, W)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def label_sorted_order(labels: np.ndarray) -> np.ndarray:
+    """Stable order of samples by label: a class's samples keep their dataset order and form one block."""
+    return np.argsort(np.asarray(labels), kind="stable")
+
+
+@dataclass
+class FileSource:
+    """Image files under ``root`` (relative POSIX paths), decoded lazily; samples ordered by label.
+
+    Picklable (plain strings and arrays). ``encoded(i)`` gives the file's original bytes (for Parquet shards).
+    """
+    root: str
+    paths: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _full(self, index: int) -> str:
+        import os
+
+        return os.path.join(self.root, *self.paths[index].split("/"))
+
+    def encoded(self, index: int) -> tuple[bytes, str]:
+        """(original file bytes, format) of sample ``index``."""
+        path = self._full(index)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise DataError(f"image file missing: {path} (listed in the dataset; is the copy complete?)") from None
+        ext = self.paths[index].rsplit(".", 1)[-1].lower()
+        return data, {"jpg": "jpeg", "jpeg": "jpeg"}.get(ext, ext)
+
+    def key(self, index: int) -> str:
+        return self.paths[index]
+
+    def load(self, index: int) -> torch.Tensor:
+        data, _ = self.encoded(index)
+        try:
+            return decode_image(data)
+        except Exception as e:  # PIL raises several types for corrupt files
+            raise DataError(f"cannot decode image {self._full(index)}: {e}") from None

@@ -78,3 +78,50 @@ class Preprocess:
         else:
             out = TF.resize(img, [self.img_size, self.img_size], antialias=True)
         return self._finish(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The paper's preprocessing per benchmark, and optional normalisation
+# ---------------------------------------------------------------------------------------------------------
+
+def paper_preprocess(benchmark: str, img_size: int, mean: Optional[tuple[float, float, float]] = None,
+                     std: Optional[tuple[float, float, float]] = None) -> Preprocess:
+    """DESIGN.md section 1: train RandomResizedCrop(img_size) + horizontal flip for every real benchmark;
+    test Resize(img_size) for CIFAR-100, Resize(256/224 * img_size) + CenterCrop(img_size) for ImageNet-R and
+    DomainNet (256 + 224 at the paper's 224 px). Inputs in [0, 1] unless ``mean``/``std`` are given."""
+    if benchmark == "cifar100":
+        test_resize = None
+    elif benchmark in ("imagenet-r", "domainnet"):
+        test_resize = int(round(img_size * 256 / 224))
+    else:
+        raise ValueError(f"no paper preprocessing for benchmark {benchmark!r}")
+    return Preprocess(img_size=img_size, train_scale=(0.08, 1.0), train_ratio=(3 / 4, 4 / 3), train_flip=True,
+                      test_resize=test_resize, mean=mean, std=std)
+
+
+def resolve_normalization(kind: str, model_name: Optional[str] = None
+                          ) -> tuple[Optional[tuple[float, float, float]], Optional[tuple[float, float, float]]]:
+    """(mean, std) for ``data.normalize``: "none" (the paper: inputs in [0, 1]), "imagenet" / "inception"
+    (timm's constants), or "backbone" (the mean/std of ``model_name``'s timm pretrained config)."""
+    from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
+                           IMAGENET_INCEPTION_STD)
+
+    if kind == "none":
+        return None, None
+    if kind == "imagenet":
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    if kind == "inception":
+        return tuple(IMAGENET_INCEPTION_MEAN), tuple(IMAGENET_INCEPTION_STD)
+    if kind == "backbone":
+        if not model_name:
+            raise ValueError("data.normalize=backbone needs the model name: call "
+                             "build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model), or set "
+                             "data.normalize to 'inception' (augreg ViTs: mean = std = 0.5) or 'imagenet'")
+        from timm.models import get_pretrained_cfg
+
+        pcfg = get_pretrained_cfg(model_name)
+        if pcfg is None or pcfg.mean is None or pcfg.std is None:
+            raise ValueError(f"data.normalize=backbone: timm has no pretrained config (mean/std) for "
+                             f"{model_name!r}; set data.normalize to 'none', 'imagenet' or 'inception'")
+        return tuple(float(m) for m in pcfg.mean), tuple(float(s) for s in pcfg.std)
+    raise ValueError(f"data.normalize={kind!r}: expected 'none', 'backbone', 'imagenet' or 'inception'")

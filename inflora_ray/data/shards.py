@@ -1,0 +1,408 @@
+"""Parquet shards of a benchmark: written once by ``python -m inflora_ray.data prepare``, read lazily by workers.
+
+Layout under ``OUT`` (a local path or an ``s3://`` / ``gs://`` URI, through pyarrow's filesystems)::
+
+    OUT/manifest.json                          written last: counts, class names, per-file checksums
+    OUT/<split>/task-<TTT>/part-<KKKKK>.parquet one directory per split and task (natural class order)
+
+Rows follow the source's sample order, which is by label (each class one contiguous block), so the rows of
+a split, files taken in (task, part) order, are exactly the source's indices 0..N-1, and a run reads the
+same sample at the same index from the shards as from the raw folder. Every row group holds rows of one
+class only (at most ``rows_per_group``), so for *any* class order a task's samples are whole row groups and a
+worker's contiguous block of a task touches only the row groups that hold it (plus, at most, one partial
+group at each end). Columns: ``image`` (encoded bytes: PNG for CIFAR's arrays, the original JPEG bytes for
+the folder datasets, stored uncompressed), ``format``, ``label`` (original class id), ``split``, ``task``
+(natural-order task of the directory), ``index`` (position in the source split), ``key`` (source file or
+index).
+
+The manifest carries each file's row count, row-group sizes, labels (run-length) size and sha256, so a
+reader knows every sample's label and location without opening any file; :class:`ParquetSource` opens a
+file only when asked for one of its rows and reads only the row group holding it (LRU cache of encoded
+bytes per row group, per process).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from .. import storage
+from .base import DataError, decode_image, label_sorted_order, split_tasks
+
+FORMAT = "inflora-ray-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "test")
+PREPARABLE = ("cifar100", "imagenet-r", "domainnet")
+DEFAULT_NUM_TASKS = {"cifar100": 10, "imagenet-r": 10, "domainnet": 5}
+DEFAULT_ROWS_PER_GROUP = 256
+DEFAULT_ROWS_PER_FILE = 4096
+DEFAULT_CACHE_BYTES = 1 << 30
+
+SCHEMA = pa.schema([("image", pa.binary()), ("format", pa.string()), ("label", pa.int64()),
+                    ("split", pa.string()), ("task", pa.int32()), ("index", pa.int64()), ("key", pa.string())])
+_COMPRESSION = {"image": "NONE", "format": "SNAPPY", "label": "SNAPPY", "split": "SNAPPY", "task": "SNAPPY",
+                "index": "SNAPPY", "key": "SNAPPY"}
+
+
+def load_raw_sources(benchmark: str, source: str, download: bool = False, manifest: Optional[str] = None,
+                     verify_hashes: bool = False):
+    """(train, test, class names, provenance) of a raw benchmark folder."""
+    if benchmark == "cifar100":
+        from .cifar100 import load_cifar100_sources
+        return load_cifar100_sources(source, download=download)
+    if benchmark == "imagenet-r":
+        from .imagenet_r import load_imagenet_r_sources
+        return load_imagenet_r_sources(source, manifest=manifest, verify_hashes=verify_hashes)
+    if benchmark == "domainnet":
+        from .domainnet import load_domainnet_sources
+        return load_domainnet_sources(source)
+    raise DataError(f"benchmark {benchmark!r} has no raw source to shard; choose one of {list(PREPARABLE)}")
+
+
+def _rle(labels: np.ndarray) -> list[list[int]]:
+    out: list[list[int]] = []
+    for lab in labels.tolist():
+        if out and out[-1][0] == lab:
+            out[-1][1] += 1
+        else:
+            out.append([int(lab), 1])
+    return out
+
+
+def _un_rle(runs: list[list[int]]) -> np.ndarray:
+    if not runs:
+        return np.zeros(0, dtype=np.int64)
+    return np.repeat(np.asarray([r[0] for r in runs], dtype=np.int64), [int(r[1]) for r in runs])
+
+
+def _sha256_local(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _publish(local: str, dest: str) -> None:
+    """Move a finished local file to ``dest`` (local path or URI), streaming it for object stores."""
+    if storage.is_uri(dest):
+        fs, p = storage.filesystem(dest)
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        with open(local, "rb") as src, fs.open_output_stream(p) as out:
+            for chunk in iter(lambda: src.read(1 << 23), b""):
+                out.write(chunk)
+        os.remove(local)
+    else:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.move(local, dest)
+
+
+def _class_chunks(labels: np.ndarray, positions: np.ndarray, rows_per_group: int) -> list[np.ndarray]:
+    """``positions`` (consecutive, one task) cut at every label change and every ``rows_per_group`` rows."""
+    chunks = []
+    if len(positions) == 0:
+        return chunks
+    labs = labels[positions]
+    cuts = np.flatnonzero(labs[1:] != labs[:-1]) + 1
+    for block in np.split(positions, cuts):
+        chunks += [block[s:s + rows_per_group] for s in range(0, len(block), rows_per_group)]
+    return chunks
+
+
+def prepare_shards(benchmark: str, source: str, out: str, rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
+                   rows_per_file: int = DEFAULT_ROWS_PER_FILE, num_tasks: Optional[int] = None,
+                   overwrite: bool = False, download: bool = False, split_manifest: Optional[str] = None,
+                   verify_hashes: bool = False, threads: int = 1,
+                   log: Optional[Callable[[str], None]] = None) -> dict:
+    """Convert the raw benchmark at ``source`` into Parquet shards under ``out``; return the manifest."""
+    log = log or (lambda s: None)
+    if rows_per_group < 1 or rows_per_file < rows_per_group:
+        raise ValueError(f"need 1 <= rows_per_group ({rows_per_group}) <= rows_per_file ({rows_per_file})")
+    manifest_path = storage.join(out, MANIFEST)
+    if storage.exists(manifest_path) and not overwrite:
+        raise DataError(f"{out} already holds prepared shards ({MANIFEST}); pass --overwrite to replace them")
+    train, test, names, provenance = load_raw_sources(benchmark, source, download=download,
+                                                      manifest=split_manifest, verify_hashes=verify_hashes)
+    num_tasks = num_tasks or DEFAULT_NUM_TASKS[benchmark]
+    tasks = split_tasks(list(range(len(names))), num_tasks)
+    task_of = np.empty(len(names), dtype=np.int32)
+    for t, classes in enumerate(tasks):
+        task_of[classes] = t
+    if storage.exists(out) and overwrite:
+        fs, p = storage.filesystem(out)
+        for split in SPLITS:
+            sub = storage.join(out, split)
+            if storage.exists(sub):
+                fs.delete_dir(storage.filesystem(sub)[1])
+        if storage.exists(manifest_path):
+            fs.delete_file(storage.filesystem(manifest_path)[1])
+    tmpdir = tempfile.mkdtemp(prefix="inflora-shards-")
+    pool = ThreadPoolExecutor(max(1, threads))
+    splits_out = {}
+    try:
+        for split, src in (("train", train), ("test", test)):
+            labels = np.asarray(src.labels, dtype=np.int64)
+            order = label_sorted_order(labels)  # identity for our label-ordered sources
+            row_task = task_of[labels[order]]
+            files = []
+            for t in range(num_tasks):
+                positions = np.flatnonzero(row_task == t)  # rows (positions in `order`) of natural task t
+                chunks = _class_chunks(labels[order], positions, rows_per_group)
+                groups: list[list[np.ndarray]] = []
+                for c in chunks:  # pack whole row groups into files of <= rows_per_file rows
+                    if not groups or sum(map(len, groups[-1])) + len(c) > rows_per_file:
+                        groups.append([])
+                    groups[-1].append(c)
+                for k, file_chunks in enumerate(groups):
+                    rel = f"{split}/task-{t:03d}/part-{k:05d}.parquet"
+                    local = os.path.join(tmpdir, f"{split}-{t}-{k}.parquet")
+                    with pq.ParquetWriter(local, SCHEMA, compression=_COMPRESSION,
+                                          use_dictionary=["format", "split"]) as writer:
+                        for chunk in file_chunks:
+                            idx = order[chunk]
+                            enc = list(pool.map(src.encoded, idx.tolist()))
+                            keys = [src.key(int(i)) for i in idx] if hasattr(src, "key") else [str(i) for i in idx]
+                            table = pa.table({
+                                "image": pa.array([e[0] for e in enc], pa.binary()),
+                                "format": pa.array([e[1] for e in enc], pa.string()),
+                                "label": pa.array(labels[idx], pa.int64()),
+                                "split": pa.array([split] * len(idx), pa.string()),
+                                "task": pa.array(np.full(len(idx), t, dtype=np.int32), pa.int32()),
+                                "index": pa.array(idx.astype(np.int64), pa.int64()),
+                                "key": pa.array(keys, pa.string()),
+                            }, schema=SCHEMA)
+                            writer.write_table(table, row_group_size=len(idx))
+                    meta = pq.ParquetFile(local).metadata
+                    row_groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+                    rows = np.concatenate(file_chunks)
+                    entry = {"path": rel, "task": t, "num_rows": int(len(rows)), "row_groups": row_groups,
+                             "labels": _rle(labels[order[rows]]), "size": os.path.getsize(local),
+                             "sha256": _sha256_local(local)}
+                    if sum(row_groups) != entry["num_rows"]:
+                        raise RuntimeError(f"{rel}: row groups {row_groups} do not add up to {entry['num_rows']}")
+                    _publish(local, storage.join(out, *rel.split("/")))
+                    files.append(entry)
+                    log(f"{split} task {t}: {rel} ({entry['num_rows']} rows, {len(row_groups)} row groups, "
+                        f"{entry['size'] / 1e6:.1f} MB)")
+            splits_out[split] = {"num_rows": int(len(labels)), "files": files,
+                                 "identity_order": bool(np.array_equal(order, np.arange(len(order))))}
+    finally:
+        pool.shutdown()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    import pyarrow
+
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "benchmark": benchmark,
+        "num_classes": len(names), "class_names": list(names),
+        "task_directories": {"num_tasks": num_tasks, "class_order": "natural", "tasks": tasks},
+        "rows_per_group": rows_per_group, "rows_per_file": rows_per_file,
+        "source_manifest": provenance, "splits": splits_out,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "pyarrow": pyarrow.__version__,
+    }
+    storage.write_json(manifest_path, manifest)
+    log(f"wrote {manifest_path}: {splits_out['train']['num_rows']} train + {splits_out['test']['num_rows']} "
+        f"test rows, {len(names)} classes")
+    return manifest
+
+
+class ParquetSource:
+    """One split of prepared shards, read lazily: ``load(i)`` opens only the file and reads only the row group
+    that hold row ``i`` (encoded bytes cached per row group, LRU, up to ``cache_bytes`` per process).
+
+    Picklable: open files and the cache are per process and rebuilt after unpickling. ``opened_files`` and
+    ``row_groups_read`` record this process's reads (diagnostics, tests).
+    """
+
+    def __init__(self, uri: str, split: str, files: list[dict], cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.uri = uri
+        self.split = split
+        self.paths = [f["path"] for f in files]
+        self.sizes = [int(f["size"]) for f in files]
+        self.file_offsets = np.cumsum([0] + [int(f["num_rows"]) for f in files])
+        self.group_offsets = [np.cumsum([0] + [int(n) for n in f["row_groups"]]) for f in files]
+        self.labels = (np.concatenate([_un_rle(f["labels"]) for f in files]) if files
+                       else np.zeros(0, dtype=np.int64))
+        if len(self.labels) != int(self.file_offsets[-1]):
+            raise DataError(f"{uri}: manifest of split {split!r} is inconsistent (labels vs row counts)")
+        self.cache_bytes = int(cache_bytes)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()  # open files are not shared with forked loader processes
+        self._handles: dict[int, pq.ParquetFile] = {}
+        self._cache: OrderedDict = OrderedDict()
+        self._cached = 0
+        self.opened_files: set[str] = set()
+        self.row_groups_read: list[tuple[str, int]] = []
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for k in ("_pid", "_handles", "_cache", "_cached", "opened_files", "row_groups_read"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def locate(self, index: int) -> tuple[int, int, int]:
+        """(file, row group, row within the group) of sample ``index``."""
+        if not 0 <= index < len(self.labels):
+            raise IndexError(f"sample {index} out of range for {len(self.labels)} rows")
+        f = int(np.searchsorted(self.file_offsets, index, side="right")) - 1
+        r = index - int(self.file_offsets[f])
+        g = int(np.searchsorted(self.group_offsets[f], r, side="right")) - 1
+        return f, g, r - int(self.group_offsets[f][g])
+
+    def _file(self, f: int) -> pq.ParquetFile:
+        if f not in self._handles:
+            full = storage.join(self.uri, *self.paths[f].split("/"))
+            fs, p = storage.filesystem(full)
+            try:
+                handle = fs.open_input_file(p)
+            except (FileNotFoundError, OSError) as e:
+                raise DataError(f"shard file missing or unreadable: {full} ({e})") from None
+            if handle.size() != self.sizes[f]:
+                raise DataError(f"shard file {full} is {handle.size()} bytes, the manifest says {self.sizes[f]}: "
+                                "the shards were altered or partly copied; prepare them again")
+            self._handles[f] = pq.ParquetFile(handle)
+            self.opened_files.add(self.paths[f])
+        return self._handles[f]
+
+    def _group(self, f: int, g: int) -> tuple[list, list]:
+        if self._pid != os.getpid():
+            self._reset()
+        key = (f, g)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key][0]
+        table = self._file(f).read_row_group(g, columns=["image", "format"])
+        images, formats = table.column("image").to_pylist(), table.column("format").to_pylist()
+        self.row_groups_read.append((self.paths[f], g))
+        size = sum(len(b) for b in images)
+        self._cache[key] = ((images, formats), size)
+        self._cached += size
+        while self._cached > self.cache_bytes and len(self._cache) > 1:
+            _, (_, s) = self._cache.popitem(last=False)
+            self._cached -= s
+        return images, formats
+
+    def encoded(self, index: int) -> tuple[bytes, str]:
+        f, g, r = self.locate(int(index))
+        images, formats = self._group(f, g)
+        return images[r], formats[r]
+
+    def load(self, index: int) -> torch.Tensor:
+        data, _ = self.encoded(index)
+        return decode_image(data)
+
+    def row_groups_of(self, indices) -> set[tuple[str, int]]:
+        """The (file, row group) pairs holding ``indices`` (what a worker reading them must open)."""
+        out = set()
+        for i in indices:
+            f, g, _ = self.locate(int(i))
+            out.add((self.paths[f], g))
+        return out
+
+
+def read_shard_manifest(uri: str) -> tuple[dict, str]:
+    """The manifest of prepared shards and its sha256."""
+    path = storage.join(uri, MANIFEST)
+    try:
+        raw = storage.read_bytes(path)
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"data.shards={uri!r}: no {MANIFEST} there ({type(e).__name__}); prepare shards with "
+                        "`python -m inflora_ray.data prepare BENCHMARK --source PATH --out URI`") from None
+    try:
+        man = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not JSON ({e})") from None
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        raise DataError(f"{path}: not an inflora-ray shard manifest")
+    if man.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path}: shard format version {man.get('format_version')}, this code reads "
+                        f"{FORMAT_VERSION}; prepare the shards again")
+    return man, hashlib.sha256(raw).hexdigest()
+
+
+def _check_files(uri: str, man: dict) -> None:
+    """Every shard file exists with its manifest size (one metadata request per file, no reads)."""
+    entries = [f for s in SPLITS for f in man["splits"][s]["files"]]
+    if not entries:
+        return
+    fs, _ = storage.filesystem(uri)
+    paths = [storage.filesystem(storage.join(uri, *e["path"].split("/")))[1] for e in entries]
+    infos = fs.get_file_info(paths)
+    bad = []
+    for e, info in zip(entries, infos):
+        if info.type == pafs.FileType.NotFound:
+            bad.append(f"{e['path']} missing")
+        elif info.size != e["size"]:
+            bad.append(f"{e['path']} is {info.size} bytes, manifest {e['size']}")
+    if bad:
+        raise DataError(f"data.shards={uri!r}: {len(bad)} shard file(s) do not match the manifest "
+                        f"({'; '.join(bad[:3])}); prepare the shards again")
+
+
+def load_shards(uri: str, benchmark: Optional[str] = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    """(train, test, class names, provenance) of prepared shards; checks benchmark, classes and file sizes."""
+    man, digest = read_shard_manifest(uri)
+    if benchmark is not None and man.get("benchmark") != benchmark:
+        raise DataError(f"data.shards={uri!r} holds benchmark {man.get('benchmark')!r}, but data.benchmark is "
+                        f"{benchmark!r}")
+    names = list(man.get("class_names") or [])
+    if not names or man.get("num_classes") != len(names):
+        raise DataError(f"data.shards={uri!r}: manifest num_classes {man.get('num_classes')} does not match "
+                        f"its {len(names)} class names")
+    _check_files(uri, man)
+    train, test = (ParquetSource(uri, s, man["splits"][s]["files"], cache_bytes) for s in SPLITS)
+    for src in (train, test):
+        if len(src) and (src.labels.min() < 0 or src.labels.max() >= len(names)):
+            raise DataError(f"data.shards={uri!r}: labels outside 0..{len(names) - 1}")
+    provenance = {
+        "source": "parquet-shards", "uri": uri, "benchmark": man["benchmark"], "format_version": FORMAT_VERSION,
+        "manifest_sha256": digest, "num_classes": len(names), "num_train": len(train), "num_test": len(test),
+        "rows_per_group": man.get("rows_per_group"), "created": man.get("created"),
+        "source_manifest": man.get("source_manifest"),
+    }
+    return train, test, names, provenance
+
+
+def verify_shards(uri: str, hashes: bool = True) -> dict:
+    """Check every shard file against the manifest (size; sha256 with ``hashes``: reads every file)."""
+    man, digest = read_shard_manifest(uri)
+    _check_files(uri, man)
+    bad = []
+    if hashes:
+        for s in SPLITS:
+            for e in man["splits"][s]["files"]:
+                full = storage.join(uri, *e["path"].split("/"))
+                fs, p = storage.filesystem(full)
+                h = hashlib.sha256()
+                with fs.open_input_stream(p) as f:
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        h.update(chunk)
+                if h.hexdigest() != e["sha256"]:
+                    bad.append(e["path"])
+    if bad:
+        raise DataError(f"data.shards={uri!r}: sha256 differs for {len(bad)} file(s) (e.g. {', '.join(bad[:3])})")
+    return {"uri": uri, "benchmark": man["benchmark"], "manifest_sha256": digest, "hashes_checked": hashes,
+            "files": sum(len(man["splits"][s]["files"]) for s in SPLITS),
+            "rows": {s: man["splits"][s]["num_rows"] for s in SPLITS}}

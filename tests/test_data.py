@@ -1,0 +1,396 @@
+"""Real benchmarks on tiny fixtures in each dataset's on-disk format: CIFAR-100 python pickles, the ImageNet-R
+folder tree, DomainNet folders + file lists. Loading, task splits, the fixed ImageNet-R split and its
+manifest, Parquet shards (round trip, per-worker reads), presets, preprocessing, and clear errors."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inflora_ray.config import ConfigError, DataConfig, load_config
+from inflora_ray.data import DataError, build_benchmark, paper_preprocess, resolve_normalization
+from inflora_ray.data.__main__ import main as data_cli
+from inflora_ray.data.imagenet_r import SPLIT_VERSION, split_class
+from inflora_ray.data.loader import shard_bounds
+from inflora_ray.data.shards import ParquetSource, prepare_shards, verify_shards
+
+WNIDS = ["n01443537", "n01484850", "n01494475", "n01496331", "n01498041", "n01514859"]
+STYLES = ["art", "cartoon", "graffiti", "painting", "sketch"]
+DOMAINS = ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]
+DN_CLASSES = ["aircraft_carrier", "airplane", "alarm_clock", "ambulance", "angel", "animal_migration", "ant",
+              "anvil", "apple", "arm"]
+
+
+def _jpeg(rng, h, w) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    """cifar-100-python/{train,test,meta}: Python-2-style pickles (bytes keys), 100 classes x 2 train + 1 test,
+    rows in a shuffled class order like the release."""
+    root = tmp_path_factory.mktemp("cifar")
+    folder = root / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 2), ("test", 1)):
+        labels = rng.permutation(np.repeat(np.arange(100), per_class)).tolist()
+        n = len(labels)
+        d = {b"filenames": [f"img_{i}.png".encode() for i in range(n)], b"batch_label": f"{split} batch".encode(),
+             b"fine_labels": labels, b"coarse_labels": [lab // 5 for lab in labels],
+             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+        with open(folder / split, "wb") as f:
+            pickle.dump(d, f, protocol=2)
+    meta = {b"fine_label_names": [f"class_{i:02d}".encode() for i in range(100)],
+            b"coarse_label_names": [f"super_{i:02d}".encode() for i in range(20)]}
+    with open(folder / "meta", "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def imr_root(tmp_path_factory):
+    """imagenet-r/<wnid>/<style>_<k>.jpg: 6 classes x 5 JPEGs of varied sizes, plus the release's README."""
+    root = tmp_path_factory.mktemp("imr") / "imagenet-r"
+    rng = np.random.default_rng(1)
+    for c, wnid in enumerate(WNIDS):
+        (root / wnid).mkdir(parents=True)
+        for k, style in enumerate(STYLES):
+            (root / wnid / f"{style}_{k}.jpg").write_bytes(_jpeg(rng, 20 + 3 * k, 24 + c))
+    (root / "README.txt").write_text("n01443537 goldfish\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dn_root(tmp_path_factory):
+    """<domain>/<class>/<domain>_<c>_<k>.jpg for the six domains, 10 classes, and <domain>_{train,test}.txt."""
+    root = tmp_path_factory.mktemp("domainnet")
+    rng = np.random.default_rng(2)
+    for domain in DOMAINS:
+        lines = {"train": [], "test": []}
+        for c, cls in enumerate(DN_CLASSES):
+            (root / domain / cls).mkdir(parents=True)
+            for k in range(3):
+                rel = f"{domain}/{cls}/{domain}_{c:03d}_{k:06d}.jpg"
+                (root / rel).write_bytes(_jpeg(rng, 12, 10 + k))
+                lines["train" if k < 2 else "test"].append(f"{rel} {c}")
+        for split, ls in lines.items():
+            rng.shuffle(ls)
+            (root / f"{domain}_{split}.txt").write_text("\n".join(ls) + "\n")
+    return root
+
+
+def _bench(benchmark, root=None, img_size=32, **kw):
+    return build_benchmark(DataConfig(benchmark=benchmark, root=None if root is None else str(root), **kw), img_size)
+
+
+# ------------------------------------------------------------------------------------------ raw sources
+def test_cifar100_loads_in_release_format_and_splits_tasks(cifar_root):
+    b = _bench("cifar100", cifar_root, num_tasks=10)
+    assert (len(b.train), len(b.test), b.num_classes) == (200, 100, 100)
+    assert b.class_names[:2] == ["class_00", "class_01"] and b.manifest["official_release"] is False
+    assert b.tasks == [list(range(10 * t, 10 * t + 10)) for t in range(10)]
+    for t in range(10):
+        idx = b.task_indices("train", t)
+        assert len(idx) == 20 and set(b.train.labels[idx]) == set(b.tasks[t])
+        assert np.array_equal(idx, np.arange(20 * t, 20 * t + 20))  # label-ordered: one block per task
+    # pixels: channel-major rows of the pickle, at the release index recorded in key()
+    with open(cifar_root / "cifar-100-python" / "train", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    for i in (0, 57, 199):
+        orig = int(b.train.key(i).split("/")[1])
+        assert torch.equal(b.train.load(i), torch.from_numpy(raw[b"data"][orig].reshape(3, 32, 32)))
+        assert b.train.labels[i] == raw[b"fine_labels"][orig]
+    # lazy and picklable: the pixel array is not pickled, and is re-read on first use
+    clone = pickle.loads(pickle.dumps(b.train))
+    assert clone._data is None and torch.equal(clone.load(57), b.train.load(57))
+    # the paper's CIFAR preprocessing: train RandomResizedCrop + flip, test Resize(img_size), inputs in [0, 1]
+    assert b.preprocess.test_resize is None and b.preprocess.train_flip and b.preprocess.mean is None
+    x = b.preprocess.train(b.train.load(0), torch.Generator().manual_seed(0))
+    assert x.shape == (3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1
+    # seeded class order: tasks follow it, task_indices select by class
+    s = _bench("cifar100", cifar_root, num_tasks=10, class_order_seed=1993)
+    assert s.class_order == [int(c) for c in np.random.RandomState(1993).permutation(100)]
+    assert set(s.train.labels[s.task_indices("train", 3)]) == set(s.class_order[30:40])
+
+
+def test_cifar100_folder_itself_and_bad_roots(cifar_root, tmp_path):
+    b = _bench("cifar100", cifar_root / "cifar-100-python", num_tasks=10)
+    assert len(b.train) == 200
+    with pytest.raises(DataError, match=r"no CIFAR-100 python release there; expected .*cifar-100-python/"):
+        _bench("cifar100", tmp_path, num_tasks=10)
+    bad = tmp_path / "cifar-100-python"
+    bad.mkdir()
+    for n in ("train", "test", "meta"):
+        (bad / n).write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="not a CIFAR-100 python pickle"):
+        _bench("cifar100", tmp_path, num_tasks=10)
+    with pytest.raises(ConfigError, match=r"data.root: benchmark 'cifar100' needs data.root"):
+        load_config("cifar100-10")
+    with pytest.raises(ConfigError, match="data.root: path not found"):
+        load_config("cifar100-10", [f"data.root={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="data.download: only CIFAR-100"):
+        load_config("imagenet-r-5", [f"data.root={tmp_path}", "data.download=true"])
+
+
+# Pinned: the split rule imagenet-r-split-v1 on these file names. Same on every machine, forever; changing the
+# rule must change SPLIT_VERSION (and this list).
+PINNED_TEST_FILES = ["n01443537/art_0.jpg", "n01484850/art_0.jpg", "n01494475/graffiti_2.jpg",
+                     "n01496331/art_0.jpg", "n01498041/cartoon_1.jpg", "n01514859/sketch_4.jpg"]
+
+
+def test_imagenet_r_fixed_split_is_stable(imr_root):
+    assert SPLIT_VERSION == "imagenet-r-split-v1"
+    b = _bench("imagenet-r", imr_root, num_tasks=3)
+    assert b.class_names == WNIDS and (len(b.train), len(b.test)) == (24, 6)  # 80/20 of 5 per class
+    assert b.test.paths == PINNED_TEST_FILES
+    assert b.manifest["split_version"] == SPLIT_VERSION and b.manifest["split_source"] == "rule"
+    # the rule depends only on relative paths (not on the folder's location, listing order or contents)
+    names = [f"n01443537/{s}_{k}.jpg" for k, s in enumerate(STYLES)]
+    assert split_class(names) == split_class(list(reversed(names)))
+    assert sorted(split_class([f"n0/x_{i}.jpg" for i in range(10)]).values()).count("train") == 8
+    assert b.tasks == [[0, 1], [2, 3], [4, 5]]
+    assert set(b.train.labels[b.task_indices("train", 1)]) == {2, 3}
+    img = b.train.load(0)
+    assert img.dtype == torch.uint8 and img.shape[0] == 3
+    # ImageNet-R/DomainNet test view: Resize(256) + CenterCrop(224) at 224 px
+    assert paper_preprocess("imagenet-r", 224).test_resize == 256
+    assert b.preprocess.test(img).shape == (3, 32, 32)
+
+
+def test_imagenet_r_manifest_detects_missing_and_altered_files(imr_root, tmp_path):
+    copy = tmp_path / "imagenet-r"
+    import shutil
+    shutil.copytree(imr_root, copy)
+    man_path = tmp_path / "split.json"
+    assert data_cli(["manifest", "imagenet-r", "--source", str(copy), "--out", str(man_path)]) == 0
+    man = json.loads(man_path.read_text())
+    assert man["version"] == SPLIT_VERSION and man["num_files"] == 30
+    assert {"path", "split", "label", "size", "sha256"} <= set(man["files"][0])
+    ok = _bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path), verify_hashes=True)
+    assert ok.test.paths == PINNED_TEST_FILES and ok.manifest["split_source"] == "manifest"
+    # altered bytes, same size: caught by the sha256 check (optional), not by the size check
+    victim = copy / "n01484850" / "art_0.jpg"
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    _bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path))
+    with pytest.raises(DataError, match=r"1 altered \(e.g. n01484850/art_0.jpg \(sha256 differs\)"):
+        _bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path), verify_hashes=True)
+    # altered size: always caught
+    victim.write_bytes(bytes(data) + b"\0")
+    with pytest.raises(DataError, match=r"altered \(e.g. n01484850/art_0.jpg \(size"):
+        _bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path))
+    # missing file
+    (copy / "n01514859" / "sketch_4.jpg").unlink()
+    with pytest.raises(DataError, match=r"1 missing \(e.g. n01514859/sketch_4.jpg\)"):
+        _bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path))
+    with pytest.raises(DataError, match="no packaged ImageNet-R split manifest yet"):
+        _bench("imagenet-r", copy, num_tasks=3, manifest="packaged")
+
+
+def test_imagenet_r_wrong_layout_is_explained(imr_root, tmp_path):
+    with pytest.raises(DataError, match=r"found .*imagenet-r: point data.root there"):
+        _bench("imagenet-r", imr_root.parent, num_tasks=3)
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(DataError, match="wrong folder layout for ImageNet-R: expected class folders"):
+        _bench("imagenet-r", tmp_path, num_tasks=3)
+    (tmp_path / "n01443537").mkdir()
+    with pytest.raises(DataError, match="class folder n01443537/ holds no images"):
+        _bench("imagenet-r", tmp_path, num_tasks=1)
+
+
+def test_domainnet_pools_all_domains_class_incrementally(dn_root, tmp_path):
+    b = _bench("domainnet", dn_root, num_tasks=5)
+    assert b.class_names == DN_CLASSES and (len(b.train), len(b.test)) == (120, 60)
+    assert b.tasks == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    idx = b.task_indices("train", 2)
+    assert len(idx) == 24 and set(b.train.labels[idx]) == {4, 5}
+    assert {b.train.paths[i].split("/")[0] for i in idx} == set(DOMAINS)  # every domain's images
+    assert all(b.train.paths[i].split("/")[1] == DN_CLASSES[b.train.labels[i]] for i in range(len(b.train)))
+    assert b.preprocess.test_resize == round(32 * 256 / 224)
+    assert b.train.load(5).shape[:2] == (3, 12)
+    assert b.manifest["per_domain"]["test"]["quickdraw"] == 10
+    # wrong layout: a list missing
+    (tmp_path / "clipart").mkdir()
+    with pytest.raises(DataError, match=r"wrong folder layout for DomainNet: missing domain folders .*'infograph'"
+                                        r".* and file lists \['clipart_train.txt'"):
+        _bench("domainnet", tmp_path, num_tasks=5)
+
+
+def test_digits_quickstart_still_builds():
+    b = build_benchmark(DataConfig(), 16)
+    assert b.num_classes == 10 and b.train.load(0).shape == (3, 16, 16)
+    with pytest.raises(ConfigError, match="data.shards: the digits quickstart"):
+        load_config("quickstart", ["data.shards=/tmp"])
+
+
+# ------------------------------------------------------------------------------------------ Parquet shards
+def _same_bytes(a, b, i):
+    return a.encoded(i)[0] == b.encoded(i)[0]
+
+
+@pytest.mark.parametrize("benchmark,num_tasks", [("cifar100", 10), ("imagenet-r", 3), ("domainnet", 5)])
+def test_shards_round_trip_identical_samples(benchmark, num_tasks, cifar_root, imr_root, dn_root, tmp_path):
+    root = {"cifar100": cifar_root, "imagenet-r": imr_root, "domainnet": dn_root}[benchmark]
+    out = tmp_path / "shards"
+    assert data_cli(["prepare", benchmark, "--source", str(root), "--out", str(out), "--rows-per-group", "4",
+                     "--rows-per-file", "8", "--num-tasks", str(num_tasks), "--threads", "2"]) == 0
+    raw = _bench(benchmark, root, num_tasks=num_tasks, class_order_seed=7)
+    sh = _bench(benchmark, num_tasks=num_tasks, class_order_seed=7, shards=str(out))
+    assert sh.class_names == raw.class_names and sh.tasks == raw.tasks
+    assert sh.manifest["source"] == "parquet-shards" and sh.manifest["source_manifest"]["source"] == benchmark
+    assert sh.preprocess == raw.preprocess
+    for split in ("train", "test"):
+        a, b = getattr(raw, split), getattr(sh, split)
+        assert isinstance(b, ParquetSource) and np.array_equal(a.labels, b.labels)
+        for t in range(num_tasks):
+            assert np.array_equal(raw.task_indices(split, t), sh.task_indices(split, t))
+        for i in range(len(a)):
+            if benchmark == "cifar100":
+                assert torch.equal(a.load(i), b.load(i))  # PNG: decoded pixels equal
+            else:
+                assert _same_bytes(a, b, i)  # original JPEG bytes
+                if i % 7 == 0:
+                    assert torch.equal(a.load(i), b.load(i))
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["splits"]["train"]["num_rows"] == len(raw.train) and man["num_classes"] == raw.num_classes
+    assert os.path.isdir(out / "train" / "task-000") and verify_shards(str(out))["files"] >= 2 * num_tasks
+    # row groups never mix classes and hold at most rows_per_group rows
+    import pyarrow.parquet as pq
+    for f in man["splits"]["train"]["files"]:
+        pf = pq.ParquetFile(out / f["path"])
+        for g in range(pf.num_row_groups):
+            t = pf.read_row_group(g, columns=["label", "split", "task"])
+            assert len(set(t.column("label").to_pylist())) == 1 and t.num_rows <= 4
+            assert set(t.column("split").to_pylist()) == {"train"} and set(t.column("task").to_pylist()) == {f["task"]}
+
+
+def test_shards_two_workers_read_only_their_row_groups(imr_root, tmp_path):
+    out = tmp_path / "shards"
+    prepare_shards("imagenet-r", str(imr_root), str(out), rows_per_group=3, rows_per_file=6, num_tasks=3)
+    # a shuffled class order: tasks are not the task directories, still whole row groups
+    b = _bench("imagenet-r", num_tasks=3, class_order_seed=1993, shards=str(out))
+    assert b.tasks != [[0, 1], [2, 3], [4, 5]]
+    for split in ("train", "test"):
+        src = getattr(b, split)
+        for t in range(3):
+            idx = b.task_indices(split, t)
+            seen = []
+            for rank in range(2):
+                worker = pickle.loads(pickle.dumps(src))  # what a Ray worker / loader process holds
+                assert not worker.opened_files
+                start, end = shard_bounds(len(idx), rank, 2)
+                block = idx[start:end]
+                for i in block:
+                    assert worker.encoded(int(i))[0] == src.encoded(int(i))[0]
+                seen += block.tolist()
+                mine = worker.row_groups_of(block)
+                # only the row groups holding its block, each read once; only the files holding them
+                assert sorted(worker.row_groups_read) == sorted(mine)
+                assert worker.opened_files == {f for f, _ in mine}
+                other = set(src.paths) - {f for f, _ in src.row_groups_of(idx)}
+                assert not (worker.opened_files & other)
+            assert sorted(seen) == idx.tolist()  # every sample exactly once
+    # a tiny cache still reads correctly (evicting row groups)
+    tiny = ParquetSource(str(out), "train", json.loads((out / "manifest.json").read_text())["splits"]["train"]["files"],
+                         cache_bytes=1)
+    assert all(tiny.encoded(i)[0] == b.train.encoded(i)[0] for i in (0, 23, 1, 22))
+    assert len(tiny.row_groups_read) == 4
+
+
+def test_shards_are_validated(cifar_root, imr_root, tmp_path):
+    out = tmp_path / "shards"
+    prepare_shards("imagenet-r", str(imr_root), str(out), rows_per_group=4, num_tasks=3)
+    with pytest.raises(DataError, match="already holds prepared shards"):
+        prepare_shards("imagenet-r", str(imr_root), str(out))
+    with pytest.raises(DataError, match=r"holds benchmark 'imagenet-r', but data.benchmark is 'cifar100'"):
+        _bench("cifar100", num_tasks=10, shards=str(out))
+    with pytest.raises(DataError, match="no manifest.json there"):
+        _bench("imagenet-r", num_tasks=3, shards=str(tmp_path))
+    with pytest.raises(ValueError, match="data.class_order must be a permutation of 0..5"):
+        _bench("imagenet-r", num_tasks=3, shards=str(out), class_order=list(range(10)))
+    man = json.loads((out / "manifest.json").read_text())
+    part = out / man["splits"]["test"]["files"][0]["path"]
+    data = bytearray(part.read_bytes())
+    data[10] ^= 0xFF  # same size, different bytes: only the sha256 check sees it
+    part.write_bytes(bytes(data))
+    assert verify_shards(str(out), hashes=False)["hashes_checked"] is False
+    with pytest.raises(DataError, match="sha256 differs for 1 file"):
+        verify_shards(str(out))
+    assert data_cli(["verify", str(out)]) == 2
+    part.write_bytes(bytes(data[:-1]))
+    with pytest.raises(DataError, match=r"1 shard file\(s\) do not match the manifest .*bytes, manifest"):
+        _bench("imagenet-r", num_tasks=3, shards=str(out))
+    assert data_cli(["prepare", "imagenet-r", "--source", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    # overwrite replaces everything
+    prepare_shards("imagenet-r", str(imr_root), str(out), rows_per_group=5, num_tasks=2, overwrite=True)
+    assert verify_shards(str(out))["files"] == 4
+
+
+def test_learner_trains_from_shards(cifar_root, tmp_path):
+    """The continual loop runs on a Parquet-backed benchmark exactly as on the raw folder."""
+    from conftest import tiny_overrides
+    from inflora_ray.train_loop import ContinualLearner
+
+    out = tmp_path / "shards"
+    prepare_shards("cifar100", str(cifar_root), str(out), rows_per_group=8, num_tasks=10)
+    runs = []
+    for data in ([f"data.root={cifar_root}"], [f"data.shards={out}"]):
+        cfg = load_config("quickstart", tiny_overrides(**{"data.benchmark": "cifar100", "data.num_tasks": 50,
+                                                          "data.class_order_seed": 1993}) + data)
+        learner = ContinualLearner(cfg)
+        learner.run(stop_after_task=1)
+        runs.append(learner.record.to_dict())
+    assert runs[0] == runs[1]
+
+
+# ------------------------------------------------------------------------------------------ presets, normalisation
+@pytest.mark.parametrize("preset,benchmark,tasks", [("cifar100-10", "cifar100", 10), ("imagenet-r-5", "imagenet-r", 5),
+                                                    ("imagenet-r-10", "imagenet-r", 10),
+                                                    ("imagenet-r-20", "imagenet-r", 20),
+                                                    ("domainnet-5", "domainnet", 5)])
+def test_presets_load_with_root_override(preset, benchmark, tasks, tmp_path):
+    with pytest.raises(ConfigError, match=f"data.root: benchmark '{benchmark}' needs data.root"):
+        load_config(preset)
+    cfg = load_config(preset, [f"data.root={tmp_path}"])
+    assert (cfg.data.benchmark, cfg.data.num_tasks, cfg.data.root) == (benchmark, tasks, str(tmp_path))
+    assert cfg.model.name == "vit_base_patch16_224.augreg_in21k" and cfg.model.pretrained
+    assert cfg.data.batch_size == 128 and cfg.train.weight_decay == 0 and cfg.data.normalize == "none"
+    expect = {"cifar100": ("adam", 5e-4, 20, 10, 0.95, "cosine"), "imagenet-r": ("adam", 5e-4, 50, 10, 0.98, "cosine"),
+              "domainnet": ("sgd", 5e-3, 5, 30, 0.95, "step")}[benchmark]
+    t, m = cfg.train, cfg.method
+    assert (t.optimizer, t.lr, t.epochs, m.rank, m.lamb, t.schedule) == expect and m.lame == 1.0
+    if benchmark == "domainnet":
+        assert t.head_lr == 1e-2 and t.step_milestones == [4] and t.step_gamma == 0.1 and t.momentum == 0.9
+
+
+def test_normalization_options(imr_root):
+    assert resolve_normalization("none") == (None, None)
+    assert resolve_normalization("backbone", "vit_base_patch16_224.augreg_in21k") == ((0.5,) * 3, (0.5,) * 3)
+    assert resolve_normalization("imagenet")[0] == pytest.approx((0.485, 0.456, 0.406))
+    cfg = DataConfig(benchmark="imagenet-r", root=str(imr_root), num_tasks=3, normalize="backbone")
+    b = build_benchmark(cfg, 32, model="vit_base_patch16_224.augreg_in21k")
+    assert b.preprocess.mean == (0.5, 0.5, 0.5) and float(b.preprocess.test(b.test.load(0)).min()) < 0
+    with pytest.raises(ValueError, match="data.normalize=backbone needs the model name"):
+        build_benchmark(cfg, 32)
+
+
+def test_shards_through_a_uri_filesystem(imr_root, tmp_path):
+    """The object-store code path (pyarrow filesystem from a URI; file:// stands in for s3:// / gs://)."""
+    uri = f"file://{tmp_path}/bucket/imr"
+    prepare_shards("imagenet-r", str(imr_root), uri, rows_per_group=2, num_tasks=3)
+    cfg = load_config("imagenet-r-5", [f"data.shards={uri}", "data.num_tasks=3"])
+    b = build_benchmark(cfg.data, 32)
+    raw = _bench("imagenet-r", imr_root, num_tasks=3)
+    assert all(b.test.encoded(i)[0] == raw.test.encoded(i)[0] for i in range(len(raw.test)))
+    assert verify_shards(uri)["rows"] == {"train": 24, "test": 6}
