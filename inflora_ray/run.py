@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import socket
 import sys
 import threading
@@ -124,6 +125,21 @@ def check_resources(cfg: Config) -> None:
             f"the cluster can never place {r.num_workers} worker(s) x ({r.cpus_per_worker:g} CPU"
             f"{f', {r.gpus_per_worker:g} GPU' if r.use_gpu else ''}) ({detail}); lower run.num_workers / "
             "run.cpus_per_worker, or set run.wait_for_resources=true on an autoscaling cluster")
+
+
+def _warn_local_paths(cfg: Config, tracker, in_submitted_job: bool) -> None:
+    """Warn about places that only this machine sees when the run spans several."""
+    import ray
+
+    if not storage.is_uri(cfg.run.storage_path) and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+        log_event(log, "storage_warning", level=logging.WARNING, storage_path=cfg.run.storage_path,
+                  message="local storage path on a multi-node cluster: every node must see it at the same "
+                          "path (NFS), else use an s3:// or gs:// URI")
+    if in_submitted_job and tracker is not None and tracker.uri.startswith(("sqlite:", "file:")) \
+            and not cfg.tracking.uri and "MLFLOW_TRACKING_URI" not in os.environ:
+        log_event(log, "tracking_warning", level=logging.WARNING, uri=tracker.uri,
+                  message="MLflow's local default store inside a submitted job lives in the job's temporary "
+                          "working dir; set MLFLOW_TRACKING_URI (runtime env) or --tracking-uri")
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -271,6 +287,11 @@ def run_experiment(cfg: Config, name: Optional[str] = None, *, resume: bool = Fa
     from .tracking import Tracker, TrackingUnavailable, check_server
 
     check_model(cfg)
+    in_submitted_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    if in_submitted_job and not (storage.is_uri(cfg.run.storage_path) or os.path.isabs(cfg.run.storage_path)):
+        raise PreflightError(f"run.storage_path={cfg.run.storage_path!r} is relative: under `ray job submit` it would "
+                             "land in the job's temporary copy of the working dir and be lost; give --storage-path "
+                             "an absolute shared path (NFS) or an s3:// / gs:// URI")
     storage_path = storage.absolute(cfg.run.storage_path)
     name = name or cfg.run.name or default_run_name(cfg)
     run_dir = storage.join(storage_path, name)
@@ -295,6 +316,7 @@ def run_experiment(cfg: Config, name: Optional[str] = None, *, resume: bool = Fa
             raise PreflightError(str(e)) from None
     connect_ray(address)
     check_resources(cfg)
+    _warn_local_paths(cfg, tracker, in_submitted_job)
 
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name))
     record = {"name": name, "class_order": benchmark.class_order, "tasks": benchmark.tasks,
@@ -490,8 +512,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _main(args) -> None:
-    import os
-
     overrides = list(args.overrides) + _flag_overrides(args)
     if args.resume:
         storage_path = load_config(args.config, overrides).run.storage_path
