@@ -1,6 +1,8 @@
 """A timm ViT with k/v low-rank adapters on every block and one linear head per task."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional
 
 import timm
@@ -9,6 +11,21 @@ from torch import nn
 
 from .config import ModelConfig, resolve_weights_file
 from .lora import KVLoRAQKV, adapt_vit_qkv
+
+
+def check_builtin_weights(cfg: ModelConfig) -> None:
+    """Shipped weights record the architecture they were trained with; refuse a config that differs (timm
+    would otherwise silently resample the patch embedding and position embedding to fit)."""
+    record_path = Path(resolve_weights_file(cfg.weights_file)).with_suffix(".json")
+    if not record_path.is_file():
+        return
+    arch = json.loads(record_path.read_text())["model"]
+    want = {"name": arch["name"], "img_size": arch["img_size"], **arch["kwargs"]}
+    have = {"name": cfg.name, "img_size": cfg.img_size, **cfg.kwargs}
+    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    if diff:
+        raise ValueError(f"model: {cfg.weights_file} was trained as {want}; the config differs in "
+                         + ", ".join(f"{k}={a!r} (weights: {b!r})" for k, (a, b) in diff.items()))
 
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:
@@ -20,6 +37,8 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     kwargs = dict(num_classes=0, global_pool="token", qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0,
                   drop_path_rate=0.0, proj_drop_rate=0.0, pos_drop_rate=0.0, img_size=cfg.img_size)
     kwargs.update(cfg.kwargs)
+    if cfg.weights_file is not None and cfg.weights_file.startswith("builtin:"):
+        check_builtin_weights(cfg)
     pretrained = cfg.pretrained or cfg.weights_file is not None
     if cfg.weights_file is not None:
         kwargs["pretrained_cfg_overlay"] = dict(file=resolve_weights_file(cfg.weights_file))

@@ -59,6 +59,12 @@ def check_model(cfg: Config) -> int:
             model = timm.create_model(cfg.model.name, pretrained=False, **kwargs)
     except Exception as e:
         raise PreflightError(f"model: cannot build {cfg.model.name!r} with kwargs {cfg.model.kwargs}: {e}") from None
+    if cfg.model.weights_file is not None and cfg.model.weights_file.startswith("builtin:"):
+        from .model import check_builtin_weights
+        try:
+            check_builtin_weights(cfg.model)
+        except ValueError as e:
+            raise PreflightError(str(e)) from None
     dim = int(getattr(model, "embed_dim", 0))
     if cfg.method.name != "linear-probe" and cfg.method.rank > dim:
         raise PreflightError(f"method.rank={cfg.method.rank} is larger than the adapted layers' input dim {dim} "

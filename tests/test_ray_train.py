@@ -10,18 +10,20 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_overrides
 from inflora_ray.config import load_config
 from inflora_ray.run import PreflightError, run_experiment
 
 pytestmark = pytest.mark.ray
 
-# 3 tasks x 2 epochs of the tiny model, with a mid-task checkpoint after epoch 0 of every task.
-RUN = {"data.num_tasks": 3, "train.epochs": 2, "run.checkpoint_every_epochs": 1, "run.cpus_per_worker": 1}
+# The quickstart (pre-trained backbone, so predictions are far from degenerate) cut to 3 tasks x 2 epochs,
+# with a mid-task checkpoint after epoch 0 of every task; no MLflow (tested in test_tracking.py).
+RUN = {"data.num_tasks": 3, "train.epochs": 2, "run.checkpoint_every_epochs": 1, "run.cpus_per_worker": 1,
+       "tracking.enabled": "false", "train.device": "cpu"}
 
 
 def _cfg(tmp_path, **extra):
-    return load_config("quickstart", tiny_overrides(**{**RUN, "run.storage_path": str(tmp_path), **extra}))
+    o = {**RUN, "run.storage_path": str(tmp_path), **extra}
+    return load_config("quickstart", [f"{k}={v}" for k, v in o.items()])
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def _covariance_probe(config):
 
     learner = ContinualLearner(config_from_dict(config["cfg"]), device=torch.device("cpu"))
     covs = learner.covariance(task=0, tag=-1)
-    designs = [design_lora_A(c, None, 4).lora_A for c in covs]
+    designs = [design_lora_A(c, None, 10).lora_A for c in covs]
     if ray.train.get_context().get_world_rank() == 0:
         torch.save({"covs": covs, "designs": designs, "world": learner.world_size}, config["out"])
 
@@ -72,10 +74,10 @@ def test_two_worker_covariance_and_design_equal_one_process(ray_session, tmp_pat
     single = ContinualLearner(cfg, device=torch.device("cpu"))
     ref = single.covariance(task=0, tag=-1)
     for c2, c1, a2 in zip(got["covs"], ref, got["designs"]):
-        # Two fp32 partial sums of ~9k token outer products added once vs one running sum: the relative
+        # Two fp32 partial sums of ~5k token outer products added once vs one running sum: the relative
         # difference is ~1e-7 (fp32 epsilon times a few); 1e-5 leaves ample margin.
         torch.testing.assert_close(c2, c1, rtol=1e-5, atol=1e-6)
-        a1 = design_lora_A(c1, None, 4).lora_A
+        a1 = design_lora_A(c1, None, 10).lora_A
         torch.testing.assert_close(a2.T @ a2, a1.T @ a1, atol=1e-4, rtol=0)
 
 
@@ -91,6 +93,7 @@ def test_two_workers_agree_with_one_worker(runs):
         assert all(abs(a - b) <= 2 for a, b in zip(r1, r2)), (_counts(one), _counts(two))
     a1, a2 = one.summary["final_accuracy"], two.summary["final_accuracy"]
     assert abs(a1 - a2) <= 0.02
+    assert a1 > 0.6  # the runs really learn (pre-trained backbone), so agreement is not trivial
 
 
 def test_worker_killed_mid_task_resumes_to_the_same_result(runs, tmp_path):
