@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,8 @@ def main():
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16
                 else contextlib.nullcontext)
     print(f"# step cost, model={args.model} batch={args.batch} rank={args.rank} bf16={args.bf16} on {machine()}")
-    print(f"{'tasks':>5} {'variant':>7} {'step_ms':>9} {'img/s':>9} {'peak_MiB':>9}")
-    results = {}
+    print(f"# {args.repeats} interleaved rounds (every model steps once per round), median per model")
+    steps, peaks = {}, {}
     for t in args.tasks:
         for variant in ("ours", "naive"):
             model, trainable = build(args.model, variant, t, args.rank, device)
@@ -57,20 +58,25 @@ def main():
             g = torch.Generator().manual_seed(0)
             images = torch.rand(args.batch, 3, size, size, generator=g).to(device)
             targets = torch.randint(0, 10, (args.batch,), generator=g).to(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            sec = timeit(step_fn(model, trainable, images, targets, autocast), device, repeats=args.repeats)
-            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-            results[(t, variant)] = sec
-            print(f"{t:>5} {variant:>7} {1000 * sec:>9.1f} {args.batch / sec:>9.1f} {peak:>9.0f}", flush=True)
-            del model, trainable
-    first, last = min(args.tasks), max(args.tasks)
+            steps[(t, variant)] = step_fn(model, trainable, images, targets, autocast)
+    for key, fn in steps.items():  # warm-up, and peak memory of one step per model
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timeit(fn, device, warmup=2, repeats=1)
+        peaks[key] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    samples = {key: [] for key in steps}
+    for _ in range(args.repeats):
+        for key, fn in steps.items():
+            samples[key].append(timeit(fn, device, warmup=0, repeats=1))
+    results = {key: statistics.median(v) for key, v in samples.items()}
+    print(f"{'tasks':>5} {'variant':>7} {'step_ms':>9} {'img/s':>9} {'peak_MiB':>9}")
+    for (t, variant), sec in results.items():
+        print(f"{t:>5} {variant:>7} {1000 * sec:>9.1f} {args.batch / sec:>9.1f} {peaks[(t, variant)]:>9.0f}")
+    first = min(args.tasks)
     for t in args.tasks:
-        print(f"task {t}: naive/ours step time = {results[(t, 'naive')] / results[(t, 'ours')]:.2f}x")
-    print(f"ours: step time at task {last} / task {first} = {results[(last, 'ours')] / results[(first, 'ours')]:.3f}")
-    print(f"naive: step time at task {last} / task {first} = "
-          f"{results[(last, 'naive')] / results[(first, 'naive')]:.3f}")
-
+        print(f"task {t:>3}: naive/ours = {results[(t, 'naive')] / results[(t, 'ours')]:.2f}x   "
+              f"ours task {t}/task {first} = {results[(t, 'ours')] / results[(first, 'ours')]:.3f}   "
+              f"naive task {t}/task {first} = {results[(t, 'naive')] / results[(first, 'naive')]:.3f}")
 
 if __name__ == "__main__":
     main()
