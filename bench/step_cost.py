@@ -2,7 +2,11 @@
 vs the naive approach (dense sum of every task's B_s A_s rebuilt at each forward).
 
     python bench/step_cost.py --model quickstart --tasks 1 10 20
-    python bench/step_cost.py --model vit-b16 --batch 128 --tasks 1 10 20 --device cuda --bf16
+    python bench/step_cost.py --model vit-b16 --batch 128 --tasks 1 10 20 --device cuda --bf16 --peak-tflops 989
+
+Achieved TFLOP/s counts the FLOPs of one training step (forward + backward, torch's FlopCounterMode: matmuls,
+convolutions and attention) divided by the measured step time; ``--peak-tflops`` (989 for an H100 SXM's dense
+bf16) adds the fraction of peak.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from common import build, machine, timeit
 
@@ -29,6 +34,13 @@ def step_fn(model, trainable, images, targets, autocast):
     return step
 
 
+def step_flops(fn) -> int:
+    """FLOPs of one call of ``fn`` (forward + backward), as torch's FlopCounterMode counts them."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="quickstart", choices=("quickstart", "vit-b16"))
@@ -39,6 +51,7 @@ def main():
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak, to print the fraction")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,7 +63,7 @@ def main():
                 else contextlib.nullcontext)
     print(f"# step cost, model={args.model} batch={args.batch} rank={args.rank} bf16={args.bf16} on {machine()}")
     print(f"# {args.repeats} interleaved rounds (every model steps once per round), median per model")
-    steps, peaks = {}, {}
+    steps, peaks, flops = {}, {}, {}
     for t in args.tasks:
         for variant in ("ours", "naive"):
             model, trainable = build(args.model, variant, t, args.rank, device)
@@ -64,14 +77,19 @@ def main():
             torch.cuda.reset_peak_memory_stats(device)
         timeit(fn, device, warmup=2, repeats=1)
         peaks[key] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+        flops[key] = step_flops(fn)
     samples = {key: [] for key in steps}
     for _ in range(args.repeats):
         for key, fn in steps.items():
             samples[key].append(timeit(fn, device, warmup=0, repeats=1))
     results = {key: statistics.median(v) for key, v in samples.items()}
-    print(f"{'tasks':>5} {'variant':>7} {'step_ms':>9} {'img/s':>9} {'peak_MiB':>9}")
+    print(f"{'tasks':>5} {'variant':>7} {'step_ms':>9} {'img/s':>9} {'peak_MiB':>9} {'GFLOP':>8} {'TFLOP/s':>8}"
+          + (f" {'of_peak':>7}" if args.peak_tflops else ""))
     for (t, variant), sec in results.items():
-        print(f"{t:>5} {variant:>7} {1000 * sec:>9.1f} {args.batch / sec:>9.1f} {peaks[(t, variant)]:>9.0f}")
+        tflops = flops[(t, variant)] / sec / 1e12
+        print(f"{t:>5} {variant:>7} {1000 * sec:>9.1f} {args.batch / sec:>9.1f} {peaks[(t, variant)]:>9.0f} "
+              f"{flops[(t, variant)] / 1e9:>8.1f} {tflops:>8.3f}"
+              + (f" {tflops / args.peak_tflops:>7.1%}" if args.peak_tflops else ""))
     first = min(args.tasks)
     for t in args.tasks:
         print(f"task {t:>3}: naive/ours = {results[(t, 'naive')] / results[(t, 'ours')]:.2f}x   "
