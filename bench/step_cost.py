@@ -4,7 +4,9 @@ vs the naive approach (dense sum of every task's B_s A_s rebuilt at each forward
     python bench/step_cost.py --model quickstart --tasks 1 10 20
     python bench/step_cost.py --model vit-b16 --batch 128 --tasks 1 10 20 --device cuda --bf16 --peak-tflops 989
 
-Achieved TFLOP/s counts the FLOPs of one training step (forward + backward, torch's FlopCounterMode: matmuls,
+saved_MiB: bytes of the tensors autograd keeps for the backward pass during one step (the activation
+memory, device-independent; the naive approach also keeps its dense deltas); peak_MiB: the CUDA allocator's
+peak (GPU only). Achieved TFLOP/s counts the FLOPs of one training step (forward + backward, torch's FlopCounterMode: matmuls,
 convolutions and attention) divided by the measured step time; ``--peak-tflops`` (989 for an H100 SXM's dense
 bf16) adds the fraction of peak.
 """
@@ -32,6 +34,19 @@ def step_fn(model, trainable, images, targets, autocast):
         loss.backward()
         opt.step()
     return step
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd saves for backward during one call of ``fn``."""
+    storages = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
 
 
 def step_flops(fn) -> int:
@@ -63,7 +78,7 @@ def main():
                 else contextlib.nullcontext)
     print(f"# step cost, model={args.model} batch={args.batch} rank={args.rank} bf16={args.bf16} on {machine()}")
     print(f"# {args.repeats} interleaved rounds (every model steps once per round), median per model")
-    steps, peaks, flops = {}, {}, {}
+    steps, peaks, flops, saved = {}, {}, {}, {}
     for t in args.tasks:
         for variant in ("ours", "naive"):
             model, trainable = build(args.model, variant, t, args.rank, device)
@@ -78,16 +93,18 @@ def main():
         timeit(fn, device, warmup=2, repeats=1)
         peaks[key] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
         flops[key] = step_flops(fn)
+        saved[key] = saved_bytes(fn) / 2**20
     samples = {key: [] for key in steps}
     for _ in range(args.repeats):
         for key, fn in steps.items():
             samples[key].append(timeit(fn, device, warmup=0, repeats=1))
     results = {key: statistics.median(v) for key, v in samples.items()}
-    print(f"{'tasks':>5} {'variant':>7} {'step_ms':>9} {'img/s':>9} {'peak_MiB':>9} {'GFLOP':>8} {'TFLOP/s':>8}"
+    print(f"{'tasks':>5} {'variant':>7} {'step_ms':>9} {'img/s':>9} {'saved_MiB':>9} {'peak_MiB':>9} {'GFLOP':>8} {'TFLOP/s':>8}"
           + (f" {'of_peak':>7}" if args.peak_tflops else ""))
     for (t, variant), sec in results.items():
         tflops = flops[(t, variant)] / sec / 1e12
-        print(f"{t:>5} {variant:>7} {1000 * sec:>9.1f} {args.batch / sec:>9.1f} {peaks[(t, variant)]:>9.0f} "
+        print(f"{t:>5} {variant:>7} {1000 * sec:>9.1f} {args.batch / sec:>9.1f} {saved[(t, variant)]:>9.1f} "
+              f"{peaks[(t, variant)]:>9.0f} "
               f"{flops[(t, variant)] / 1e9:>8.1f} {tflops:>8.3f}"
               + (f" {tflops / args.peak_tflops:>7.1%}" if args.peak_tflops else ""))
     first = min(args.tasks)
