@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from inflora_ray.config import ModelConfig, load_config
-from inflora_ray.lora import KVLoRAQKV
 from inflora_ray.model import ContinualViT, create_backbone
 
 MODELS = {

@@ -26,7 +26,6 @@ Recipe (the defaults; the shipped weights' exact command is in their record):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .logs import log_event, setup_logging
+from .storage import file_digest
 
 log = logging.getLogger("inflora_ray.pretrain")
 
@@ -67,14 +67,6 @@ def quickstart_record_path() -> Path:
     return Path(str(resources.files("inflora_ray") / "weights" / RECORD_NAME))
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_weights(path: str | os.PathLike | None = None, record_path: str | os.PathLike | None = None) -> None:
     """Raise ``ValueError`` unless the weights file's SHA-256 equals the one in its JSON record
     (defaults: the shipped quickstart weights and record)."""
@@ -87,7 +79,7 @@ def verify_weights(path: str | os.PathLike | None = None, record_path: str | os.
     expected = json.loads(record_path.read_text()).get("sha256")
     if not expected:
         raise ValueError(f"{record_path}: no 'sha256' field")
-    actual = sha256_file(path)
+    actual = file_digest(str(path))
     if actual != expected:
         raise ValueError(f"checksum mismatch for {path}: sha256 {actual}, record {record_path} says {expected}")
 
@@ -280,7 +272,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     if args.half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     torch.save(state, out)
-    digest = sha256_file(out)
+    digest = file_digest(str(out))
     import timm
 
     record = {

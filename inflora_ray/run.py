@@ -218,7 +218,7 @@ class _ProgressWatcher(threading.Thread):
 
 def collect_results(run_dir: str, num_tasks: int) -> tuple[list[dict], dict]:
     """Read the per-task records of a run, in order, and the summary of the latest."""
-    from .ray_train import results_dir, task_result_path
+    from .ray_train import task_result_path
 
     tasks = []
     for t in range(num_tasks):

@@ -5,6 +5,7 @@ sees a half-written file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -34,6 +35,16 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), absolute(path)
+
+
+def file_digest(path: str, algorithm: str = "sha256") -> str:
+    """Hex digest (``hashlib`` algorithm name) of the bytes of ``path`` (local or URI), read in 4 MiB chunks."""
+    h = hashlib.new(algorithm)
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -174,7 +174,7 @@ class Tracker:
               resume_run_id: Optional[str] = None) -> str:
         """Create (or reopen, on resume) the MLflow run and log params and tags. Errors propagate: at start,
         an unusable tracking store stops the run before compute."""
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         if resume_run_id:
             self.run_id = resume_run_id

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import yaml
 
 from . import storage
-from .config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+from .config import Config, ConfigError, config_from_dict, load_config
 from .logs import log_event, setup_logging
 from .run import PreflightError, check_model, connect_ray, run_cli, run_experiment
 

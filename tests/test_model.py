@@ -51,6 +51,6 @@ def test_linear_probe_has_no_adapters():
 
 
 def test_non_vit_is_refused():
-    with pytest.raises(Exception):
-        from inflora_ray.config import ConfigError, ModelConfig as MC
+    from inflora_ray.config import ConfigError, ModelConfig as MC
+    with pytest.raises(ConfigError, match="vit_"):
         MC(name="resnet18").validate()

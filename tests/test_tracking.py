@@ -3,7 +3,6 @@ default store, and a server that is down at start or dies mid-run. No mocks."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import signal

@@ -3,7 +3,6 @@ clearly bad trial at a task boundary, the best-config YAML reproduces the best t
 from __future__ import annotations
 
 import csv
-import io
 
 import pytest
 

@@ -8,7 +8,6 @@ is one contiguous block of indices (the same order the Parquet shards store).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from typing import Optional
@@ -16,6 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..storage import file_digest
 from .base import DataError, label_sorted_order
 
 FOLDER = "cifar-100-python"
@@ -107,14 +107,6 @@ def find_folder(root: str) -> Optional[str]:
     return None
 
 
-def _md5(path: str) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_cifar100_sources(root: str, download: bool = False):
     """Train/test sources, the 100 fine class names, and a provenance manifest.
 
@@ -142,7 +134,7 @@ def load_cifar100_sources(root: str, download: bool = False):
     for src in (train, test):
         if len(src) and (src.labels.min() < 0 or src.labels.max() >= len(names)):
             raise DataError(f"{src.path}: fine_labels must be in 0..{len(names) - 1}")
-    md5 = {n: _md5(os.path.join(folder, n)) for n in ("train", "test", "meta")}
+    md5 = {n: file_digest(os.path.join(folder, n), "md5") for n in ("train", "test", "meta")}
     manifest = {
         "source": "cifar100", "release": FOLDER, "folder": os.path.abspath(folder),
         "split": "the release's train/test files", "order": "by label, release order within a class",

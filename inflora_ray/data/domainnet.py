@@ -8,11 +8,11 @@ all six domains pooled (345 classes; the paper: 5 tasks of 69). Samples are orde
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
 
+from ..storage import file_digest
 from .base import DataError, FileSource
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
@@ -63,7 +63,7 @@ def load_domainnet_sources(root: str):
         rows = []
         for d, domain in enumerate(DOMAINS):
             path = os.path.join(root, f"{domain}_{split}.txt")
-            list_sha[f"{domain}_{split}.txt"] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+            list_sha[f"{domain}_{split}.txt"] = file_digest(path)
             for rel, label in _read_list(path, domain):
                 cls = rel.split("/")[1]
                 if class_of.setdefault(label, cls) != cls:

@@ -20,13 +20,14 @@ Images are bright ink on a dark background, greyscale replicated to 3 channels, 
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from ..storage import file_digest
 
 # ---------------------------------------------------------------------------------------------------------
 # Classes
@@ -317,7 +318,7 @@ class GlyphSource:
 
 @functools.lru_cache(maxsize=None)
 def _file_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return file_digest(path)
 
 
 def font_checksums() -> dict[str, str]:

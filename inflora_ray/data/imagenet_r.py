@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..storage import file_digest
 from .base import DataError, FileSource
 
 SPLIT_VERSION = "imagenet-r-split-v1"
@@ -76,14 +77,6 @@ def scan(root: str) -> tuple[list[str], list[list[tuple[str, int]]]]:
     return entries, files
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_split_manifest(root: str, hashes: bool = True, seed: int = SPLIT_SEED,
                          progress: Optional[Callable[[str], None]] = None) -> dict:
     """The split manifest of a copy of ImageNet-R (per file: path, split, label, size, sha256)."""
@@ -94,7 +87,7 @@ def build_split_manifest(root: str, hashes: bool = True, seed: int = SPLIT_SEED,
         split = split_class([p for p, _ in cls], seed)
         for p, size in cls:
             rows.append({"path": p, "split": split[p], "label": label, "size": size,
-                         "sha256": _sha256_file(os.path.join(root, *p.split("/"))) if hashes else None})
+                         "sha256": file_digest(os.path.join(root, *p.split("/"))) if hashes else None})
         if progress and (label + 1) % 20 == 0:
             progress(f"{label + 1}/{len(files)} classes")
     return {"format": MANIFEST_FORMAT, "version": SPLIT_VERSION, "seed": seed, "rule": SPLIT_RULE,
@@ -144,7 +137,7 @@ def verify_files(root: str, man: dict, hashes: bool = False) -> None:
             if row.get("sha256") is None:
                 raise DataError("data.verify_hashes=true but the manifest has no sha256 (generated without "
                                 "hashes); regenerate it with hashes")
-            if _sha256_file(path) != row["sha256"]:
+            if file_digest(path) != row["sha256"]:
                 altered.append(f"{row['path']} (sha256 differs)")
     if missing or altered:
         parts = []

@@ -88,14 +88,6 @@ def _un_rle(runs: list[list[int]]) -> np.ndarray:
     return np.repeat(np.asarray([r[0] for r in runs], dtype=np.int64), [int(r[1]) for r in runs])
 
 
-def _sha256_local(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _publish(local: str, dest: str) -> None:
     """Move a finished local file to ``dest`` (local path or URI), streaming it for object stores."""
     if storage.is_uri(dest):
@@ -190,7 +182,7 @@ def prepare_shards(benchmark: str, source: str, out: str, rows_per_group: int = 
                     rows = np.concatenate(file_chunks)
                     entry = {"path": rel, "task": t, "num_rows": int(len(rows)), "row_groups": row_groups,
                              "labels": _rle(labels[order[rows]]), "size": os.path.getsize(local),
-                             "sha256": _sha256_local(local)}
+                             "sha256": storage.file_digest(local)}
                     if sum(row_groups) != entry["num_rows"]:
                         raise RuntimeError(f"{rel}: row groups {row_groups} do not add up to {entry['num_rows']}")
                     _publish(local, storage.join(out, *rel.split("/")))
@@ -393,13 +385,7 @@ def verify_shards(uri: str, hashes: bool = True) -> dict:
     if hashes:
         for s in SPLITS:
             for e in man["splits"][s]["files"]:
-                full = storage.join(uri, *e["path"].split("/"))
-                fs, p = storage.filesystem(full)
-                h = hashlib.sha256()
-                with fs.open_input_stream(p) as f:
-                    for chunk in iter(lambda: f.read(1 << 22), b""):
-                        h.update(chunk)
-                if h.hexdigest() != e["sha256"]:
+                if storage.file_digest(storage.join(uri, *e["path"].split("/"))) != e["sha256"]:
                     bad.append(e["path"])
     if bad:
         raise DataError(f"data.shards={uri!r}: sha256 differs for {len(bad)} file(s) (e.g. {', '.join(bad[:3])})")
