@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inflora_ray.config import ModelConfig, load_config
-from inflora_ray.model import ContinualViT, create_backbone
+from inflora_ray.core.model import ContinualViT, create_backbone
 
 MODELS = {
     "quickstart": lambda: load_config("quickstart").model,

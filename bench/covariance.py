@@ -11,7 +11,7 @@ import time
 import torch
 
 from common import build, machine
-from inflora_ray.subspace import LayerMemory, covariance_sums, design_lora_A
+from inflora_ray.core.subspace import LayerMemory, covariance_sums, design_lora_A
 
 
 def naive_pass(model, layers, batches):

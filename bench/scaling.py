@@ -10,7 +10,7 @@ import tempfile
 
 from common import machine
 from inflora_ray.config import load_config
-from inflora_ray.model import build_model
+from inflora_ray.core.model import build_model
 from inflora_ray.run import run_experiment
 
 

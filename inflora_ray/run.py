@@ -24,7 +24,7 @@ import yaml
 from . import storage
 from .config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from .logs import log_event, setup_logging
-from .metrics import AccuracyRecord, aggregate_over_seeds, format_matrix, summary
+from .core.metrics import AccuracyRecord, aggregate_over_seeds, format_matrix, summary
 
 log = logging.getLogger("inflora_ray.run")
 
@@ -60,7 +60,7 @@ def check_model(cfg: Config) -> int:
     except Exception as e:
         raise PreflightError(f"model: cannot build {cfg.model.name!r} with kwargs {cfg.model.kwargs}: {e}") from None
     if cfg.model.weights_file is not None and cfg.model.weights_file.startswith("builtin:"):
-        from .model import check_builtin_weights
+        from .core.model import check_builtin_weights
         try:
             check_builtin_weights(cfg.model)
         except ValueError as e:
@@ -186,7 +186,7 @@ class _ProgressWatcher(threading.Thread):
         self._halt = threading.Event()
 
     def poll(self) -> None:
-        from .ray_train import results_dir
+        from .distributed.worker import results_dir
 
         for name in storage.list_names(results_dir(self.run_dir)):
             if not (name.startswith("task_") and name.endswith(".json")):
@@ -218,7 +218,7 @@ class _ProgressWatcher(threading.Thread):
 
 def collect_results(run_dir: str, num_tasks: int) -> tuple[list[dict], dict]:
     """Read the per-task records of a run, in order, and the summary of the latest."""
-    from .ray_train import task_result_path
+    from .distributed.worker import task_result_path
 
     tasks = []
     for t in range(num_tasks):
@@ -238,7 +238,7 @@ def write_final_results(run_dir: str, tasks: list[dict], summ: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .ray_train import results_dir
+    from .distributed.worker import results_dir
 
     rows = {"after_task": [], "on_task": [], "accuracy": [], "correct": [], "total": [], "own_head_accuracy": []}
     for t in tasks:
@@ -289,8 +289,8 @@ def run_experiment(cfg: Config, name: Optional[str] = None, *, resume: bool = Fa
     from ray.train.torch import TorchTrainer
 
     from .data import build_benchmark
-    from .ray_train import results_dir, train_worker
-    from .tracking import Tracker, TrackingUnavailable, check_server
+    from .distributed.worker import results_dir, train_worker
+    from .tracking.mlflow_runs import Tracker, TrackingUnavailable, check_server
 
     check_model(cfg)
     in_submitted_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
@@ -404,7 +404,7 @@ def run_seeds(cfg: Config, seeds: list[int], name: Optional[str] = None, **kwarg
     that records mean +- std of the final metrics. Returns {"runs": {seed: RunResult|None}, "aggregate": ...}."""
     import concurrent.futures as cf
 
-    from .tracking import finish_parent, start_parent
+    from .tracking.mlflow_runs import finish_parent, start_parent
 
     base = name or cfg.run.name or default_run_name(cfg, with_seed=False)
     connect_ray(kwargs.get("address"))  # once, before the seeds' threads
@@ -440,7 +440,7 @@ def run_seeds(cfg: Config, seeds: list[int], name: Optional[str] = None, **kwarg
 
 def load_run_config(storage_path: str, run: str, overrides: list[str]) -> tuple[Config, str]:
     """The stored config of run ``run`` (a name under ``storage_path``, or a run directory), with overrides."""
-    from .ray_train import results_dir
+    from .distributed.worker import results_dir
 
     if storage.exists(storage.join(results_dir(run), "config.yaml")):
         run_dir = run

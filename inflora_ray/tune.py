@@ -72,7 +72,7 @@ class SearchSpace:
 
 def valid_param_keys() -> list[str]:
     """Every config field a space may search (flattened ``section.key``)."""
-    from .tracking import flatten
+    from .tracking.mlflow_runs import flatten
 
     keys = flatten(dataclasses.asdict(Config()))
     return sorted(k for k in keys if not k.startswith(("run.", "tracking.", "debug.")))
@@ -212,7 +212,7 @@ def run_sweep(cfg: Config, space: SearchSpace, *, name: Optional[str] = None, nu
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .data import build_benchmark
-    from .tracking import Tracker, TrackingUnavailable, check_server
+    from .tracking.mlflow_runs import Tracker, TrackingUnavailable, check_server
 
     if search == "grid" and any(p.kind not in ("grid", "choice") for p in space.params):
         raise SpaceError("--search grid needs every parameter as grid: or choice: (finite values)")

@@ -6,7 +6,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from inflora_ray.lora import KVLoRAQKV, adapt_vit_qkv
+from inflora_ray.core.lora import KVLoRAQKV, adapt_vit_qkv
 
 
 def _vit(depth=2, dim=48):

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from inflora_ray.metrics import (AccuracyRecord, average_incremental_accuracy, backward_transfer, final_accuracy,
+from inflora_ray.core.metrics import (AccuracyRecord, average_incremental_accuracy, backward_transfer, final_accuracy,
                                  forgetting, format_matrix, summary)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from inflora_ray.config import ModelConfig
-from inflora_ray.model import ContinualViT, build_model, create_backbone
+from inflora_ray.core.model import ContinualViT, build_model, create_backbone
 
 KW = {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3}
 

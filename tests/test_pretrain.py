@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from inflora_ray.config import ModelConfig, load_config
-from inflora_ray.data.glyphs import EXCLUDED, GLYPH_CLASSES, GlyphSource, is_digit_like
-from inflora_ray.model import create_backbone
-from inflora_ray.pretrain import quickstart_record_path, quickstart_weights_path, verify_weights
+from inflora_ray.tools.glyphs import EXCLUDED, GLYPH_CLASSES, GlyphSource, is_digit_like
+from inflora_ray.core.model import create_backbone
+from inflora_ray.tools.pretrain import quickstart_record_path, quickstart_weights_path, verify_weights
 
 
 def test_pretrain_command_end_to_end(tmp_path):
     out = tmp_path / "w" / "vit.pth"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "inflora_ray.pretrain", "--out", str(out), "--epochs", "1", "--num-images", "192",
+        [sys.executable, "-m", "inflora_ray.tools.pretrain", "--out", str(out), "--epochs", "1", "--num-images", "192",
          "--val-images", "64", "--batch-size", "64", "--threads", "1", "--seed", "3"],
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

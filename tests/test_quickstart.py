@@ -3,8 +3,8 @@ and the linear probe on final pooled accuracy and forgets less than both (seed 0
 import pytest
 
 from inflora_ray.config import load_config
-from inflora_ray.metrics import summary
-from inflora_ray.train_loop import ContinualLearner
+from inflora_ray.core.metrics import summary
+from inflora_ray.training.learner import ContinualLearner
 
 
 @pytest.fixture(scope="module")

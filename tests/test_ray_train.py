@@ -45,8 +45,8 @@ def _covariance_probe(config):
     import ray.train
 
     from inflora_ray.config import config_from_dict
-    from inflora_ray.subspace import design_lora_A
-    from inflora_ray.train_loop import ContinualLearner
+    from inflora_ray.core.subspace import design_lora_A
+    from inflora_ray.training.learner import ContinualLearner
 
     learner = ContinualLearner(config_from_dict(config["cfg"]), device=torch.device("cpu"))
     covs = learner.covariance(task=0, tag=-1)
@@ -60,8 +60,8 @@ def test_two_worker_covariance_and_design_equal_one_process(ray_session, tmp_pat
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from inflora_ray.subspace import design_lora_A
-    from inflora_ray.train_loop import ContinualLearner
+    from inflora_ray.core.subspace import design_lora_A
+    from inflora_ray.training.learner import ContinualLearner
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg = _cfg(tmp_path)

@@ -5,8 +5,8 @@ import pytest
 import timm
 import torch
 
-from inflora_ray.lora import KVLoRAQKV, adapt_vit_qkv
-from inflora_ray.subspace import (A_SCALE, LayerMemory, covariance_sums, design_lora_A, threshold_schedule)
+from inflora_ray.core.lora import KVLoRAQKV, adapt_vit_qkv
+from inflora_ray.core.subspace import (A_SCALE, LayerMemory, covariance_sums, design_lora_A, threshold_schedule)
 
 D = 8
 
@@ -150,7 +150,7 @@ def test_design_avoids_old_subspace(mode):
 def test_rank_larger_than_free_space_is_clamped_and_explained(caplog):
     q = _rotation(seed=7)
     mem = LayerMemory(dim=D, basis=q[:, :6].clone(), mode="remove")  # 2 free directions left
-    with caplog.at_level(logging.WARNING, logger="inflora_ray.subspace"):
+    with caplog.at_level(logging.WARNING, logger="inflora_ray.core.subspace"):
         design = design_lora_A(_random_cov(D, seed=8), mem, rank=4)
     assert design.used_rank == 2 and design.free_dim == 2
     assert design.lora_A[:2].abs().sum() > 0 and not design.lora_A[2:].any()
@@ -211,7 +211,7 @@ def test_empty_shard_gives_zero_sums():
 
 
 def test_covariance_stays_fp32_under_bf16_autocast():
-    from inflora_ray.subspace import CovarianceRecorder
+    from inflora_ray.core.subspace import CovarianceRecorder
     layer = torch.nn.Linear(64, 8)
     x = torch.randn(512, 64, generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16), CovarianceRecorder([layer]) as rec:

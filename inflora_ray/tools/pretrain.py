@@ -1,9 +1,9 @@
-"""Pre-train the quickstart's small ViT on rendered glyphs, offline: ``python -m inflora_ray.pretrain --out PATH``.
+"""Pre-train the quickstart's small ViT on rendered glyphs, offline: ``python -m inflora_ray.tools.pretrain --out PATH``.
 
 InfLoRA adapts a *pre-trained* backbone; the quickstart's ViT has no published weights, and from a random
 initialisation its CLS feature barely depends on the input. This module trains that exact architecture (built
-by :func:`inflora_ray.model.create_backbone` from the quickstart preset's model config) on glyphs rendered
-from matplotlib's bundled fonts (:mod:`inflora_ray.data.glyphs`: letters and symbols, never digits), and saves
+by :func:`inflora_ray.core.model.create_backbone` from the quickstart preset's model config) on glyphs rendered
+from matplotlib's bundled fonts (:mod:`inflora_ray.tools.glyphs`: letters and symbols, never digits), and saves
 the backbone's ``state_dict`` (no classifier: the keys of the timm model built with ``num_classes=0``), loadable
 with ``model.weights_file=PATH``. A JSON record next to it keeps the recipe, versions, accuracy and checksum.
 
@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .logs import log_event, setup_logging
-from .storage import file_digest
+from ..logs import log_event, setup_logging
+from ..storage import file_digest
 
-log = logging.getLogger("inflora_ray.pretrain")
+log = logging.getLogger("inflora_ray.tools.pretrain")
 
 WEIGHTS_NAME = "quickstart_vit.pth"
 RECORD_NAME = "quickstart_vit.json"
@@ -89,7 +89,7 @@ def verify_weights(path: str | os.PathLike | None = None, record_path: str | os.
 # ---------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m inflora_ray.pretrain", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m inflora_ray.tools.pretrain", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="where to save the backbone state_dict (.pth); the JSON record "
                                                 "goes next to it with the suffix .json")
@@ -157,7 +157,7 @@ def curriculum_strength(epoch: int, epochs: int, frac: float) -> float:
 
 
 def _font_targets(source, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from .data.glyphs import FAMILIES, FONT_FACES
+    from .glyphs import FAMILIES, FONT_FACES
 
     faces = [FONT_FACES[source.face_of(int(i))] for i in indices]
     fam = torch.tensor([FAMILIES.index(f[1]) for f in faces])
@@ -185,9 +185,9 @@ def evaluate(backbone: nn.Module, heads: _Heads, images: torch.Tensor, labels: t
 
 def pretrain(args: argparse.Namespace) -> dict:
     """Run the recipe in ``args``; save the weights and the record; return the record."""
-    from .config import load_config
-    from .data.glyphs import FAMILIES, GLYPH_CLASSES, GlyphSource, GlyphStyle, font_checksums
-    from .model import create_backbone
+    from ..config import load_config
+    from .glyphs import FAMILIES, GLYPH_CLASSES, GlyphSource, GlyphStyle, font_checksums
+    from ..core.model import create_backbone
 
     t_start = time.perf_counter()
     torch.set_num_threads(max(1, args.threads))
@@ -279,13 +279,13 @@ def pretrain(args: argparse.Namespace) -> dict:
         "file": out.name,
         "sha256": digest,
         "bytes": out.stat().st_size,
-        "command": shlex.join(["python", "-m", "inflora_ray.pretrain"] + _argv_of(args)),
+        "command": shlex.join(["python", "-m", "inflora_ray.tools.pretrain"] + _argv_of(args)),
         "arguments": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "out"},
         "seed": args.seed,
         "model": {"name": mcfg.name, "img_size": mcfg.img_size, "kwargs": mcfg.kwargs,
                   "state_dict_keys": len(state), "params": int(sum(v.numel() for v in state.values())),
                   "dtype": "float16" if args.half else "float32"},
-        "data": {"source": "inflora_ray.data.glyphs", "classes": "".join(GLYPH_CLASSES),
+        "data": {"source": "inflora_ray.tools.glyphs", "classes": "".join(GLYPH_CLASSES),
                  "num_classes": len(GLYPH_CLASSES), "style": style.to_dict(),
                  "train": f"{args.num_images} fresh images per epoch, seed of epoch e = "
                           f"(seed * 1000003 + e + 1) mod 2^31",

@@ -12,8 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import MethodConfig
-from .data.loader import COVARIANCE_AFTER, COVARIANCE_BEFORE
+from ..config import MethodConfig
+from ..data.loader import COVARIANCE_AFTER, COVARIANCE_BEFORE
 from .model import ContinualViT
 from .subspace import LayerMemory, design_lora_A, random_lora_A, threshold_schedule
 

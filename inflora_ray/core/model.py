@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from .config import ModelConfig, resolve_weights_file
+from ..config import ModelConfig, resolve_weights_file
 from .lora import KVLoRAQKV, adapt_vit_qkv
 
 

@@ -15,9 +15,9 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from . import storage
-from .config import Config
-from .logs import log_event
+from .. import storage
+from ..config import Config
+from ..logs import log_event
 
 log = logging.getLogger(__name__)
 

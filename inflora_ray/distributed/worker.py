@@ -13,11 +13,12 @@ import ray.train
 import torch
 from ray.train import Checkpoint
 
-from . import collective, storage
-from .config import Config, config_from_dict
-from .logs import log_event, setup_logging
-from .metrics import AccuracyRecord, summary
-from .train_loop import ContinualLearner, Hooks, TaskReport
+from .. import storage
+from ..training import collective
+from ..config import Config, config_from_dict
+from ..logs import log_event, setup_logging
+from ..core.metrics import AccuracyRecord, summary
+from ..training.learner import ContinualLearner, Hooks, TaskReport
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """An offline image source: glyphs rendered with Pillow from the TrueType fonts that ship inside matplotlib.
 
-Used to pre-train the quickstart's small ViT (:mod:`inflora_ray.pretrain`), so it must share nothing with
+Used to pre-train the quickstart's small ViT (:mod:`inflora_ray.tools.pretrain`), so it must share nothing with
 the quickstart's continual tasks (handwritten digits): the classes are letters (Latin, Greek, Cyrillic) and
 symbols, **never the digits 0-9 nor any glyph that looks like one** (see :data:`EXCLUDED`, with the reason
 for each exclusion). Glyphs whose shape duplicates another class (Latin/Greek/Cyrillic homoglyphs,
@@ -310,7 +310,7 @@ class GlyphSource:
     def manifest(self) -> dict:
         """Provenance: generator parameters and the font files' checksums."""
         return {
-            "source": "inflora_ray.data.glyphs (matplotlib-bundled TrueType fonts, Pillow)",
+            "source": "inflora_ray.tools.glyphs (matplotlib-bundled TrueType fonts, Pillow)",
             "num_images": self.num_images, "seed": self.seed, "img_size": self.img_size,
             "classes": "".join(self.classes), "style": self.style.to_dict(), "fonts": font_checksums(),
         }

@@ -1,7 +1,7 @@
 """One worker's continual loop: design A_t -> train -> update memory/merge -> evaluate -> checkpoint.
 
 Runs the same in a plain process and inside a Ray Train worker: every cross-worker step goes through
-:mod:`inflora_ray.collective`, which is the identity without a process group.
+:mod:`inflora_ray.training.collective`, which is the identity without a process group.
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import collective
-from .config import Config
-from .data import Benchmark, build_benchmark
-from .data.loader import (TaskDataset, global_batch_sizes, make_loader, pass_batches, train_batches)
-from .logs import log_event
-from .methods import Method, build_method
-from .metrics import AccuracyRecord, summary
-from .model import ContinualViT, build_model
-from .subspace import covariance_sums
+from ..config import Config
+from ..data import Benchmark, build_benchmark
+from ..data.loader import (TaskDataset, global_batch_sizes, make_loader, pass_batches, train_batches)
+from ..logs import log_event
+from ..core.methods import Method, build_method
+from ..core.metrics import AccuracyRecord, summary
+from ..core.model import ContinualViT, build_model
+from ..core.subspace import covariance_sums
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""MLflow tracking: the driver's record of runs, sweeps and seeds."""
