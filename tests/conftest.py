@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny configs (seconds on 2 CPU cores); Ray and MLflow fixtures live in their own tests."""
+"""Session-wide test setup: the thread budget and one local Ray for the whole session.
+
+Shared helpers (the tiny ViT, config overrides) live in ``helpers.py``; fixtures for MLflow servers and Ray
+clusters live in the test modules that use them.
+
+Fault injection: the Ray Train worker reads ``INFLORA_RAY_FAULT`` (forwarded by the driver, never part of the
+config), e.g. ``task=1,epoch=1,step=1,rank=1,mode=exit``; see ``inflora_ray/distributed/faults.py``.
+"""
 from __future__ import annotations
 
 import os
@@ -8,26 +15,6 @@ import torch
 
 # Keep the two cores for the test process (and Ray workers where used).
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-TINY_MODEL = {"name": "vit_tiny_patch16_224", "img_size": 16,
-              "kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3}}
-
-
-def tiny_overrides(**extra) -> list[str]:
-    """Overrides that shrink the quickstart to a few seconds: 16 px, 2 blocks of width 48, 1 epoch."""
-    o = {
-        "model.img_size": 16, "model.kwargs": "{patch_size: 4, depth: 2, embed_dim: 48, num_heads: 3}",
-        "model.weights_file": "null", "model.pretrained": "false",
-        "train.epochs": 1, "data.batch_size": 64, "method.rank": 4, "train.device": "cpu",
-    }
-    o.update(extra)
-    return [f"{k}={v}" for k, v in o.items()]
-
-
-@pytest.fixture
-def tiny_cfg():
-    from inflora_ray.config import load_config
-    return load_config("quickstart", tiny_overrides())
 
 
 @pytest.fixture(scope="session")

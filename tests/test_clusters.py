@@ -30,7 +30,7 @@ import jsonschema  # a dependency of ray itself
 import pytest
 import yaml
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTERS = REPO / "clusters"

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from inflora_ray.config import load_config
 from inflora_ray.data.loader import global_batch_sizes, pass_batches, train_batches
 from inflora_ray.training.learner import ContinualLearner, Hooks, lr_factor

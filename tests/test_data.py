@@ -339,7 +339,7 @@ def test_shards_are_validated(cifar_root, imr_root, tmp_path):
 
 def test_learner_trains_from_shards(cifar_root, tmp_path):
     """The continual loop runs on a Parquet-backed benchmark exactly as on the raw folder."""
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
     from inflora_ray.training.learner import ContinualLearner
 
     out = tmp_path / "shards"

@@ -2,17 +2,16 @@
 import copy
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
+from helpers import tiny_vit
 from inflora_ray.core.lora import KVLoRAQKV, adapt_vit_qkv
 
 
 def _vit(depth=2, dim=48):
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=4,
-                             depth=depth, embed_dim=dim, num_heads=3).eval()
+    return tiny_vit(depth=depth, embed_dim=dim)
 
 
 def _randomise(layers, gen):

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
+from helpers import TINY_VIT
 from inflora_ray.config import ModelConfig
 from inflora_ray.core.model import ContinualViT, build_model, create_backbone
 
-KW = {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3}
+KW = TINY_VIT["kwargs"]
 
 
 def test_weights_file_loads_through_timm(tmp_path):

@@ -2,9 +2,9 @@
 import logging
 
 import pytest
-import timm
 import torch
 
+from helpers import tiny_vit
 from inflora_ray.core.lora import KVLoRAQKV, adapt_vit_qkv
 from inflora_ray.core.subspace import (A_SCALE, LayerMemory, covariance_sums, design_lora_A, threshold_schedule)
 
@@ -167,8 +167,7 @@ def test_low_rank_data_does_not_use_energyless_directions():
 # ------------------------------------------------------------------------------------------- covariance
 def _tiny_vit():
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=4,
-                              depth=2, embed_dim=48, num_heads=3).eval()
+    model = tiny_vit()
     return model, adapt_vit_qkv(model, rank=4)
 
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from inflora_ray.config import load_config
 from inflora_ray.run import PreflightError, run_experiment, run_seeds
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from inflora_ray.config import load_config
 from inflora_ray.tune import SpaceError, apply_params, load_space, valid_param_keys
 

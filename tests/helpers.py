@@ -1,0 +1,30 @@
+"""Test helpers shared by the test modules: the tiny ViT every fast test uses, as config overrides and as a
+timm model. Imported as ``from helpers import ...`` (pytest puts ``tests/`` on the path)."""
+from __future__ import annotations
+
+import timm
+from torch import nn
+
+# 16 px images, patch 4 (16 tokens + CLS), 2 blocks of width 48: a forward pass takes milliseconds on a CPU.
+TINY_VIT = {"name": "vit_tiny_patch16_224", "img_size": 16,
+            "kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3}}
+
+
+def tiny_overrides(**extra) -> list[str]:
+    """Overrides that shrink the quickstart to a few seconds: the tiny ViT (random weights), 1 epoch, rank 4."""
+    kw = TINY_VIT["kwargs"]
+    o = {
+        "model.img_size": TINY_VIT["img_size"],
+        "model.kwargs": "{" + ", ".join(f"{k}: {v}" for k, v in kw.items()) + "}",
+        "model.weights_file": "null", "model.pretrained": "false",
+        "train.epochs": 1, "data.batch_size": 64, "method.rank": 4, "train.device": "cpu",
+    }
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def tiny_vit(depth: int = 2, embed_dim: int = 48) -> nn.Module:
+    """The tiny timm ViT (no classifier), in eval mode, optionally deeper or wider."""
+    kw = {**TINY_VIT["kwargs"], "depth": depth, "embed_dim": embed_dim}
+    return timm.create_model(TINY_VIT["name"], pretrained=False, num_classes=0, img_size=TINY_VIT["img_size"],
+                             **kw).eval()
