@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inflora_ray.config import ModelConfig, load_config
+from inflora_ray.config import ModelConfig
+from inflora_ray.presets import load_config
 from inflora_ray.core.model import ContinualViT, create_backbone
 
 MODELS = {

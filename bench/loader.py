@@ -25,7 +25,7 @@ from common import machine
 from inflora_ray.config import DataConfig
 from inflora_ray.data import build_benchmark
 from inflora_ray.data.loader import TaskDataset, make_loader, pass_batches, train_batches
-from inflora_ray.data.shards import prepare_shards
+from inflora_ray.data.shard_writer import prepare_shards
 
 
 def synthetic_jpeg(rng: np.random.Generator) -> bytes:
@@ -60,7 +60,7 @@ def samples_per_second(dataset: TaskDataset, batches: list, workers: int, passes
     best = 0.0
     for p in range(passes + 1):
         t0 = time.perf_counter()
-        for _ in make_loader(dataset, batches, num_workers=workers):
+        for _ in make_loader(dataset, batches, loader_workers=workers):
             pass
         if p > 0:  # pass 0 warms the page cache and the shard reader
             best = max(best, n / (time.perf_counter() - t0))

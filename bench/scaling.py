@@ -9,9 +9,9 @@ import argparse
 import tempfile
 
 from common import machine
-from inflora_ray.config import load_config
+from inflora_ray.presets import load_config
 from inflora_ray.core.model import build_model
-from inflora_ray.run import run_experiment
+from inflora_ray.distributed.launch import run_experiment
 
 
 def synced_bytes(cfg) -> int:

@@ -269,14 +269,15 @@ def test_kuberay_raycluster_manifest():
 
 def _entrypoint_config(entrypoint: str):
     """The Config that `python -m inflora_ray.run ...` would run, parsed and validated as the CLI does."""
-    from inflora_ray.config import load_config
-    from inflora_ray.run import _flag_overrides, build_parser
+    from inflora_ray.presets import load_config
+    from inflora_ray.cli import flag_overrides
+    from inflora_ray.run import FLAGS, build_parser
 
     argv = shlex.split(entrypoint)
     assert argv[:3] == ["python", "-m", "inflora_ray.run"], f"entrypoint does not run inflora_ray.run: {argv[:3]}"
     args = build_parser().parse_args(argv[3:])
     assert "--config" in argv, "the entrypoint should name its preset with --config"
-    return load_config(args.config, list(args.overrides) + _flag_overrides(args))
+    return load_config(args.config, list(args.overrides) + flag_overrides(args, FLAGS))
 
 
 def test_kuberay_rayjob_manifest():

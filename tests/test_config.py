@@ -1,7 +1,22 @@
 """Config: presets, overrides, and fail-fast validation naming the field and the allowed values."""
-import pytest
+import json
+import re
 
-from inflora_ray.config import ConfigError, list_presets, load_config
+import numpy as np
+import pytest
+import yaml
+
+from inflora_ray.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    MethodConfig,
+    ModelConfig,
+    RunSection,
+    config_from_dict,
+    set_dotted,
+)
+from inflora_ray.presets import apply_overrides, list_presets, load_config
 
 
 def test_quickstart_preset_loads():
@@ -72,3 +87,169 @@ def test_unknown_preset_lists_presets():
 def test_scientific_notation_and_seeded_order():
     cfg = load_config("quickstart", ["train.lr=2e-4", "data.class_order_seed=1993"])
     assert cfg.train.lr == 2e-4 and cfg.data.class_order_seed == 1993
+
+
+# ------------------------------------------------------------------------------------------ strict types, bounds
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=.inf", r"train.lr: must be a finite number"),
+    ("train.lr=.nan", r"train.lr: must be a finite number"),
+    ("method.lamb=-.inf", r"method.lamb: must be a finite number"),
+    ("train.lr=1e999", r"train.lr: must be a finite number"),
+    ("train.betas=[0.9, .nan]", r"train.betas\[1\]: must be a finite number"),
+    ("model.pretrained=1", r"model.pretrained: expected bool, got 1 \(int\)"),
+    ("method.rank=true", r"method.rank: expected int, got True \(bool\)"),
+    ("train.lr=true", r"train.lr: expected float, got True \(bool\)"),
+    ("train.lr=fast", r"train.lr: expected float, got 'fast' \(str\)"),
+    ("train.head_lr=x", r"train.head_lr: expected float or null, got 'x'"),
+    ("train.head_lr=-1", r"train.head_lr: must be > 0 or null$"),
+    ("train.momentum=1", r"train.momentum: must be in \[0, 1\)"),
+    ("run.max_failures=-2", r"run.max_failures: must be >= -1 \(-1: unlimited\)"),
+    ("run.checkpoints_to_keep=0", r"run.checkpoints_to_keep: must be >= 1 or null \(keep all\)"),
+    ("data.class_order=[0,x]", r"data.class_order\[1\]: expected int, got 'x'"),
+    ("data.class_order=3", r"data.class_order: expected a list of int or null, got 3 \(int\)"),
+    ("method=3", r"method: expected MethodConfig, got 3 \(int\)"),
+    ("model.kwargs=3", r"model.kwargs: expected a mapping"),
+    ("method.rank.x=1", r"override 'method.rank.x=1': 'rank' is not a section"),
+    ("data.benchmark=mnist", r"data.benchmark: expected one of 'digits', 'cifar100', 'imagenet-r', 'domainnet', got"),
+    ("data.manifest=packaged", r"data.manifest: a split manifest only applies to benchmark 'imagenet-r'"),
+    ("run.name=a/b", r"run.name: may only contain"),
+    ("model.kwargs={num_classes: 3}", r"model.kwargs: must not set \['num_classes'\]"),
+])
+def test_strict_types_bounds_and_checks(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("quickstart", [override])
+
+
+def test_numbers_accepted_as_today():
+    cfg = load_config("quickstart", ["train.lr=1", "train.weight_decay=1E-4", "run.cpus_per_worker=2",
+                                     "train.head_lr=+5e-3"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.train.weight_decay == 1e-4
+    assert cfg.run.cpus_per_worker == 2.0 and cfg.train.head_lr == 5e-3
+
+
+def test_errors_never_show_pydantic_text():
+    for override in ("method.rank=three", "data.bogus=1", "train.lr=.inf", "run.max_failures=-5", "method=[]"):
+        with pytest.raises(ConfigError) as e:
+            load_config("quickstart", [override])
+        assert "pydantic" not in str(e.value) and "validation error" not in str(e.value)
+
+
+def test_names_come_from_the_registries():
+    from inflora_ray.core.methods import METHODS
+    from inflora_ray.data.registry import benchmark_names
+    with pytest.raises(ConfigError) as e:
+        load_config("quickstart", ["method.name=lora"])
+    assert str(e.value) == ("method.name: expected one of " + ", ".join(map(repr, METHODS)) + ", got 'lora' (str)")
+    with pytest.raises(ConfigError) as e:
+        load_config("quickstart", ["data.benchmark=3"])
+    assert str(e.value) == ("data.benchmark: expected one of " + ", ".join(map(repr, benchmark_names()))
+                            + ", got 3 (int)")
+
+
+def test_sections_built_directly_raise_config_error():
+    with pytest.raises(ConfigError, match="model.name: must be a timm ViT"):
+        ModelConfig(name="resnet18")
+    with pytest.raises(ConfigError, match=r"data.batch_size: expected int, got True \(bool\)"):
+        DataConfig(batch_size=True)
+    with pytest.raises(ConfigError, match=r"method: unknown key\(s\) \['rnk'\]"):
+        MethodConfig(rnk=3)
+    assert DataConfig(class_order=(1, 0)).class_order == [1, 0]  # tuples pass for lists
+
+
+# ------------------------------------------------------------------------------------------ renamed key
+def test_data_num_workers_was_renamed():
+    message = (r"data.num_workers: renamed to data.loader_workers \(decode/augment processes per Ray worker; "
+               r"Ray Train workers are run.num_workers\)")
+    with pytest.raises(ConfigError, match=message):
+        load_config("quickstart", ["data.num_workers=2"])
+    with pytest.raises(ConfigError, match=message):
+        DataConfig(num_workers=2)
+    assert load_config("quickstart", ["data.loader_workers=2"]).data.loader_workers == 2
+    with pytest.raises(ConfigError, match="data.loader_workers: must be >= 0"):
+        load_config("quickstart", ["data.loader_workers=-1"])
+
+
+def test_no_debug_section():
+    with pytest.raises(ConfigError, match=r"config: unknown key\(s\) \['debug'\]"):
+        load_config("quickstart", ["debug.fail_at_task=0"])
+    assert "debug" not in Config().to_dict()
+
+
+# ------------------------------------------------------------------------------------------ base: chains
+def test_base_cycle_is_named(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"base: {b}\nmethod: {{rank: 2}}\n")
+    b.write_text(f"base: {a}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"--config {a}: base: cycle {a} -> {b} -> {a}")):
+        load_config(str(a))
+    c = tmp_path / "c.yaml"
+    c.write_text(f"base: {c}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"--config {c}: base: cycle {c} -> {c}")):
+        load_config(str(c))
+
+
+def test_base_chain_through_presets(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: imagenet-r-10\nexperiment: {name: mine}\n")
+    cfg = load_config(str(child), [f"data.root={tmp_path}"])
+    assert (cfg.experiment.name, cfg.data.num_tasks, cfg.data.benchmark) == ("mine", 10, "imagenet-r")
+
+
+# ------------------------------------------------------------------------------------------ immutability, with_values
+def test_config_is_frozen():
+    cfg = load_config("quickstart")
+    with pytest.raises(ValueError, match="frozen"):
+        cfg.method.rank = 3
+    with pytest.raises(ValueError, match="frozen"):
+        cfg.run = RunSection()
+    assert cfg.method.rank == 10
+
+
+def test_with_values_returns_a_new_validated_config():
+    cfg = load_config("quickstart")
+    new = cfg.with_values({"run.name": "x", "experiment.seed": np.int64(3), "train.lr": np.float32(0.5),
+                           "model.kwargs.depth": 2})
+    assert (new.run.name, new.experiment.seed, new.train.lr, new.model.kwargs["depth"]) == ("x", 3, 0.5, 2)
+    assert type(new.experiment.seed) is int and new.model.kwargs["patch_size"] == 8
+    assert cfg.run.name is None and cfg.experiment.seed == 0 and cfg.model.kwargs["depth"] == 4
+    assert cfg == load_config("quickstart") and new is not cfg
+    with pytest.raises(ConfigError, match="method.rank: must be >= 1"):
+        cfg.with_values({"method.rank": 0})
+    with pytest.raises(ConfigError, match=r"run: unknown key\(s\) \['nme'\]"):
+        cfg.with_values({"run.nme": "x"})
+    with pytest.raises(ConfigError, match="run.name: may only contain"):
+        cfg.with_values({"run.name": "a b"})
+
+
+def test_set_dotted_and_apply_overrides():
+    data = {"method": {"rank": 3}}
+    assert set_dotted(data, "method.lamb", 0.9) is data and data == {"method": {"rank": 3, "lamb": 0.9}}
+    set_dotted(data, "run.name", "x")
+    assert data["run"] == {"name": "x"}
+    with pytest.raises(ConfigError, match="'rank' is not a section"):
+        set_dotted(data, "method.rank.x", 1)
+    assert apply_overrides({}, ["train.betas=[0.9, 0.99]"]) == {"train": {"betas": [0.9, 0.99]}}
+
+
+# ------------------------------------------------------------------------------------------ serialisation
+def test_flat_recurses_into_non_empty_mappings():
+    cfg = load_config("quickstart", ["tracking.tags={team: cl}"])
+    flat = cfg.flat()
+    assert flat["method.rank"] == 10 and flat["model.kwargs.patch_size"] == 8 and flat["tracking.tags.team"] == "cl"
+    assert "model.kwargs" not in flat and flat["data.class_order"] is None
+    assert Config().flat()["model.kwargs"] == {} and "run.num_workers" in flat and "data.loader_workers" in flat
+    assert not any(k.startswith("debug.") for k in flat)
+
+
+@pytest.mark.parametrize("preset", ["quickstart", "cifar100-10", "imagenet-r-5", "domainnet-5"])
+def test_yaml_round_trip_gives_an_equal_config(preset, tmp_path):
+    overrides = [f"data.root={tmp_path}"] if preset != "quickstart" else []
+    cfg = load_config(preset, overrides + ["data.class_order_seed=7", "train.head_lr=1e-3", "tracking.tags={a: b}",
+                                           "run.cpus_per_worker=2", "run.name=r1"])
+    path = tmp_path / "round.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(str(path))
+    assert again == cfg and again.to_dict() == cfg.to_dict()
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert yaml.safe_load(cfg.to_yaml()) == cfg.to_dict()
+    assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from helpers import tiny_overrides
-from inflora_ray.config import load_config
+from inflora_ray.presets import load_config
 from inflora_ray.data.loader import global_batch_sizes, pass_batches, train_batches
-from inflora_ray.training.learner import ContinualLearner, Hooks, lr_factor
+from inflora_ray.training.learner import ContinualLearner, Hooks
+from inflora_ray.training.optim import lr_factor
 
 
 class _Interrupt(Exception):

@@ -7,18 +7,23 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from inflora_ray.config import ConfigError, DataConfig, load_config
-from inflora_ray.data import DataError, build_benchmark, paper_preprocess, resolve_normalization
+from inflora_ray.config import ConfigError, DataConfig
+from inflora_ray.presets import load_config
+from inflora_ray.data import DataError, Preprocess, build_benchmark, paper_preprocess, resolve_normalization
 from inflora_ray.data.__main__ import main as data_cli
 from inflora_ray.data.imagenet_r import SPLIT_VERSION, split_class
-from inflora_ray.data.loader import shard_bounds
-from inflora_ray.data.shards import ParquetSource, prepare_shards, verify_shards
+from inflora_ray.data.loader import block_bounds
+from inflora_ray.data.raw import load_raw_sources
+from inflora_ray.data.shard_writer import prepare_shards
+from inflora_ray.data.shards import ParquetSource, verify_shards
 
 WNIDS = ["n01443537", "n01484850", "n01494475", "n01496331", "n01498041", "n01514859"]
 STYLES = ["art", "cartoon", "graffiti", "painting", "sketch"]
@@ -234,6 +239,21 @@ def test_digits_quickstart_still_builds():
         load_config("quickstart", ["data.shards=/tmp"])
 
 
+def test_registry_drives_preprocessing_and_raw_loading(tmp_path):
+    """Each benchmark's crop, flip and test resize come from its registry entry; the registry imports no torch."""
+    assert paper_preprocess("digits", 16) == Preprocess(img_size=16, train_scale=(0.7, 1.0), train_ratio=(0.9, 1.1),
+                                                        train_flip=False)
+    assert paper_preprocess("cifar100", 32) == Preprocess(img_size=32, train_scale=(0.08, 1.0),
+                                                          train_ratio=(3 / 4, 4 / 3), train_flip=True)
+    assert paper_preprocess("domainnet", 224).test_resize == 256
+    with pytest.raises(ValueError, match=r"not available; available: \['digits', 'cifar100'"):
+        paper_preprocess("mnist", 32)
+    with pytest.raises(DataError, match="built in memory and has no release folder"):
+        load_raw_sources("digits", str(tmp_path))
+    code = "import sys, inflora_ray.data.registry; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
 # ------------------------------------------------------------------------------------------ Parquet shards
 def _same_bytes(a, b, i):
     return a.encoded(i)[0] == b.encoded(i)[0]
@@ -289,7 +309,7 @@ def test_shards_two_workers_read_only_their_row_groups(imr_root, tmp_path):
             for rank in range(2):
                 worker = pickle.loads(pickle.dumps(src))  # what a Ray worker / loader process holds
                 assert not worker.opened_files
-                start, end = shard_bounds(len(idx), rank, 2)
+                start, end = block_bounds(len(idx), rank, 2)
                 block = idx[start:end]
                 for i in block:
                     assert worker.encoded(int(i))[0] == src.encoded(int(i))[0]

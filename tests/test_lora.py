@@ -78,5 +78,5 @@ def test_step_cost_is_constant_in_number_of_tasks():
 
 
 def test_rank_larger_than_layer_is_refused():
-    with pytest.raises(ValueError, match="rank=100 is larger than the qkv input dim 48"):
+    with pytest.raises(ValueError, match="rank=100 is larger than the adapted layers. input dim 48"):
         adapt_vit_qkv(_vit(), rank=100)

@@ -54,4 +54,4 @@ def test_linear_probe_has_no_adapters():
 def test_non_vit_is_refused():
     from inflora_ray.config import ConfigError, ModelConfig as MC
     with pytest.raises(ConfigError, match="vit_"):
-        MC(name="resnet18").validate()
+        MC(name="resnet18")

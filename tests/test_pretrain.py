@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from inflora_ray.config import ModelConfig, load_config
+from inflora_ray.config import ModelConfig
+from inflora_ray.presets import load_config
 from inflora_ray.tools.glyphs import EXCLUDED, GLYPH_CLASSES, GlyphSource, is_digit_like
 from inflora_ray.core.model import create_backbone
 from inflora_ray.tools.pretrain import quickstart_record_path, quickstart_weights_path, verify_weights

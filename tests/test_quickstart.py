@@ -2,7 +2,7 @@
 and the linear probe on final pooled accuracy and forgets less than both (seed 0, full quickstart)."""
 import pytest
 
-from inflora_ray.config import load_config
+from inflora_ray.presets import load_config
 from inflora_ray.core.metrics import summary
 from inflora_ray.training.learner import ContinualLearner
 
@@ -40,7 +40,7 @@ def test_inflora_beats_the_baselines(results):
 
 
 def test_old_tasks_own_head_accuracy_barely_drops_under_inflora(results):
-    """DESIGN.md invariant 3 on real numbers: measured on each task's own head (task-incremental), old tasks
+    """Interference-freedom on real numbers: measured on each task's own head (task-incremental), old tasks
     lose (almost) nothing under inflora, and no more than under sequential LoRA."""
     # Measured (1 torch thread), seeds 0/1/2: inflora 0.003/0.0/0.0, seq-lora 0.003/0.010/0.0. The 2-class own
     # heads are nearly saturated, so this is a coarse check; tests/test_continual.py measures feature drift,

@@ -10,8 +10,10 @@ import time
 import pytest
 import torch
 
-from inflora_ray.config import load_config
-from inflora_ray.run import PreflightError, run_experiment
+from inflora_ray.presets import load_config
+from inflora_ray.distributed.faults import ENV_VAR
+from inflora_ray.distributed.launch import run_experiment
+from inflora_ray.distributed.preflight import PreflightError
 
 pytestmark = pytest.mark.ray
 
@@ -96,19 +98,19 @@ def test_two_workers_agree_with_one_worker(runs):
     assert a1 > 0.6  # the runs really learn (pre-trained backbone), so agreement is not trivial
 
 
-def test_worker_killed_mid_task_resumes_to_the_same_result(runs, tmp_path):
+def test_worker_killed_mid_task_resumes_to_the_same_result(runs, tmp_path, monkeypatch):
     # rank 1 dies (os._exit) in task 1, epoch 1, after the mid-task checkpoint of epoch 0
-    cfg = _cfg(tmp_path, **{"run.num_workers": 2, "run.max_failures": 1, "debug.fail_at_task": 1,
-                            "debug.fail_at_epoch": 1, "debug.fail_at_step": 1, "debug.fail_rank": 1})
+    monkeypatch.setenv(ENV_VAR, "task=1,epoch=1,step=1,rank=1,mode=exit")
+    cfg = _cfg(tmp_path, **{"run.num_workers": 2, "run.max_failures": 1})
     result = run_experiment(cfg, "faulty", quiet_table=True)
     assert os.path.exists(tmp_path / "faulty" / ".fault_injected")
     assert _counts(result) == _counts(runs["two"])
     assert result.summary == runs["two"].summary
 
 
-def test_failure_beyond_max_failures_is_reported(ray_session, tmp_path):
-    cfg = _cfg(tmp_path, **{"run.num_workers": 1, "run.max_failures": 0, "debug.fail_at_task": 0,
-                            "debug.fail_mode": "raise", "data.num_tasks": 2})
+def test_failure_beyond_max_failures_is_reported(ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "task=0,mode=raise")
+    cfg = _cfg(tmp_path, **{"run.num_workers": 1, "run.max_failures": 0, "data.num_tasks": 2})
     with pytest.raises(RuntimeError, match=r"(?s)run 'broken' failed after 0 task\(s\).*--resume broken"):
         run_experiment(cfg, "broken", quiet_table=True)
 

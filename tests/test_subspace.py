@@ -187,7 +187,7 @@ def test_covariance_sums_every_token_of_the_attention_input():
         assert s.dtype == torch.float32
 
 
-def test_sharded_sums_add_up_to_the_one_process_sums():
+def test_per_worker_sums_add_up_to_the_one_process_sums():
     model, layers = _tiny_vit()
     data = [torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     full, n_full = covariance_sums(model, layers, data)
@@ -203,7 +203,7 @@ def test_sharded_sums_add_up_to_the_one_process_sums():
     torch.testing.assert_close(da.T @ da, df.T @ df, atol=1e-4, rtol=0)
 
 
-def test_empty_shard_gives_zero_sums():
+def test_empty_block_gives_zero_sums():
     model, layers = _tiny_vit()
     sums, counts = covariance_sums(model, layers, [])
     assert all(not s.any() for s in sums) and counts.sum() == 0

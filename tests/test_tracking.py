@@ -14,8 +14,10 @@ import time
 import pytest
 
 from helpers import tiny_overrides
-from inflora_ray.config import load_config
-from inflora_ray.run import PreflightError, run_experiment, run_seeds
+from inflora_ray.presets import load_config
+from inflora_ray.distributed.launch import run_experiment
+from inflora_ray.distributed.preflight import PreflightError
+from inflora_ray.distributed.seeds import run_seeds
 
 pytestmark = pytest.mark.ray
 

@@ -6,9 +6,10 @@ import csv
 
 import pytest
 
-from inflora_ray.config import load_config
-from inflora_ray.run import run_experiment
-from inflora_ray.tune import load_space, run_sweep
+from inflora_ray.presets import load_config
+from inflora_ray.distributed.launch import run_experiment
+from inflora_ray.distributed.search_space import load_space
+from inflora_ray.distributed.sweep import run_sweep
 from test_tracking import _start_server, _stop
 
 pytestmark = pytest.mark.ray

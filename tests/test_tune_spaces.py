@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_overrides
-from inflora_ray.config import load_config
-from inflora_ray.tune import SpaceError, apply_params, load_space, valid_param_keys
+from inflora_ray.presets import load_config
+from inflora_ray.distributed.search_space import SpaceError, load_space, valid_param_keys
 
 SPACES = Path(__file__).resolve().parent.parent / "tune_spaces"
 
@@ -54,7 +54,7 @@ def test_missing_file(base):
         load_space("/nonexistent/space.yaml", base)
 
 
-def test_apply_params_sets_flat_keys(base):
-    cfg = apply_params(base, {"method.rank": 2, "train.lr": 0.01})
+def test_with_values_sets_flat_keys(base):
+    cfg = base.with_values({"method.rank": 2, "train.lr": 0.01})
     assert cfg.method.rank == 2 and cfg.train.lr == 0.01
     assert "run.num_workers" not in valid_param_keys()  # placement is not a hyperparameter

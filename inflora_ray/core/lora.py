@@ -10,6 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+ADAPTER_PARAM_NAMES = ("lora_A", "lora_B_k", "lora_B_v")
+
+
+def check_rank(rank: int, in_features: int) -> None:
+    """The one rank-vs-width rule: ``A`` has ``rank`` orthogonal rows in a ``in_features``-dim input space."""
+    if rank > in_features:
+        raise ValueError(f"method.rank={rank} is larger than the adapted layers' input dim {in_features}; "
+                         f"use method.rank <= {in_features}")
+
 
 class KVLoRAQKV(nn.Module):
     """A frozen fused qkv Linear plus the current task's low-rank k/v branch.
@@ -38,6 +47,10 @@ class KVLoRAQKV(nn.Module):
         # Low-rank path: (x A^T) [0; B_k; B_v]^T costs 4*d*r per token instead of a dense d x 3d delta.
         b_full = torch.cat([self._zeros_q, self.lora_B_k, self.lora_B_v], dim=0)
         return out + F.linear(F.linear(x, self.lora_A), b_full)
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The current task's adapter tensors by name (``lora_A``, ``lora_B_k``, ``lora_B_v``)."""
+        return {name: getattr(self, name) for name in ADAPTER_PARAM_NAMES}
 
     def delta_weight(self) -> torch.Tensor:
         """The dense (3d x d_in) update ``[0; B_k A; B_v A]`` of the current branch."""
@@ -70,9 +83,7 @@ def adapt_vit_qkv(backbone: nn.Module, rank: int) -> list[KVLoRAQKV]:
         if not isinstance(qkv, nn.Linear):
             raise ValueError(f"block {i} has no fused attn.qkv Linear (got {type(qkv).__name__}); "
                              "InfLoRA adapts timm ViTs with fused qkv")
-        if rank > qkv.in_features:
-            raise ValueError(f"method.rank={rank} is larger than the qkv input dim {qkv.in_features}; "
-                             f"use a rank <= {qkv.in_features}")
+        check_rank(rank, qkv.in_features)
         layer = KVLoRAQKV(qkv, rank)
         block.attn.qkv = layer
         layers.append(layer)

@@ -13,18 +13,18 @@ from typing import Callable, Optional
 import torch
 
 from ..config import MethodConfig
-from ..data.loader import COVARIANCE_AFTER, COVARIANCE_BEFORE
 from .model import ContinualViT
-from .subspace import LayerMemory, design_lora_A, random_lora_A, threshold_schedule
+from .subspace import CovariancePass, LayerMemory, design_lora_A, random_lora_A, threshold_schedule
 
 log = logging.getLogger(__name__)
 
-CovarianceFn = Callable[[int], list[torch.Tensor]]
+CovarianceFn = Callable[[CovariancePass], list[torch.Tensor]]
 
 
 class Method:
-    """Base strategy: heads only (the linear probe)."""
-    name = "linear-probe"
+    """Base strategy: what every method shares (heads are trained by the loop; adapters, if any, are merged
+    into W after each task). Subclasses set ``name`` and ``uses_adapters`` and override the hooks."""
+    name = ""
     uses_adapters = False
 
     def __init__(self, cfg: MethodConfig, num_tasks: int, seed: int):
@@ -52,7 +52,7 @@ class Method:
     def finish_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
         """After training: update any memory, merge the task's adapter into W; returns figures to log."""
         if self.uses_adapters:
-            self.history.append([{k: v.detach().cpu().clone() for k, v in _adapter_tensors(layer).items()}
+            self.history.append([{k: v.detach().cpu().clone() for k, v in layer.adapter_params().items()}
                                  for layer in model.adapters])
             for layer in model.adapters:
                 layer.merge_and_reset()
@@ -75,8 +75,9 @@ class Method:
                     layer.merge_and_reset()
 
 
-def _adapter_tensors(layer) -> dict[str, torch.Tensor]:
-    return {"lora_A": layer.lora_A, "lora_B_k": layer.lora_B_k, "lora_B_v": layer.lora_B_v}
+class LinearProbe(Method):
+    """Heads only: the backbone never changes (no adapters)."""
+    name = "linear-probe"
 
 
 def _set_trainable(layer, a: bool, b: bool) -> None:
@@ -105,7 +106,7 @@ class SeqLoRA(Method):
             _set_trainable(layer, a=True, b=True)
 
     def trainable_parameters(self, model: ContinualViT) -> list[torch.nn.Parameter]:
-        return [p for layer in model.adapters for p in _adapter_tensors(layer).values()]
+        return [p for layer in model.adapters for p in layer.adapter_params().values()]
 
 
 class InfLoRA(Method):
@@ -124,7 +125,7 @@ class InfLoRA(Method):
 
     def prepare_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
         self._ensure_memory(model)
-        covs = covariance(COVARIANCE_BEFORE)
+        covs = covariance(CovariancePass.BEFORE_TASK)
         used = []
         with torch.no_grad():
             for layer, cov, mem in zip(model.adapters, covs, self.memory):
@@ -145,7 +146,7 @@ class InfLoRA(Method):
 
     def finish_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
         self._ensure_memory(model)
-        covs = covariance(COVARIANCE_AFTER)
+        covs = covariance(CovariancePass.AFTER_TASK)
         eps = threshold_schedule(self.cfg.lamb, self.cfg.lame, task, self.num_tasks)
         for cov, mem in zip(covs, self.memory):
             mem.update(cov, eps)
@@ -167,7 +168,8 @@ class InfLoRA(Method):
         self.memory = [LayerMemory.from_state_dict(m) for m in state["memory"]]
 
 
-METHODS: dict[str, type[Method]] = {"inflora": InfLoRA, "seq-lora": SeqLoRA, "linear-probe": Method}
+# The registry of methods: config validation and the CLI read the names from here.
+METHODS: dict[str, type[Method]] = {m.name: m for m in (InfLoRA, SeqLoRA, LinearProbe)}
 
 
 def build_method(cfg: MethodConfig, num_tasks: int, seed: int) -> Method:

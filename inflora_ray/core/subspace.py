@@ -5,6 +5,7 @@ Pure PyTorch (no Ray, no MLflow). Notation follows Liang & Li, CVPR 2024 and GPM
 """
 from __future__ import annotations
 
+import enum
 import logging
 import math
 from dataclasses import dataclass, field
@@ -17,6 +18,13 @@ log = logging.getLogger(__name__)
 
 # The reference implementation scales the designed rows by 1/sqrt(3); it sets B_t's effective step size.
 A_SCALE = 1.0 / math.sqrt(3.0)
+
+
+class CovariancePass(enum.IntEnum):
+    """The two covariance passes over a task's training data. The values double as the passes' augmentation
+    streams (training epochs are streams 0..K-1), so each pass sees its own seeded augmentation."""
+    BEFORE_TASK = -1  # current model, new B_t = 0: design A_t
+    AFTER_TASK = -2  # trained model: update the DualGPM memory
 
 Mode = Literal["remove", "retain"]
 
@@ -87,7 +95,7 @@ def covariance_sums(model: nn.Module, layers: list[nn.Module], batches: Iterable
         model.train(was_training)
     sums = []
     for s, layer in zip(rec.sums, layers):
-        if s is None:  # this process saw no data (an empty shard)
+        if s is None:  # this process saw no data (an empty block)
             d = layer.in_features
             s = torch.zeros(d, d, device=layer.weight.device, dtype=torch.float32)
         sums.append(s)

@@ -1,11 +1,12 @@
-"""Per-worker sharded batches with worker-count-independent randomness.
+"""Per-worker batches with worker-count-independent randomness.
 
 Each of W workers owns one contiguous block of every task's samples (in dataset order) and only ever reads
-those: its shard. Training: one seeded permutation per (seed, task, epoch) cuts the task's data into *global*
+those: its block. Training: one seeded permutation per (seed, task, epoch) cuts the task's data into *global*
 batches, the same for any W; each worker trains on the members of every global batch that it owns. The loss
 is scaled so that DDP's average over workers is exactly the global batch's mean gradient, so 1 and W workers
 follow the same trajectory up to float summation order. Each sample's augmentation is seeded by
-(seed, task, epoch, sample index).
+(seed, task, augmentation stream, sample index); the stream is the training epoch 0..K-1, or a negative id
+for a covariance pass (which sees the training augmentation too).
 """
 from __future__ import annotations
 
@@ -18,14 +19,11 @@ from torch.utils.data import DataLoader, Dataset
 from .base import ImageSource
 from .transforms import Preprocess
 
-# Epoch tags of the two covariance passes (before a task: design A_t; after: update the memory).
-COVARIANCE_BEFORE = -1
-COVARIANCE_AFTER = -2
-
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The SplitMix64 finaliser, elementwise on uint64 (wrapping arithmetic)."""
     with np.errstate(over="ignore"):
         z = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
         z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
@@ -33,11 +31,14 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def sample_seeds(seed: int, task: int, epoch: int, indices: np.ndarray) -> np.ndarray:
-    """A 63-bit augmentation seed per sample, a hash of (seed, task, epoch, index)."""
+def sample_seeds(seed: int, task: int, aug_stream: int, indices: np.ndarray) -> np.ndarray:
+    """A 63-bit augmentation seed per sample, a hash of (seed, task, aug_stream, index).
+
+    ``aug_stream``: the augmentation stream, a training epoch 0..K-1 or a negative id of a covariance pass.
+    """
     key = _splitmix64(np.array([seed], dtype=np.uint64))
     key = _splitmix64(key ^ np.uint64(task + 1))
-    key = _splitmix64(key ^ np.uint64(epoch + 1_000_003))
+    key = _splitmix64(key ^ np.uint64(aug_stream + 1_000_003))
     return (_splitmix64(key ^ indices.astype(np.uint64)) >> np.uint64(1)).astype(np.int64)
 
 
@@ -47,7 +48,7 @@ def epoch_permutation(indices: np.ndarray, seed: int, task: int, epoch: int) -> 
     return indices[rng.permutation(len(indices))]
 
 
-def shard_bounds(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+def block_bounds(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, end) positions of worker ``rank``'s contiguous block (sizes differ by at most one)."""
     base, extra = divmod(num_samples, world_size)
     start = rank * base + min(rank, extra)
@@ -59,7 +60,7 @@ def train_batches(indices: np.ndarray, batch_size: int, seed: int, task: int, ep
     """This worker's (index, aug seed) members of every global batch of an epoch (possibly empty lists)."""
     indices = np.asarray(indices)
     positions = epoch_permutation(np.arange(len(indices)), seed, task, epoch)
-    start, end = shard_bounds(len(indices), rank, world_size)
+    start, end = block_bounds(len(indices), rank, world_size)
     seeds = sample_seeds(seed, task, epoch, indices[positions])
     batches = []
     for b in range(0, len(positions), batch_size):
@@ -75,17 +76,19 @@ def global_batch_sizes(num_samples: int, batch_size: int) -> list[int]:
 
 
 def pass_batches(indices: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: Optional[int] = None, task: int = 0, epoch: int = 0) -> list[list[tuple[int, int]]]:
+                 seed: Optional[int] = None, task: int = 0, aug_stream: int = 0) -> list[list[tuple[int, int]]]:
     """This worker's block of ``indices`` in fixed-size batches (evaluation, covariance passes).
 
-    With ``seed`` set, each item carries its augmentation seed (training transform), else -1 (test transform).
+    With ``seed`` set, each item carries its augmentation seed (training transform), drawn from
+    ``aug_stream``: the augmentation stream, a training epoch 0..K-1 or a negative id of a covariance pass.
+    Without ``seed``, each item carries -1 (test transform).
     """
-    start, end = shard_bounds(len(indices), rank, world_size)
-    shard = np.asarray(indices)[start:end]
-    seeds = (sample_seeds(seed, task, epoch, shard) if seed is not None
-             else np.full(len(shard), -1, dtype=np.int64))
-    return [[(int(i), int(s)) for i, s in zip(shard[b:b + batch_size], seeds[b:b + batch_size])]
-            for b in range(0, len(shard), batch_size)]
+    start, end = block_bounds(len(indices), rank, world_size)
+    block = np.asarray(indices)[start:end]
+    seeds = (sample_seeds(seed, task, aug_stream, block) if seed is not None
+             else np.full(len(block), -1, dtype=np.int64))
+    return [[(int(i), int(s)) for i, s in zip(block[b:b + batch_size], seeds[b:b + batch_size])]
+            for b in range(0, len(block), batch_size)]
 
 
 class TaskDataset(Dataset):
@@ -123,9 +126,9 @@ class _Collate:
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
 
 
-def make_loader(dataset: TaskDataset, batches: Sequence[list[tuple[int, int]]], num_workers: int = 0,
+def make_loader(dataset: TaskDataset, batches: Sequence[list[tuple[int, int]]], loader_workers: int = 0,
                 pin_memory: bool = False) -> Iterator:
-    """A DataLoader over precomputed batches (decode/augment in ``num_workers`` processes)."""
+    """A DataLoader over precomputed batches (decode/augment in ``loader_workers`` processes; 0: in this one)."""
     size = dataset.preprocess.img_size
-    return DataLoader(dataset, batch_sampler=list(batches), num_workers=num_workers, pin_memory=pin_memory,
+    return DataLoader(dataset, batch_sampler=list(batches), num_workers=loader_workers, pin_memory=pin_memory,
                       persistent_workers=False, collate_fn=_Collate((3, size, size)))

@@ -1,4 +1,5 @@
-"""Parquet shards of a benchmark: written once by ``python -m inflora_ray.data prepare``, read lazily by workers.
+"""Parquet shards of a benchmark: written once by ``inflora-data prepare`` (:mod:`.shard_writer`),
+read lazily by workers.
 
 Layout under ``OUT`` (a local path or an ``s3://`` / ``gs://`` URI, through pyarrow's filesystems)::
 
@@ -22,15 +23,11 @@ bytes per row group, per process).
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -39,176 +36,26 @@ import pyarrow.parquet as pq
 import torch
 
 from .. import storage
-from .base import DataError, decode_image, label_sorted_order, split_tasks
+from .base import DataError, decode_image
 
 FORMAT = "inflora-ray-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
-PREPARABLE = ("cifar100", "imagenet-r", "domainnet")
-DEFAULT_NUM_TASKS = {"cifar100": 10, "imagenet-r": 10, "domainnet": 5}
 DEFAULT_ROWS_PER_GROUP = 256
 DEFAULT_ROWS_PER_FILE = 4096
 DEFAULT_CACHE_BYTES = 1 << 30
 
 SCHEMA = pa.schema([("image", pa.binary()), ("format", pa.string()), ("label", pa.int64()),
                     ("split", pa.string()), ("task", pa.int32()), ("index", pa.int64()), ("key", pa.string())])
-_COMPRESSION = {"image": "NONE", "format": "SNAPPY", "label": "SNAPPY", "split": "SNAPPY", "task": "SNAPPY",
+COLUMN_COMPRESSION = {"image": "NONE", "format": "SNAPPY", "label": "SNAPPY", "split": "SNAPPY", "task": "SNAPPY",
                 "index": "SNAPPY", "key": "SNAPPY"}
-
-
-def load_raw_sources(benchmark: str, source: str, download: bool = False, manifest: Optional[str] = None,
-                     verify_hashes: bool = False):
-    """(train, test, class names, provenance) of a raw benchmark folder."""
-    if benchmark == "cifar100":
-        from .cifar100 import load_cifar100_sources
-        return load_cifar100_sources(source, download=download)
-    if benchmark == "imagenet-r":
-        from .imagenet_r import load_imagenet_r_sources
-        return load_imagenet_r_sources(source, manifest=manifest, verify_hashes=verify_hashes)
-    if benchmark == "domainnet":
-        from .domainnet import load_domainnet_sources
-        return load_domainnet_sources(source)
-    raise DataError(f"benchmark {benchmark!r} has no raw source to shard; choose one of {list(PREPARABLE)}")
-
-
-def _rle(labels: np.ndarray) -> list[list[int]]:
-    out: list[list[int]] = []
-    for lab in labels.tolist():
-        if out and out[-1][0] == lab:
-            out[-1][1] += 1
-        else:
-            out.append([int(lab), 1])
-    return out
 
 
 def _un_rle(runs: list[list[int]]) -> np.ndarray:
     if not runs:
         return np.zeros(0, dtype=np.int64)
     return np.repeat(np.asarray([r[0] for r in runs], dtype=np.int64), [int(r[1]) for r in runs])
-
-
-def _publish(local: str, dest: str) -> None:
-    """Move a finished local file to ``dest`` (local path or URI), streaming it for object stores."""
-    if storage.is_uri(dest):
-        fs, p = storage.filesystem(dest)
-        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-        with open(local, "rb") as src, fs.open_output_stream(p) as out:
-            for chunk in iter(lambda: src.read(1 << 23), b""):
-                out.write(chunk)
-        os.remove(local)
-    else:
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.move(local, dest)
-
-
-def _class_chunks(labels: np.ndarray, positions: np.ndarray, rows_per_group: int) -> list[np.ndarray]:
-    """``positions`` (consecutive, one task) cut at every label change and every ``rows_per_group`` rows."""
-    chunks = []
-    if len(positions) == 0:
-        return chunks
-    labs = labels[positions]
-    cuts = np.flatnonzero(labs[1:] != labs[:-1]) + 1
-    for block in np.split(positions, cuts):
-        chunks += [block[s:s + rows_per_group] for s in range(0, len(block), rows_per_group)]
-    return chunks
-
-
-def prepare_shards(benchmark: str, source: str, out: str, rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
-                   rows_per_file: int = DEFAULT_ROWS_PER_FILE, num_tasks: Optional[int] = None,
-                   overwrite: bool = False, download: bool = False, split_manifest: Optional[str] = None,
-                   verify_hashes: bool = False, threads: int = 1,
-                   log: Optional[Callable[[str], None]] = None) -> dict:
-    """Convert the raw benchmark at ``source`` into Parquet shards under ``out``; return the manifest."""
-    log = log or (lambda s: None)
-    if rows_per_group < 1 or rows_per_file < rows_per_group:
-        raise ValueError(f"need 1 <= rows_per_group ({rows_per_group}) <= rows_per_file ({rows_per_file})")
-    manifest_path = storage.join(out, MANIFEST)
-    if storage.exists(manifest_path) and not overwrite:
-        raise DataError(f"{out} already holds prepared shards ({MANIFEST}); pass --overwrite to replace them")
-    train, test, names, provenance = load_raw_sources(benchmark, source, download=download,
-                                                      manifest=split_manifest, verify_hashes=verify_hashes)
-    num_tasks = num_tasks or DEFAULT_NUM_TASKS[benchmark]
-    tasks = split_tasks(list(range(len(names))), num_tasks)
-    task_of = np.empty(len(names), dtype=np.int32)
-    for t, classes in enumerate(tasks):
-        task_of[classes] = t
-    if storage.exists(out) and overwrite:
-        fs, p = storage.filesystem(out)
-        for split in SPLITS:
-            sub = storage.join(out, split)
-            if storage.exists(sub):
-                fs.delete_dir(storage.filesystem(sub)[1])
-        if storage.exists(manifest_path):
-            fs.delete_file(storage.filesystem(manifest_path)[1])
-    tmpdir = tempfile.mkdtemp(prefix="inflora-shards-")
-    pool = ThreadPoolExecutor(max(1, threads))
-    splits_out = {}
-    try:
-        for split, src in (("train", train), ("test", test)):
-            labels = np.asarray(src.labels, dtype=np.int64)
-            order = label_sorted_order(labels)  # identity for our label-ordered sources
-            row_task = task_of[labels[order]]
-            files = []
-            for t in range(num_tasks):
-                positions = np.flatnonzero(row_task == t)  # rows (positions in `order`) of natural task t
-                chunks = _class_chunks(labels[order], positions, rows_per_group)
-                groups: list[list[np.ndarray]] = []
-                for c in chunks:  # pack whole row groups into files of <= rows_per_file rows
-                    if not groups or sum(map(len, groups[-1])) + len(c) > rows_per_file:
-                        groups.append([])
-                    groups[-1].append(c)
-                for k, file_chunks in enumerate(groups):
-                    rel = f"{split}/task-{t:03d}/part-{k:05d}.parquet"
-                    local = os.path.join(tmpdir, f"{split}-{t}-{k}.parquet")
-                    with pq.ParquetWriter(local, SCHEMA, compression=_COMPRESSION,
-                                          use_dictionary=["format", "split"]) as writer:
-                        for chunk in file_chunks:
-                            idx = order[chunk]
-                            enc = list(pool.map(src.encoded, idx.tolist()))
-                            keys = [src.key(int(i)) for i in idx] if hasattr(src, "key") else [str(i) for i in idx]
-                            table = pa.table({
-                                "image": pa.array([e[0] for e in enc], pa.binary()),
-                                "format": pa.array([e[1] for e in enc], pa.string()),
-                                "label": pa.array(labels[idx], pa.int64()),
-                                "split": pa.array([split] * len(idx), pa.string()),
-                                "task": pa.array(np.full(len(idx), t, dtype=np.int32), pa.int32()),
-                                "index": pa.array(idx.astype(np.int64), pa.int64()),
-                                "key": pa.array(keys, pa.string()),
-                            }, schema=SCHEMA)
-                            writer.write_table(table, row_group_size=len(idx))
-                    meta = pq.ParquetFile(local).metadata
-                    row_groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-                    rows = np.concatenate(file_chunks)
-                    entry = {"path": rel, "task": t, "num_rows": int(len(rows)), "row_groups": row_groups,
-                             "labels": _rle(labels[order[rows]]), "size": os.path.getsize(local),
-                             "sha256": storage.file_digest(local)}
-                    if sum(row_groups) != entry["num_rows"]:
-                        raise RuntimeError(f"{rel}: row groups {row_groups} do not add up to {entry['num_rows']}")
-                    _publish(local, storage.join(out, *rel.split("/")))
-                    files.append(entry)
-                    log(f"{split} task {t}: {rel} ({entry['num_rows']} rows, {len(row_groups)} row groups, "
-                        f"{entry['size'] / 1e6:.1f} MB)")
-            splits_out[split] = {"num_rows": int(len(labels)), "files": files,
-                                 "identity_order": bool(np.array_equal(order, np.arange(len(order))))}
-    finally:
-        pool.shutdown()
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    import pyarrow
-
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "benchmark": benchmark,
-        "num_classes": len(names), "class_names": list(names),
-        "task_directories": {"num_tasks": num_tasks, "class_order": "natural", "tasks": tasks},
-        "rows_per_group": rows_per_group, "rows_per_file": rows_per_file,
-        "source_manifest": provenance, "splits": splits_out,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "pyarrow": pyarrow.__version__,
-    }
-    storage.write_json(manifest_path, manifest)
-    log(f"wrote {manifest_path}: {splits_out['train']['num_rows']} train + {splits_out['test']['num_rows']} "
-        f"test rows, {len(names)} classes")
-    return manifest
 
 
 class ParquetSource:
@@ -297,11 +144,13 @@ class ParquetSource:
         return images, formats
 
     def encoded(self, index: int) -> tuple[bytes, str]:
+        """(encoded image bytes, format) of sample ``index``, read with its whole row group."""
         f, g, r = self.locate(int(index))
         images, formats = self._group(f, g)
         return images[r], formats[r]
 
     def load(self, index: int) -> torch.Tensor:
+        """Sample ``index`` decoded: uint8 RGB (3, H, W)."""
         data, _ = self.encoded(index)
         return decode_image(data)
 

@@ -1,7 +1,15 @@
-"""Preprocessing in one place: the paper's train/test transforms on uint8 CHW tensors, inputs in [0, 1].
+"""Preprocessing in one place: train/test transforms on uint8 CHW tensors, outputs in [0, 1].
+
+The paper's preprocessing: training images get a RandomResizedCrop to ``img_size`` (area fraction 0.08-1,
+aspect ratio 3/4-4/3) and a horizontal flip with probability 1/2; test images are resized to ``img_size`` for
+CIFAR-100, and for ImageNet-R and DomainNet resized to 256/224 of ``img_size`` (shorter side) and centre-cropped
+to ``img_size`` (256 then 224 at the paper's 224 px). Pixels are scaled to [0, 1] and not normalised. Each
+benchmark's crop, flip and test resize are registry facts (:mod:`inflora_ray.data.registry`); the digits
+quickstart uses milder crops and no flip.
 
 Randomness comes from an explicit per-sample ``torch.Generator``, so an image's augmentation depends only
-on (seed, task, epoch, sample) and not on how samples are spread over workers or loader processes.
+on (seed, task, augmentation stream, sample) and not on how samples are spread over workers or loader
+processes.
 """
 from __future__ import annotations
 
@@ -12,8 +20,11 @@ from typing import Optional
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from .registry import get_benchmark
+
 
 def _uniform(gen: torch.Generator, low: float, high: float) -> float:
+    """A float uniform in [low, high) drawn from ``gen``."""
     return low + (high - low) * float(torch.rand((), generator=gen))
 
 
@@ -44,18 +55,20 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Train: RandomResizedCrop(img_size) [+ horizontal flip]. Test: Resize(test_resize) + CenterCrop(img_size)
+    """Train: RandomResizedCrop(img_size) with area fraction in ``train_scale`` and aspect ratio in
+    ``train_ratio`` [+ horizontal flip when ``train_flip``]. Test: Resize(test_resize) + CenterCrop(img_size)
     when ``test_resize`` is set, else Resize to ``img_size`` x ``img_size``. Output float in [0, 1], optionally
     normalised with ``mean``/``std`` (for backbones trained that way; the paper's setup uses none)."""
     img_size: int
-    train_scale: tuple[float, float] = (0.08, 1.0)
-    train_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    train_flip: bool = True
+    train_scale: tuple[float, float]
+    train_ratio: tuple[float, float]
+    train_flip: bool
     test_resize: Optional[int] = None
     mean: Optional[tuple[float, float, float]] = None
     std: Optional[tuple[float, float, float]] = None
 
     def _finish(self, img: torch.Tensor) -> torch.Tensor:
+        """Float in [0, 1] (uint8 input scaled by 1/255), normalised when ``mean`` is set."""
         out = img.float().div_(255.0) if img.dtype == torch.uint8 else img.float()
         if self.mean is not None:
             out = TF.normalize(out, list(self.mean), list(self.std))
@@ -81,22 +94,18 @@ class Preprocess:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The paper's preprocessing per benchmark, and optional normalisation
+# The preprocessing of each benchmark, and optional normalisation
 # ---------------------------------------------------------------------------------------------------------
 
 def paper_preprocess(benchmark: str, img_size: int, mean: Optional[tuple[float, float, float]] = None,
                      std: Optional[tuple[float, float, float]] = None) -> Preprocess:
-    """DESIGN.md section 1: train RandomResizedCrop(img_size) + horizontal flip for every real benchmark;
-    test Resize(img_size) for CIFAR-100, Resize(256/224 * img_size) + CenterCrop(img_size) for ImageNet-R and
-    DomainNet (256 + 224 at the paper's 224 px). Inputs in [0, 1] unless ``mean``/``std`` are given."""
-    if benchmark == "cifar100":
-        test_resize = None
-    elif benchmark in ("imagenet-r", "domainnet"):
-        test_resize = int(round(img_size * 256 / 224))
-    else:
-        raise ValueError(f"no paper preprocessing for benchmark {benchmark!r}")
-    return Preprocess(img_size=img_size, train_scale=(0.08, 1.0), train_ratio=(3 / 4, 4 / 3), train_flip=True,
-                      test_resize=test_resize, mean=mean, std=std)
+    """The preprocessing of ``benchmark`` at ``img_size`` px, from its registry entry: the paper's for the real
+    benchmarks (see the module docstring), the digits quickstart's own mild crops. Outputs in [0, 1] unless
+    ``mean``/``std`` are given; an unknown benchmark raises ``ValueError``."""
+    spec = get_benchmark(benchmark)
+    test_resize = None if spec.test_resize_ratio is None else int(round(img_size * spec.test_resize_ratio))
+    return Preprocess(img_size=img_size, train_scale=spec.train_scale, train_ratio=spec.train_ratio,
+                      train_flip=spec.train_flip, test_resize=test_resize, mean=mean, std=std)
 
 
 def resolve_normalization(kind: str, model_name: Optional[str] = None

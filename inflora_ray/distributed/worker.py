@@ -1,5 +1,5 @@
-"""The Ray Train layer: each worker runs :class:`ContinualLearner` as one DDP rank; checkpoints and per-task
-reports go through ``ray.train.report``; rank 0 also writes each task's results to the run directory."""
+"""The Ray Train worker: each worker runs :class:`ContinualLearner` as one DDP rank; checkpoints and per-task
+metrics go through ``ray.train.report``; rank 0 also writes each task's results into the run directory."""
 from __future__ import annotations
 
 import io
@@ -9,44 +9,23 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
+
 import ray.train
 import torch
 from ray.train import Checkpoint
 
 from .. import storage
-from ..training import collective
 from ..config import Config, config_from_dict
-from ..logs import log_event, setup_logging
 from ..core.metrics import AccuracyRecord, summary
-from ..training.learner import ContinualLearner, Hooks, TaskReport
+from ..logs import log_event, setup_logging
+from ..rundir import META_FILE, STATE_FILE, RunDir, checkpoint_name
+from ..training import collective
+from ..training.learner import ContinualLearner, Hooks
+from ..training.state import TaskReport, task_metrics
+from .faults import FaultPlan
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
-
-
-def results_dir(run_dir: str) -> str:
-    """Where a run's human-readable results live (``<run_dir>/results``)."""
-    return storage.join(run_dir, "results")
-
-
-def task_result_path(run_dir: str, task: int) -> str:
-    return storage.join(results_dir(run_dir), f"task_{task:03d}.json")
-
-
-def flat_metrics(report: TaskReport, num_tasks: int) -> dict:
-    """Scalar metrics of a task report, for ``ray.train.report``/Tune (NaN where undefined)."""
-    m = {
-        "task": report.task, "tasks_done": report.task + 1, "num_tasks": num_tasks,
-        "pooled_accuracy": report.pooled_accuracy,
-        "average_incremental_accuracy": report.average_incremental_accuracy,
-        "forgetting": report.forgetting, "backward_transfer": report.backward_transfer,
-        "train_loss": report.train_loss, "task_seconds": report.task_seconds,
-        "images_per_second": report.images_per_second, "peak_memory_mb": report.peak_memory_mb,
-    }
-    m.update({f"accuracy_task_{j}": a for j, a in enumerate(report.accuracy)})
-    return m
 
 
 def load_checkpoint_state(checkpoint: Checkpoint) -> dict:
@@ -59,59 +38,45 @@ def load_checkpoint_state(checkpoint: Checkpoint) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def write_task_record(run_dir: str, learner: ContinualLearner, task: int) -> None:
-    """Write ``results/task_<t>.json``: the task's report and the metrics as they stood after it."""
+def write_task_record(run: RunDir, learner: ContinualLearner, task: int) -> None:
+    """Write ``results/task_<t>.json`` (the task's report and the metrics as they stood after it) and the
+    task's finished adapter."""
     rows = task + 1
     record = AccuracyRecord(correct=learner.record.correct[:rows], total=learner.record.total[:rows])
     own = AccuracyRecord(correct=learner.own_head_record.correct[:rows], total=learner.own_head_record.total[:rows])
     if task < len(learner.method.history):  # the task's finished adapter (A, B_k, B_v per layer)
         buf = io.BytesIO()
         torch.save(learner.method.history[task], buf)
-        storage.write_bytes(storage.join(results_dir(run_dir), f"adapters_task_{task:03d}.pt"), buf.getvalue())
-    storage.write_json(task_result_path(run_dir, task), {
+        storage.write_bytes(run.adapters(task), buf.getvalue())
+    storage.write_json(run.task_result(task), {
         "report": learner.reports[task].to_dict(), "summary": summary(record),
         "own_head_accuracy_matrix": own.matrix(), "world_size": learner.world_size})
 
 
-class InjectedFault(RuntimeError):
-    """Raised by the fault-injection hook (tests)."""
-
-
 class RayHooks(Hooks):
-    """Report and checkpoint through Ray Train; inject a fault once when configured."""
+    """Report and checkpoint through Ray Train; fire a test's injected fault when planned."""
 
-    def __init__(self, cfg: Config, run_dir: str):
+    def __init__(self, cfg: Config, run: RunDir, fault: Optional[FaultPlan] = None):
         self.cfg = cfg
-        self.run_dir = run_dir
+        self.run = run
+        self.fault = fault
         self.rank = collective.rank()
 
     def on_step(self, learner, task, epoch, step):
-        d = self.cfg.debug
-        if d.fail_at_task is None or (task, epoch, step) != (d.fail_at_task, d.fail_at_epoch, d.fail_at_step):
-            return
-        if self.rank != d.fail_rank:
-            return
-        marker = storage.join(self.run_dir, ".fault_injected")
-        if storage.exists(marker):
-            return  # inject once per run
-        storage.write_bytes(marker, b"1")
-        log_event(log, "fault_injected", level=logging.WARNING, task=task, epoch=epoch, step=step,
-                  mode=d.fail_mode, rank=self.rank)
-        if d.fail_mode == "exit":
-            os._exit(13)
-        raise InjectedFault(f"injected fault at task {task} epoch {epoch} step {step}")
+        if self.fault is not None:
+            self.fault.fire_if_due(self.run.fault_marker, task, epoch, step, self.rank)
 
     def on_epoch_end(self, learner, task, epoch):
         k = self.cfg.run.checkpoint_every_epochs
         if k and (epoch + 1) % k == 0 and epoch + 1 < self.cfg.train.epochs:
-            self._report(learner, {"task": task, "epoch": epoch, "kind": "epoch"},
-                         f"checkpoint_task{task:03d}_epoch{epoch:03d}")
+            self._report(learner, {"task": task, "epoch": epoch, "kind": "epoch"}, checkpoint_name(task, epoch))
 
-    def on_task_end(self, learner, report):
-        metrics = flat_metrics(report, learner.benchmark.num_tasks)
+    def on_task_end(self, learner, report: TaskReport):
+        metrics = {"task": report.task, "tasks_done": report.task + 1, "num_tasks": learner.benchmark.num_tasks,
+                   **task_metrics(report.to_dict(), finite_only=False)}
         if self.rank == 0:
-            write_task_record(self.run_dir, learner, report.task)
-        self._report(learner, {**metrics, "kind": "task"}, f"checkpoint_task{report.task:03d}")
+            write_task_record(self.run, learner, report.task)
+        self._report(learner, {**metrics, "kind": "task"}, checkpoint_name(report.task))
 
     def _report(self, learner, metrics: dict, name: str) -> None:
         # Every worker holds the same state; rank 0 writes it, the others report without a checkpoint.
@@ -126,16 +91,15 @@ class RayHooks(Hooks):
 
 
 def train_worker(loop_config: dict) -> None:
-    """Ray Train entry point of one worker (a DDP rank)."""
+    """Ray Train entry point of one worker (a DDP rank). ``loop_config``: ``config`` (a Config as a dict),
+    ``run_dir``, ``stop_after_task``, ``start_from`` (a checkpoint directory) and ``fault`` (tests only)."""
     setup_logging()
     cfg = config_from_dict(loop_config["config"])
     torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
-    if cfg.run.use_gpu:
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cpu")
-    run_dir = loop_config["run_dir"]
-    learner = ContinualLearner(cfg, device=device, hooks=RayHooks(cfg, run_dir))
+    device = ray.train.torch.get_device() if cfg.run.use_gpu else torch.device("cpu")
+    run = RunDir(loop_config["run_dir"])
+    fault = FaultPlan.parse(loop_config["fault"]) if loop_config.get("fault") else None
+    learner = ContinualLearner(cfg, device=device, hooks=RayHooks(cfg, run, fault))
     checkpoint = ray.train.get_checkpoint()
     origin = "latest checkpoint of this run"
     if checkpoint is None and loop_config.get("start_from"):
@@ -144,10 +108,10 @@ def train_worker(loop_config: dict) -> None:
         learner.load_state_dict(load_checkpoint_state(checkpoint))
         if learner.rank == 0:  # a branched run's directory also holds the tasks it inherited
             for t in range(learner.next_task):
-                if not storage.exists(task_result_path(run_dir, t)):
-                    write_task_record(run_dir, learner, t)
+                if not storage.exists(run.task_result(t)):
+                    write_task_record(run, learner, t)
         log_event(log, "restored", origin=origin, checkpoint=str(checkpoint.path), next_task=learner.next_task,
-                  mid_task=learner._in_task is not None, rank=learner.rank, world_size=learner.world_size)
+                  mid_task=learner.in_progress is not None, rank=learner.rank, world_size=learner.world_size)
     log_event(log, "worker_start", rank=learner.rank, world_size=learner.world_size, device=str(device),
               threads=torch.get_num_threads())
     learner.run(stop_after_task=loop_config.get("stop_after_task"))

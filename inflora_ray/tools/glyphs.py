@@ -317,24 +317,9 @@ class GlyphSource:
 
 
 @functools.lru_cache(maxsize=None)
-def _file_sha256(path: str) -> str:
-    return file_digest(path)
-
-
 def font_checksums() -> dict[str, str]:
     """SHA-256 of each face used (the rendering depends on these exact files)."""
-    return {f: _file_sha256(str(font_dir() / f)) for f, *_ in FONT_FACES}
-
-
-def load_glyph_sources(img_size: int, num_train: int = 4000, num_test: int = 1000, seed: int = 0,
-                       classes: Optional[Sequence[str]] = None):
-    """Train/test sources (different seeds, so no image is shared), class names and a manifest: the same
-    shape as :func:`inflora_ray.data.digits.load_digits_sources`, for glyph-based continual tasks."""
-    train = GlyphSource(num_train, seed=2 * seed, img_size=img_size, classes=classes)
-    test = GlyphSource(num_test, seed=2 * seed + 1, img_size=img_size, classes=classes)
-    manifest = {"train": train.manifest(), "test": test.manifest()}
-    manifest["test"].pop("fonts")
-    return train, test, train.class_names, manifest
+    return {f: file_digest(str(font_dir() / f)) for f, *_ in FONT_FACES}
 
 
 def is_digit_like(ch: str) -> bool:

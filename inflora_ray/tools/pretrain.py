@@ -185,7 +185,7 @@ def evaluate(backbone: nn.Module, heads: _Heads, images: torch.Tensor, labels: t
 
 def pretrain(args: argparse.Namespace) -> dict:
     """Run the recipe in ``args``; save the weights and the record; return the record."""
-    from ..config import load_config
+    from ..presets import load_config
     from .glyphs import FAMILIES, GLYPH_CLASSES, GlyphSource, GlyphStyle, font_checksums
     from ..core.model import create_backbone
 

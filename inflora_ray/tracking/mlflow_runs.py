@@ -1,11 +1,11 @@
-"""MLflow tracking from the driver: one run per experiment run, per-task metrics (step = task index) and
-artifacts, parent runs over seeds. A tracking server that goes away mid-run never stops training: the loss
-is recorded and reported at the end; the run directory keeps every result."""
+"""MLflow tracking from the driver: every MLflow run (a run, a multi-seed parent, a sweep's parent and its
+trials) is created here. Per-task metrics are logged at step = task index, with artifacts. A tracking server
+that goes away mid-run never stops training: the loss is recorded and reported at the end; the run
+directory keeps every result."""
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import subprocess
 import tempfile
@@ -13,11 +13,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .. import storage
 from ..config import Config
 from ..logs import log_event
+from ..rundir import META_FILE, STATE_FILE, RunDir
+from ..training.state import task_metrics
+from .plots import plot_accuracy_curve, plot_accuracy_matrix
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,9 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+_PARAM_CHARS = 6000  # MLflow's limit on a param value
+_BATCH = 100  # params per log_batch call
 
 
 class TrackingUnavailable(RuntimeError):
@@ -54,18 +60,6 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
             "or run with tracking.enabled=false") from None
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def git_commit() -> Optional[str]:
     """The git commit of the code (working directory, else the package's checkout), if any."""
     for cwd in (os.getcwd(), str(Path(__file__).resolve().parent)):
@@ -78,67 +72,12 @@ def git_commit() -> Optional[str]:
     return None
 
 
-def _plot_matrix(acc: list[list[float]], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    n = len(acc)
-    grid = np.full((n, n), np.nan)
-    for i, row in enumerate(acc):
-        grid[i, :len(row)] = 100 * np.asarray(row)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.5 * n))
-    im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
-    for i in range(n):
-        for j in range(i + 1):
-            ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if grid[i, j] < 60 else "black")
-    ax.set_xlabel("test set of task j")
-    ax.set_ylabel("after training task i")
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    fig.colorbar(im, ax=ax, label="accuracy (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _plot_curve(pooled: list[float], acc: list[list[float]], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    xs = list(range(1, len(pooled) + 1))
-    for j in range(len(acc)):
-        ax.plot(xs[j:], [100 * acc[i][j] for i in range(j, len(acc))], lw=0.8, alpha=0.5)
-    ax.plot(xs, [100 * p for p in pooled], "k-o", lw=2, label="all seen classes")
-    ax.set_xlabel("tasks learned")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def task_metrics(rec: dict) -> dict[str, float]:
-    """The per-task metric values (finite only) logged at step = task index."""
-    r, s = rec["report"], rec["summary"]
-    m = {"pooled_accuracy": r["pooled_accuracy"], "average_incremental_accuracy": r["average_incremental_accuracy"],
-         "forgetting": s["forgetting"], "backward_transfer": s["backward_transfer"], "train_loss": r["train_loss"],
-         "task_seconds": r["task_seconds"], "images_per_second": r["images_per_second"],
-         "peak_memory_mb": r["peak_memory_mb"]}
-    m.update({f"accuracy_task_{j}": a for j, a in enumerate(r["accuracy"])})
-    m.update({f"own_head_accuracy_task_{j}": a for j, a in enumerate(r["own_head_accuracy"])})
-    for layer, dim in enumerate(r.get("info", {}).get("memory_dims", [])):
-        m[f"memory_dim_layer_{layer:02d}"] = dim
-    return {k: float(v) for k, v in m.items() if v is not None and not math.isnan(float(v))}
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class Tracker:
-    """Writes one experiment run to MLflow through ``MlflowClient`` (thread-safe, no global active run)."""
+    """One MLflow run (``run_id``) written through ``MlflowClient`` (thread-safe, no global active run)."""
 
     def __init__(self, cfg: Config):
         from mlflow import MlflowClient
@@ -151,7 +90,7 @@ class Tracker:
         self.lost: Optional[str] = None  # first error after which tracking stopped
         self.logged_tasks: set[int] = set()
 
-    # ---------------------------------------------------------------- start
+    # ---------------------------------------------------------------- creating runs
     def experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment_name)
         if exp is not None:
@@ -161,7 +100,8 @@ class Tracker:
         except Exception:  # created concurrently by another seed's tracker
             return self.client.get_experiment_by_name(self.experiment_name).experiment_id
 
-    def base_tags(self) -> dict:
+    def base_tags(self) -> dict[str, str]:
+        """Tags every run of this config carries (method, benchmark, seed, sweep id, the user's tags)."""
         c = self.cfg
         tags = {"method": c.method.name, "benchmark": c.data.benchmark, "seed": str(c.experiment.seed),
                 "num_tasks": str(c.data.num_tasks), "model": c.model.name}
@@ -170,35 +110,54 @@ class Tracker:
         tags.update({str(k): str(v) for k, v in c.tracking.tags.items()})
         return tags
 
-    def start(self, run_name: str, record: dict, parent_run_id: Optional[str] = None,
-              resume_run_id: Optional[str] = None) -> str:
-        """Create (or reopen, on resume) the MLflow run and log params and tags. Errors propagate: at start,
-        an unusable tracking store stops the run before compute."""
+    def log_params(self, params: dict[str, object]) -> None:
+        """Log params (values as strings, lists/dicts as JSON, cut to MLflow's length limit), in batches."""
         from mlflow.entities import Param
 
+        text = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in params.items()}
+        items = [Param(k, v[:_PARAM_CHARS]) for k, v in sorted(text.items())]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + _BATCH], synchronous=True)
+
+    def create(self, run_name: str, tags: dict[str, str], params: dict[str, object],
+               parent_run_id: Optional[str] = None) -> str:
+        """Create this tracker's MLflow run (a child of ``parent_run_id`` if given) with tags and params.
+        Errors propagate: at start, an unusable tracking store stops the run before compute."""
+        tags = {**self.base_tags(), **tags, "mlflow.runName": run_name}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        self.run_id = self.client.create_run(self.experiment_id(), tags=tags, run_name=run_name).info.run_id
+        self.log_params(params)
+        return self.run_id
+
+    def start(self, run_name: str, record: dict, parent_run_id: Optional[str] = None,
+              resume_run_id: Optional[str] = None) -> str:
+        """Create (or reopen, on resume) the MLflow run of an experiment run, with its whole config as params."""
         if resume_run_id:
             self.run_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
             return resume_run_id
-        tags = {**self.base_tags(), "run_name": run_name, "mlflow.runName": run_name}
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id(), tags=tags, run_name=run_name)
-        self.run_id = run.info.run_id
-        params = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-                  for k, v in flatten(self.cfg.to_dict()).items() if not k.startswith("debug.")}
+        params: dict[str, object] = dict(self.cfg.flat())
         params.update({"method": self.cfg.method.name, "benchmark": self.cfg.data.benchmark,
-                       "num_workers": str(self.cfg.run.num_workers),
-                       "class_order": json.dumps(record.get("class_order")),
-                       "git_commit": str(git_commit())})
-        params.update({f"version.{k}": str(v) for k, v in record.get("versions", {}).items()})
-        items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
-        return self.run_id
+                       "num_workers": self.cfg.run.num_workers, "class_order": json.dumps(record.get("class_order")),
+                       "git_commit": git_commit()})
+        params.update({f"version.{k}": v for k, v in record.get("versions", {}).items()})
+        return self.create(run_name, {"run_name": run_name}, params, parent_run_id)
+
+    # ---------------------------------------------------------------- the run directory's record of it
+    def save_state(self, run: RunDir) -> None:
+        """Write ``results/tracking.json``: which MLflow run this is and which tasks it already holds."""
+        storage.write_json(run.tracking, {"uri": self.uri, "run_id": self.run_id, "experiment": self.experiment_name,
+                                          "logged_tasks": sorted(self.logged_tasks)})
+
+    @staticmethod
+    def load_state(run: RunDir) -> dict:
+        """The content of ``results/tracking.json`` ({} if the run has none)."""
+        return storage.read_json(run.tracking) if storage.exists(run.tracking) else {}
 
     # ---------------------------------------------------------------- during the run
-    def _guard(self, what: str, fn) -> None:
+    def guard(self, what: str, fn: Callable[[], None]) -> None:
+        """Run ``fn``; on any error stop tracking for good and record why (training never stops for MLflow)."""
         if self.lost is not None or self.run_id is None:
             return
         try:
@@ -207,107 +166,89 @@ class Tracker:
             self.lost = f"{what}: {type(e).__name__}: {str(e)[:300]}"
             log_event(log, "tracking_lost", level=logging.WARNING, error=self.lost, run_id=self.run_id)
 
-    def log_task(self, rec: dict, run_dir: str) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        ts = _now_ms()
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()],
+                              synchronous=True)
+
+    def log_task(self, rec: dict, run: RunDir) -> None:
         """Per-task metrics (step = task index) and artifacts under ``tasks/task_NNN``."""
         task = int(rec["report"]["task"])
         if task in self.logged_tasks:
             return
 
         def do():
-            from mlflow.entities import Metric
-
-            ts = int(time.time() * 1000)
-            metrics = [Metric(k, v, ts, task) for k, v in task_metrics(rec).items()]
-            self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+            self.log_metrics(task_metrics(rec["report"]), step=task)
             with tempfile.TemporaryDirectory() as d:
-                acc = rec["summary"]["accuracy_matrix"]
-                with open(os.path.join(d, "accuracy_matrix.csv"), "w") as f:
-                    f.write("after_task," + ",".join(f"task_{j}" for j in range(len(acc))) + "\n")
-                    for i, row in enumerate(acc):
-                        f.write(f"{i}," + ",".join(f"{a:.6f}" for a in row) + "," * (len(acc) - len(row)) + "\n")
-                _plot_matrix(acc, os.path.join(d, "accuracy_matrix.png"))
-                _plot_curve(rec["summary"]["pooled_accuracy"], acc, os.path.join(d, "accuracy_vs_task.png"))
-                info = rec["report"].get("info", {})
-                with open(os.path.join(d, "memory_dims.json"), "w") as f:
-                    json.dump({"memory_dims": info.get("memory_dims"), "memory_modes": info.get("memory_modes"),
-                               "threshold": info.get("threshold"), "used_rank": info.get("used_rank")}, f, indent=1)
-                adapters = storage.join(run_dir, "results", f"adapters_task_{task:03d}.pt")
-                if storage.exists(adapters):
-                    with open(os.path.join(d, "adapters.pt"), "wb") as f:
-                        f.write(storage.read_bytes(adapters))
+                _write_task_artifacts(rec, run, d)
                 self.client.log_artifacts(self.run_id, d, f"tasks/task_{task:03d}")
             self.logged_tasks.add(task)
 
-        self._guard(f"logging task {task}", do)
+        self.guard(f"logging task {task}", do)
 
     # ---------------------------------------------------------------- end
-    def finish(self, run_dir: str, summ: dict, failed: bool) -> None:
-        """Final artifacts (results, record, config, last checkpoint) and the run's status."""
+    def finish(self, run: RunDir, summ: dict, failed: bool) -> None:
+        """Final metrics and artifacts (results, record, config, last checkpoint) and the run's status."""
         def do():
-            from mlflow.entities import Metric
-
-            ts = int(time.time() * 1000)
             if summ:
                 final = {"final_accuracy": summ["final_accuracy"],
                          "final_average_incremental_accuracy": summ["average_incremental_accuracy"],
                          "final_forgetting": summ["forgetting"], "final_backward_transfer": summ["backward_transfer"]}
-                self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in final.items()
-                                                            if not math.isnan(float(v))], synchronous=True)
-            with tempfile.TemporaryDirectory() as d:
-                res = storage.join(run_dir, "results")
-                for name in ("metrics.json", "accuracy_matrix.parquet", "record.json", "config.yaml"):
-                    src = storage.join(res, name)
-                    if storage.exists(src):
-                        Path(d, name).write_bytes(storage.read_bytes(src))
-                self.client.log_artifacts(self.run_id, d, "results")
-            if self.cfg.tracking.log_checkpoint:
-                last = latest_task_checkpoint(run_dir)
-                if last is not None:
-                    with tempfile.TemporaryDirectory() as d:
-                        for name in ("state.pt", "meta.json"):
-                            src = storage.join(last, name)
-                            if storage.exists(src):
-                                Path(d, name).write_bytes(storage.read_bytes(src))
-                        self.client.log_artifacts(self.run_id, d, "checkpoint")
+                self.log_metrics({k: v for k, v in final.items() if v == v})  # NaN != NaN
+            self._log_files(run.results, ("metrics.json", "accuracy_matrix.parquet", "record.json", "config.yaml"),
+                            "results")
+            last = run.latest_task_checkpoint() if self.cfg.tracking.log_checkpoint else None
+            if last is not None:
+                self._log_files(last, (STATE_FILE, META_FILE), "checkpoint")
             self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
-        self._guard("finishing the run", do)
+        self.guard("finishing the run", do)
         if self.lost is None and self.run_id is not None:
-            storage.write_json(storage.join(run_dir, "results", "tracking.json"),
-                               {"uri": self.uri, "run_id": self.run_id, "experiment": self.experiment_name,
-                                "logged_tasks": sorted(self.logged_tasks)})
+            self.save_state(run)
+
+    def finish_parent(self, metrics: dict[str, float], ok: bool, files: tuple[str, ...] = ()) -> None:
+        """Close a parent run (seeds, sweep): its metrics, files from storage as artifacts, its status."""
+        def do():
+            if files:
+                with tempfile.TemporaryDirectory() as d:
+                    for src in files:
+                        Path(d, src.rstrip("/").rsplit("/", 1)[-1]).write_bytes(storage.read_bytes(src))
+                    self.client.log_artifacts(self.run_id, d)
+            self.log_metrics(metrics)
+            self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
+
+        self.guard("finishing the parent run", do)
+
+    def _log_files(self, folder: str, names: tuple[str, ...], artifact_path: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            for name in names:
+                src = storage.join(folder, name)
+                if storage.exists(src):
+                    Path(d, name).write_bytes(storage.read_bytes(src))
+            self.client.log_artifacts(self.run_id, d, artifact_path)
 
 
-def latest_task_checkpoint(run_dir: str) -> Optional[str]:
-    """The last task-boundary checkpoint directory of a run, if any."""
-    names = [n for n in storage.list_names(run_dir) if n.startswith("checkpoint_task") and "_epoch" not in n]
-    return storage.join(run_dir, sorted(names)[-1]) if names else None
+def _write_task_artifacts(rec: dict, run: RunDir, d: str) -> None:
+    """A task's artifacts into folder ``d``: accuracy matrix (CSV, PNG), accuracy curve, memory dims, adapter."""
+    acc = rec["summary"]["accuracy_matrix"]
+    with open(os.path.join(d, "accuracy_matrix.csv"), "w") as f:
+        f.write("after_task," + ",".join(f"task_{j}" for j in range(len(acc))) + "\n")
+        for i, row in enumerate(acc):
+            f.write(f"{i}," + ",".join(f"{a:.6f}" for a in row) + "," * (len(acc) - len(row)) + "\n")
+    plot_accuracy_matrix(acc, os.path.join(d, "accuracy_matrix.png"))
+    plot_accuracy_curve(rec["summary"]["pooled_accuracy"], acc, os.path.join(d, "accuracy_vs_task.png"))
+    info = rec["report"].get("info", {})
+    with open(os.path.join(d, "memory_dims.json"), "w") as f:
+        json.dump({k: info.get(k) for k in ("memory_dims", "memory_modes", "threshold", "used_rank")}, f, indent=1)
+    adapters = run.adapters(int(rec["report"]["task"]))
+    if storage.exists(adapters):
+        Path(d, "adapters.pt").write_bytes(storage.read_bytes(adapters))
 
 
-def start_parent(cfg: Config, parent_name: str, seeds: list[int]) -> tuple[Tracker, str]:
-    """Create the parent run of a multi-seed experiment (children link to it with mlflow.parentRunId)."""
-    from mlflow.entities import Param
-
+def start_parent(cfg: Config, name: str, params: dict[str, object], tags: dict[str, str]) -> Tracker:
+    """Create a parent MLflow run (over seeds, or a sweep's); children link to it with ``mlflow.parentRunId``."""
     tracker = Tracker(cfg)
-    tags = {**tracker.base_tags(), "seed": "parent", "mlflow.runName": parent_name,
-            "seeds": ",".join(map(str, seeds))}
-    run = tracker.client.create_run(tracker.experiment_id(), tags=tags, run_name=parent_name)
-    tracker.run_id = run.info.run_id
-    tracker.client.log_batch(run.info.run_id, params=[Param("seeds", ",".join(map(str, seeds))),
-                                                      Param("method", cfg.method.name),
-                                                      Param("benchmark", cfg.data.benchmark)], synchronous=True)
-    return tracker, run.info.run_id
-
-
-def finish_parent(tracker: Tracker, aggregate: dict[str, float], all_ok: bool) -> None:
-    """Log the over-seed aggregate (mean/std of final metrics) on the parent run and close it."""
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-
-    def do():
-        tracker.client.log_batch(tracker.run_id, metrics=[Metric(k, v, ts, 0) for k, v in aggregate.items()],
-                                 synchronous=True)
-        tracker.client.set_terminated(tracker.run_id, status="FINISHED" if all_ok else "FAILED")
-
-    tracker._guard("finishing the parent run", do)
+    tracker.create(name, tags, params)
+    return tracker

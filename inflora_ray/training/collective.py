@@ -39,18 +39,3 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             t.copy_(flat[offset:offset + n].view_as(t))
             offset += n
     return tensors
-
-
-def broadcast_object(obj, src: int = 0):
-    """Rank ``src``'s Python object on every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op in a single process)."""
-    if is_distributed():
-        dist.barrier()

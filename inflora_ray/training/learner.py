@@ -5,18 +5,12 @@ Runs the same in a plain process and inside a Ray Train worker: every cross-work
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
-import math
 import os
-import random
-import resource
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,65 +23,14 @@ from ..logs import log_event
 from ..core.methods import Method, build_method
 from ..core.metrics import AccuracyRecord, summary
 from ..core.model import ContinualViT, build_model
-from ..core.subspace import covariance_sums
+from ..core.subspace import CovariancePass, covariance_sums
+from .optim import lr_factor, make_optimizer
+from .runtime import peak_memory_mb, resolve_device, rng_state, seed_everything, set_rng_state
+from .state import TaskProgress, TaskReport
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-
-
-def lr_factor(cfg_train, epoch: int) -> float:
-    """Per-epoch learning-rate multiplier (the paper's cosine: cos(99 pi e / (200 (K - 1))))."""
-    if cfg_train.schedule == "cosine":
-        k = cfg_train.epochs
-        return 1.0 if k <= 1 else math.cos(99 * math.pi * epoch / (200 * (k - 1)))
-    if cfg_train.schedule == "step":
-        return cfg_train.step_gamma ** sum(1 for m in cfg_train.step_milestones if epoch >= m)
-    return 1.0
-
-
-def resolve_device(cfg_train, device: Optional[torch.device] = None) -> torch.device:
-    """The explicit device, else the configured one ("auto": CUDA when available)."""
-    if device is not None:
-        return torch.device(device)
-    if cfg_train.device == "cuda" or (cfg_train.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated (CUDA) or peak resident set size of this process (CPU), in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@dataclass
-class TaskReport:
-    """What one task produced; every worker holds the same (reduced) figures."""
-    task: int
-    classes: list[int]
-    correct: list[int]
-    total: list[int]
-    own_head_correct: list[int]
-    accuracy: list[float]
-    own_head_accuracy: list[float]
-    pooled_accuracy: float
-    average_incremental_accuracy: float
-    forgetting: float
-    backward_transfer: float
-    train_loss: float
-    task_seconds: float
-    train_seconds: float
-    train_images: int
-    images_per_second: float
-    peak_memory_mb: float
-    info: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Hooks:
@@ -113,27 +56,6 @@ class _CurrentTask(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.heads[self.head_index](self.model.features(images))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    """Process RNG states as tensors and plain types (loadable with ``torch.load(weights_only=True)``)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-            "numpy_pos": int(pos), "numpy_gauss": (int(has_gauss), float(cached)), "python": random.getstate()}
-
-
-def _set_rng_state(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(("MT19937", rng["numpy_keys"].numpy().astype(np.uint32), rng["numpy_pos"],
-                         rng["numpy_gauss"][0], rng["numpy_gauss"][1]))
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
 
 
 class ContinualLearner:
@@ -164,8 +86,7 @@ class ContinualLearner:
         self.own_head_record = AccuracyRecord()
         self.reports: list[TaskReport] = []
         self.next_task = 0
-        # Set when resuming mid-task: {"task", "epochs_done", "optimizer", "losses", ...}.
-        self._in_task: Optional[dict] = None
+        self.in_progress: Optional[TaskProgress] = None  # the task being trained (restored mid-task on resume)
 
     # ------------------------------------------------------------------ helpers
     def _autocast_dtype(self) -> Optional[torch.dtype]:
@@ -180,38 +101,34 @@ class ContinualLearner:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _loader(self, dataset: TaskDataset, batches):
-        return make_loader(dataset, batches, num_workers=self.cfg.data.num_workers,
+        return make_loader(dataset, batches, loader_workers=self.cfg.data.loader_workers,
                            pin_memory=self.device.type == "cuda")
 
     def _images(self, loader):
         for images, _ in loader:
             yield images.to(self.device, non_blocking=True)
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     # ------------------------------------------------------------------ covariance
-    def covariance(self, task: int, tag: int) -> list[torch.Tensor]:
+    def covariance(self, task: int, which: CovariancePass) -> list[torch.Tensor]:
         """Each adapted layer's input covariance ``C = sum x x^T / n`` on task ``task``'s training data
-        (training augmentation, pass tag ``tag``), summed over all workers' shards before dividing."""
+        (training augmentation of pass ``which``), summed over all workers' blocks before dividing."""
         indices = self.benchmark.task_indices("train", task)
         batches = pass_batches(indices, self.cfg.data.eval_batch_size, self.rank, self.world_size,
-                               seed=self.cfg.experiment.seed, task=task, epoch=tag)
+                               seed=self.cfg.experiment.seed, task=task, aug_stream=int(which))
         t0 = time.perf_counter()
         with self._autocast():
             sums, counts = covariance_sums(self.model, self.model.adapters,
                                            self._images(self._loader(self.train_set, batches)),
                                            forward=self.model.features)
         collective.all_reduce_sum(sums + [counts])
-        log_event(log, "covariance_pass", task=task, tag=tag, tokens=int(counts[0].item()),
+        log_event(log, "covariance_pass", task=task, which=which.name.lower(), tokens=int(counts[0].item()),
                   seconds=round(time.perf_counter() - t0, 3))
         return [s / counts[i].to(s.dtype) for i, s in enumerate(sums)]
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, upto_task: int) -> tuple[list[int], list[int], list[int]]:
-        """Class-incremental evaluation on the test sets of tasks 0..upto_task (sharded over workers).
+        """Class-incremental evaluation on the test sets of tasks 0..upto_task (each worker evaluates its block).
 
         Returns per task: correct (argmax over all seen classes), total, and correct on the task's own head.
         """
@@ -236,18 +153,6 @@ class ContinualLearner:
         return c[0], c[1], c[2]
 
     # ------------------------------------------------------------------ training
-    def _make_optimizer(self, head: nn.Linear) -> torch.optim.Optimizer:
-        t = self.cfg.train
-        groups = []
-        adapter_params = self.method.trainable_parameters(self.model)
-        if adapter_params:
-            groups.append({"params": adapter_params, "lr": t.lr, "base_lr": t.lr, "name": "adapters"})
-        head_lr = t.head_lr if t.head_lr is not None else t.lr
-        groups.append({"params": list(head.parameters()), "lr": head_lr, "base_lr": head_lr, "name": "head"})
-        if t.optimizer == "adam":
-            return torch.optim.Adam(groups, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        return torch.optim.SGD(groups, momentum=t.momentum, weight_decay=t.weight_decay)
-
     def _wrap(self, module: nn.Module) -> nn.Module:
         if not collective.is_distributed():
             return module
@@ -260,12 +165,13 @@ class ContinualLearner:
             kwargs["device_ids"] = [self.device.index]
         return DDP(module, **kwargs)
 
-    def _train_task(self, task: int, head: nn.Linear, state: dict) -> None:
-        """Train the current task's adapter and head from ``state['epochs_done']`` to the last epoch."""
+    def _train_task(self, task: int, head: nn.Linear, progress: TaskProgress, started: float) -> None:
+        """Train the current task's adapter and head from ``progress.epochs_done`` to the last epoch
+        (``started``: the task's start on this process's ``perf_counter`` clock, earlier processes included)."""
         cfg = self.cfg
-        optimizer = self._make_optimizer(head)
-        if state.get("optimizer") is not None:
-            optimizer.load_state_dict(state["optimizer"])
+        optimizer = make_optimizer(cfg.train, self.method.trainable_parameters(self.model), head)
+        if progress.optimizer is not None:
+            optimizer.load_state_dict(progress.optimizer)
         module = self._wrap(_CurrentTask(self.model, task))
         if cfg.train.compile:
             module = torch.compile(module)
@@ -273,7 +179,7 @@ class ContinualLearner:
         indices = self.benchmark.task_indices("train", task)
         sizes = global_batch_sizes(len(indices), cfg.data.batch_size)
         self.model.eval()  # backbone in eval mode while training (no dropout), as in the paper
-        for epoch in range(state["epochs_done"], cfg.train.epochs):
+        for epoch in range(progress.epochs_done, cfg.train.epochs):
             factor = lr_factor(cfg.train, epoch)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
@@ -301,65 +207,65 @@ class ContinualLearner:
             seconds = time.perf_counter() - t0
             collective.all_reduce_sum([loss_sum])  # batch sizes are already global
             epoch_loss = float(loss_sum) / max(1, sum(sizes))
-            state["losses"].append(epoch_loss)
-            state["train_seconds"] += seconds
-            state["train_images"] += sum(sizes)
-            state["epochs_done"] = epoch + 1
-            state["optimizer"] = optimizer.state_dict()
-            state["elapsed"] = self._elapsed_base + time.perf_counter() - self._task_t0
+            progress.losses.append(epoch_loss)
+            progress.train_seconds += seconds
+            progress.train_images += sum(sizes)
+            progress.epochs_done = epoch + 1
+            progress.optimizer = optimizer.state_dict()
+            progress.elapsed = time.perf_counter() - started
             log_event(log, "epoch_end", task=task, epoch=epoch, epochs=cfg.train.epochs,
                       lr=round(optimizer.param_groups[0]["lr"], 8), loss=round(epoch_loss, 5),
                       images_per_second=round(sum(sizes) / max(seconds, 1e-9), 1), seconds=round(seconds, 2))
-            self._in_task = state
             self.hooks.on_epoch_end(self, task, epoch)
+
+    def _begin_task(self, task: int, covariance) -> tuple[nn.Linear, TaskProgress]:
+        """The task's head and progress: restored when resuming mid-task, else a new head and the method's
+        preparation of the adapter (design of A_t for InfLoRA)."""
+        progress = self.in_progress
+        if progress is not None and progress.task == task:
+            log_event(log, "task_resume", task=task, epochs_done=progress.epochs_done)
+            return self.model.heads[task], progress
+        classes = self.benchmark.tasks[task]
+        log_event(log, "task_start", task=task, tasks=self.benchmark.num_tasks, classes=classes,
+                  train_samples=len(self.benchmark.task_indices("train", task)))
+        gen = torch.Generator().manual_seed(self.cfg.experiment.seed * 1_000_003 + task)
+        head = self.model.add_head(len(classes), generator=gen)
+        info = self.method.prepare_task(self.model, task, covariance)
+        self.in_progress = TaskProgress(task=task, info=info)
+        return head, self.in_progress
 
     def run_task(self, task: int) -> TaskReport:
         """Design (or resume) task ``task``, train it, finish it, evaluate on all seen tasks."""
-        cfg = self.cfg
-        t_start = self._task_t0 = time.perf_counter()
-        classes = self.benchmark.tasks[task]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        covariance = lambda tag: self.covariance(task, tag)  # noqa: E731
-        state = self._in_task if (self._in_task and self._in_task["task"] == task) else None
-        if state is None:
-            log_event(log, "task_start", task=task, tasks=self.benchmark.num_tasks, classes=classes,
-                      train_samples=len(self.benchmark.task_indices("train", task)))
-            gen = torch.Generator().manual_seed(cfg.experiment.seed * 1_000_003 + task)
-            head = self.model.add_head(len(classes), generator=gen)
-            info = self.method.prepare_task(self.model, task, covariance)
-            state = {"task": task, "epochs_done": 0, "optimizer": None, "losses": [], "train_seconds": 0.0,
-                     "train_images": 0, "info": info, "elapsed": 0.0}
-            self._in_task = state
-        else:
-            log_event(log, "task_resume", task=task, epochs_done=state["epochs_done"])
-            head = self.model.heads[task]
-        self._elapsed_base = state["elapsed"]
+        covariance = lambda which: self.covariance(task, which)  # noqa: E731
+        head, progress = self._begin_task(task, covariance)
+        started = time.perf_counter() - progress.elapsed
         head.requires_grad_(True)
-        self._train_task(task, head, state)
+        self._train_task(task, head, progress, started)
         head.requires_grad_(False)
-        info = dict(state["info"])
+        info = dict(progress.info)
         info.update(self.method.finish_task(self.model, task, covariance))
         correct, total, own = self.evaluate(task)
         self.record.add_row(correct, total)
         self.own_head_record.add_row(own, total)
         m = summary(self.record)
-        task_seconds = self._elapsed_base + time.perf_counter() - t_start
         report = TaskReport(
-            task=task, classes=classes, correct=correct, total=total, own_head_correct=own,
+            task=task, classes=self.benchmark.tasks[task], correct=correct, total=total, own_head_correct=own,
             accuracy=m["accuracy_matrix"][-1], own_head_accuracy=self.own_head_record.matrix()[-1],
             pooled_accuracy=m["pooled_accuracy"][-1], average_incremental_accuracy=m["average_incremental_accuracy"],
             forgetting=m["forgetting"], backward_transfer=m["backward_transfer"],
-            train_loss=state["losses"][-1] if state["losses"] else float("nan"),
-            task_seconds=task_seconds, train_seconds=state["train_seconds"], train_images=state["train_images"],
-            images_per_second=state["train_images"] / max(state["train_seconds"], 1e-9),
+            train_loss=progress.losses[-1] if progress.losses else float("nan"),
+            task_seconds=time.perf_counter() - started, train_seconds=progress.train_seconds,
+            train_images=progress.train_images,
+            images_per_second=progress.train_images / max(progress.train_seconds, 1e-9),
             peak_memory_mb=peak_memory_mb(self.device), info=info)
         self.reports.append(report)
         self.next_task = task + 1
-        self._in_task = None
+        self.in_progress = None
         log_event(log, "task_end", task=task, pooled_accuracy=round(report.pooled_accuracy, 4),
                   average_incremental_accuracy=round(report.average_incremental_accuracy, 4),
-                  accuracy=[round(a, 4) for a in report.accuracy], seconds=round(task_seconds, 2),
+                  accuracy=[round(a, 4) for a in report.accuracy], seconds=round(report.task_seconds, 2),
                   images_per_second=round(report.images_per_second, 1))
         self.hooks.on_task_end(self, report)
         return report
@@ -381,10 +287,10 @@ class ContinualLearner:
         """Everything needed to continue: heads, method (memory, finished adapters), the current task's
         adapter and optimizer when mid-task, accuracy records, RNG states, the config."""
         in_task = None
-        if self._in_task is not None:
-            in_task = copy.deepcopy(self._in_task)
-            in_task["adapters"] = [{k: getattr(layer, k).detach().cpu().clone()
-                                    for k in ("lora_A", "lora_B_k", "lora_B_v")} for layer in self.model.adapters]
+        if self.in_progress is not None:
+            in_task = self.in_progress.to_dict()  # a deep copy
+            in_task["adapters"] = [{k: v.detach().cpu().clone() for k, v in layer.adapter_params().items()}
+                                   for layer in self.model.adapters]
         return {
             "version": CHECKPOINT_VERSION,
             "config": self.cfg.to_dict(),
@@ -396,7 +302,7 @@ class ContinualLearner:
             "reports": [r.to_dict() for r in self.reports],
             "in_task": in_task,
             "class_order": self.benchmark.class_order,
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -415,12 +321,14 @@ class ContinualLearner:
         self.own_head_record = AccuracyRecord.from_dict(state["own_head_record"])
         self.reports = [TaskReport(**r) for r in state["reports"]]
         self.next_task = int(state["next_task"])
-        self._in_task = state.get("in_task")
-        if self._in_task is not None:
+        in_task = state.get("in_task")
+        self.in_progress = None if in_task is None else TaskProgress.from_dict(in_task)
+        if self.in_progress is not None:
             with torch.no_grad():
-                for layer, tensors in zip(self.model.adapters, self._in_task.pop("adapters")):
+                for layer, tensors in zip(self.model.adapters, self.in_progress.adapters):
                     for k, v in tensors.items():
-                        getattr(layer, k).copy_(v)
+                        layer.adapter_params()[k].copy_(v)
+            self.in_progress.adapters = None
             self.method.set_task_trainable(self.model)
         if state.get("rng"):
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])

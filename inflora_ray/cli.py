@@ -1,0 +1,58 @@
+"""What the command-line entry points share: the flags that stand for config keys, and the exit codes."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from .config import ConfigError
+
+# Flags that are shortcuts for a config key: flag -> (config key, argparse keyword arguments).
+CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
+    "--num-workers": ("run.num_workers", dict(type=int, help="Ray Train workers (DDP ranks)")),
+    "--use-gpu": ("run.use_gpu", dict(action="store_true", default=None, help="one GPU per worker")),
+    "--cpus-per-worker": ("run.cpus_per_worker", dict(type=float, help="CPUs per Ray Train worker")),
+    "--storage-path": ("run.storage_path", dict(help="local dir, NFS path or s3:// / gs:// URI")),
+    "--name": ("run.name", dict(help="run name (default: <experiment>-<method>-s<seed>-<time>)")),
+    "--max-failures": ("run.max_failures", dict(type=int, help="worker failures to recover from")),
+    "--tracking-uri": ("tracking.uri", dict(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else a "
+                                                 "local store in the working directory)")),
+    "--no-tracking": ("tracking.enabled", dict(action="store_false", default=None, help="do not log to MLflow")),
+}
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, flags: list[str]) -> None:
+    """Add the named shortcut flags to ``parser``; each help text ends with the config key it sets."""
+    for flag in flags:
+        key, kwargs = CONFIG_FLAGS[flag]
+        parser.add_argument(flag, dest=_dest(flag), **{**kwargs, "help": f"{kwargs['help']}; = {key}"})
+
+
+def flag_overrides(args: argparse.Namespace, flags: list[str]) -> list[str]:
+    """The ``section.key=value`` overrides of the shortcut flags that were given."""
+    out = []
+    for flag in flags:
+        value = getattr(args, _dest(flag))
+        if value is not None:
+            out.append(f"{CONFIG_FLAGS[flag][0]}={value if isinstance(value, str) else json.dumps(value)}")
+    return out
+
+
+def run_cli(body: Callable[[], None], usage_errors: tuple = ()) -> int:
+    """Run a CLI body: exit 0 on success, 2 on bad input found before compute, 1 if the run failed."""
+    from .distributed.preflight import PreflightError
+
+    try:
+        body()
+    except (ConfigError, PreflightError, OSError, *usage_errors) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -1,0 +1,194 @@
+"""Writing Parquet shards: ``inflora-data prepare`` converts a raw benchmark into the layout that
+:mod:`inflora_ray.data.shards` describes and reads (written to a local folder first, then published)."""
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import storage
+from .base import DataError, label_sorted_order, split_tasks
+from .raw import load_raw_sources
+from .registry import get_benchmark
+from .shards import (DEFAULT_ROWS_PER_FILE, DEFAULT_ROWS_PER_GROUP, FORMAT, FORMAT_VERSION, MANIFEST, SCHEMA, SPLITS,
+                     COLUMN_COMPRESSION)
+
+
+def _rle(labels: np.ndarray) -> list[list[int]]:
+    out: list[list[int]] = []
+    for lab in labels.tolist():
+        if out and out[-1][0] == lab:
+            out[-1][1] += 1
+        else:
+            out.append([int(lab), 1])
+    return out
+
+
+def _publish(local: str, dest: str) -> None:
+    """Move a finished local file to ``dest`` (local path or URI), streaming it for object stores."""
+    if storage.is_uri(dest):
+        fs, p = storage.filesystem(dest)
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        with open(local, "rb") as src, fs.open_output_stream(p) as out:
+            for chunk in iter(lambda: src.read(1 << 23), b""):
+                out.write(chunk)
+        os.remove(local)
+    else:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.move(local, dest)
+
+
+def _class_chunks(labels: np.ndarray, positions: np.ndarray, rows_per_group: int) -> list[np.ndarray]:
+    """``positions`` (consecutive, one task) cut at every label change and every ``rows_per_group`` rows."""
+    chunks = []
+    if len(positions) == 0:
+        return chunks
+    labs = labels[positions]
+    cuts = np.flatnonzero(labs[1:] != labs[:-1]) + 1
+    for block in np.split(positions, cuts):
+        chunks += [block[s:s + rows_per_group] for s in range(0, len(block), rows_per_group)]
+    return chunks
+
+
+def _pack_files(chunks: list[np.ndarray], rows_per_file: int) -> list[list[np.ndarray]]:
+    """Consecutive row groups (``chunks``) packed into files of at most ``rows_per_file`` rows."""
+    files: list[list[np.ndarray]] = []
+    for c in chunks:
+        if not files or sum(map(len, files[-1])) + len(c) > rows_per_file:
+            files.append([])
+        files[-1].append(c)
+    return files
+
+
+class _ShardWriter:
+    """Writes the Parquet files of a benchmark's splits under ``out``, each first to a local temporary folder.
+
+    A context manager: the encoding threads and the temporary folder live as long as the ``with`` block.
+    """
+
+    def __init__(self, out: str, rows_per_group: int, rows_per_file: int, threads: int,
+                 log: Callable[[str], None]):
+        self.out, self.rows_per_group, self.rows_per_file = out, rows_per_group, rows_per_file
+        self.threads, self.log = threads, log
+
+    def __enter__(self) -> "_ShardWriter":
+        self.tmpdir = tempfile.mkdtemp(prefix="inflora-shards-")
+        self.pool = ThreadPoolExecutor(max(1, self.threads))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def write_split(self, split: str, src, task_of: np.ndarray, num_tasks: int) -> dict:
+        """Write every file of ``split`` (one directory per natural-order task); return its manifest entry."""
+        labels = np.asarray(src.labels, dtype=np.int64)
+        order = label_sorted_order(labels)  # identity for our label-ordered sources
+        row_task = task_of[labels[order]]
+        files = []
+        for t in range(num_tasks):
+            positions = np.flatnonzero(row_task == t)  # rows (positions in `order`) of natural task t
+            chunks = _class_chunks(labels[order], positions, self.rows_per_group)
+            for k, file_chunks in enumerate(_pack_files(chunks, self.rows_per_file)):
+                files.append(self._write_file(split, src, labels, order, t, k, file_chunks))
+        return {"num_rows": int(len(labels)), "files": files,
+                "identity_order": bool(np.array_equal(order, np.arange(len(order))))}
+
+    def _write_file(self, split: str, src, labels: np.ndarray, order: np.ndarray, task: int, part: int,
+                    file_chunks: list[np.ndarray]) -> dict:
+        """Write one file (a row group per chunk of positions in ``order``), publish it, return its entry."""
+        rel = f"{split}/task-{task:03d}/part-{part:05d}.parquet"
+        local = os.path.join(self.tmpdir, f"{split}-{task}-{part}.parquet")
+        with pq.ParquetWriter(local, SCHEMA, compression=COLUMN_COMPRESSION, use_dictionary=["format", "split"]) as writer:
+            for chunk in file_chunks:
+                idx = order[chunk]
+                writer.write_table(self._table(split, src, labels, idx, task), row_group_size=len(idx))
+        meta = pq.ParquetFile(local).metadata
+        row_groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        rows = np.concatenate(file_chunks)
+        entry = {"path": rel, "task": task, "num_rows": int(len(rows)), "row_groups": row_groups,
+                 "labels": _rle(labels[order[rows]]), "size": os.path.getsize(local),
+                 "sha256": storage.file_digest(local)}
+        if sum(row_groups) != entry["num_rows"]:
+            raise RuntimeError(f"{rel}: row groups {row_groups} do not add up to {entry['num_rows']}")
+        _publish(local, storage.join(self.out, *rel.split("/")))
+        self.log(f"{split} task {task}: {rel} ({entry['num_rows']} rows, {len(row_groups)} row groups, "
+                 f"{entry['size'] / 1e6:.1f} MB)")
+        return entry
+
+    def _table(self, split: str, src, labels: np.ndarray, idx: np.ndarray, task: int) -> pa.Table:
+        """The rows ``idx`` of ``src``: encoded images (read by the threads) and their columns."""
+        enc = list(self.pool.map(src.encoded, idx.tolist()))
+        keys = [src.key(int(i)) for i in idx] if hasattr(src, "key") else [str(i) for i in idx]
+        return pa.table({
+            "image": pa.array([e[0] for e in enc], pa.binary()),
+            "format": pa.array([e[1] for e in enc], pa.string()),
+            "label": pa.array(labels[idx], pa.int64()),
+            "split": pa.array([split] * len(idx), pa.string()),
+            "task": pa.array(np.full(len(idx), task, dtype=np.int32), pa.int32()),
+            "index": pa.array(idx.astype(np.int64), pa.int64()),
+            "key": pa.array(keys, pa.string()),
+        }, schema=SCHEMA)
+
+
+def _remove_shards(out: str) -> None:
+    """Delete the split directories and the manifest of shards already at ``out``."""
+    fs, _ = storage.filesystem(out)
+    for split in SPLITS:
+        sub = storage.join(out, split)
+        if storage.exists(sub):
+            fs.delete_dir(storage.filesystem(sub)[1])
+    manifest_path = storage.join(out, MANIFEST)
+    if storage.exists(manifest_path):
+        fs.delete_file(storage.filesystem(manifest_path)[1])
+
+
+def prepare_shards(benchmark: str, source: str, out: str, rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
+                   rows_per_file: int = DEFAULT_ROWS_PER_FILE, num_tasks: Optional[int] = None,
+                   overwrite: bool = False, download: bool = False, split_manifest: Optional[str] = None,
+                   verify_hashes: bool = False, threads: int = 1,
+                   log: Optional[Callable[[str], None]] = None) -> dict:
+    """Convert the raw benchmark at ``source`` into Parquet shards under ``out``; return the manifest.
+
+    ``num_tasks`` task directories in natural class order (default: the benchmark's paper task count);
+    ``download``, ``split_manifest`` and ``verify_hashes`` are passed to the raw loader
+    (:func:`inflora_ray.data.raw.load_raw_sources`).
+    """
+    log = log or (lambda s: None)
+    if rows_per_group < 1 or rows_per_file < rows_per_group:
+        raise ValueError(f"need 1 <= rows_per_group ({rows_per_group}) <= rows_per_file ({rows_per_file})")
+    manifest_path = storage.join(out, MANIFEST)
+    if storage.exists(manifest_path) and not overwrite:
+        raise DataError(f"{out} already holds prepared shards ({MANIFEST}); pass --overwrite to replace them")
+    train, test, names, provenance = load_raw_sources(benchmark, source, download=download,
+                                                      manifest=split_manifest, verify_hashes=verify_hashes)
+    num_tasks = num_tasks or get_benchmark(benchmark).default_num_tasks
+    tasks = split_tasks(list(range(len(names))), num_tasks)
+    task_of = np.empty(len(names), dtype=np.int32)
+    for t, classes in enumerate(tasks):
+        task_of[classes] = t
+    if storage.exists(out) and overwrite:
+        _remove_shards(out)
+    with _ShardWriter(out, rows_per_group, rows_per_file, threads, log) as writer:
+        splits_out = {split: writer.write_split(split, src, task_of, num_tasks)
+                      for split, src in zip(SPLITS, (train, test))}
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "benchmark": benchmark,
+        "num_classes": len(names), "class_names": list(names),
+        "task_directories": {"num_tasks": num_tasks, "class_order": "natural", "tasks": tasks},
+        "rows_per_group": rows_per_group, "rows_per_file": rows_per_file,
+        "source_manifest": provenance, "splits": splits_out,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "pyarrow": pa.__version__,
+    }
+    storage.write_json(manifest_path, manifest)
+    log(f"wrote {manifest_path}: {splits_out['train']['num_rows']} train + {splits_out['test']['num_rows']} "
+        f"test rows, {len(names)} classes")
+    return manifest

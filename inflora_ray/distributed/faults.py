@@ -1,0 +1,66 @@
+"""Fault injection for tests, kept out of the user-facing config.
+
+The driver forwards the environment variable ``INFLORA_RAY_FAULT`` (if set) to the Ray Train workers, whose
+hook makes the worker of rank ``rank`` fail once per run, before step ``step`` of epoch ``epoch`` of task
+``task``: ``mode=exit`` kills the process (a lost node), ``mode=raise`` raises an exception (a bug).
+Example: ``INFLORA_RAY_FAULT=task=1,epoch=1,step=1,rank=1,mode=exit``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from .. import storage
+from ..logs import log_event
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "INFLORA_RAY_FAULT"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by an injected fault in ``mode=raise``."""
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """Where the fault fires: (task, epoch, step) on worker ``rank``."""
+    task: int
+    epoch: int = 0
+    step: int = 0
+    rank: int = 0
+    mode: Literal["exit", "raise"] = "exit"
+
+    @classmethod
+    def parse(cls, text: str) -> "FaultPlan":
+        """``task=1,epoch=1,step=1,rank=1,mode=exit`` -> FaultPlan; a ``ValueError`` says what is wrong."""
+        fields: dict = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, _, value = item.partition("=")
+            if key not in ("task", "epoch", "step", "rank", "mode"):
+                raise ValueError(f"{ENV_VAR}: unknown field {key!r} (task, epoch, step, rank, mode)")
+            fields[key] = value if key == "mode" else int(value)
+        if "task" not in fields or fields.get("mode", "exit") not in ("exit", "raise"):
+            raise ValueError(f"{ENV_VAR}={text!r}: expected task=T[,epoch=E,step=S,rank=R,mode=exit|raise]")
+        return cls(**fields)
+
+    @classmethod
+    def from_env(cls) -> Optional[str]:
+        """The raw value of ``INFLORA_RAY_FAULT`` (validated), for the driver to forward to the workers."""
+        text = os.environ.get(ENV_VAR)
+        if text:
+            cls.parse(text)
+        return text or None
+
+    def fire_if_due(self, marker: str, task: int, epoch: int, step: int, rank: int) -> None:
+        """Fail now if this is the planned point and the fault has not fired in this run yet."""
+        if (task, epoch, step, rank) != (self.task, self.epoch, self.step, self.rank) or storage.exists(marker):
+            return
+        storage.write_bytes(marker, b"1")
+        log_event(log, "fault_injected", level=logging.WARNING, task=task, epoch=epoch, step=step, rank=rank,
+                  mode=self.mode)
+        if self.mode == "exit":
+            os._exit(13)
+        raise InjectedFault(f"injected fault at task {task} epoch {epoch} step {step}")

@@ -1,0 +1,58 @@
+"""Several seeds of one config, run side by side on the cluster, under one MLflow parent run that records
+mean +- std of the final metrics."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import sys
+from typing import Optional
+
+from ..config import Config
+from ..core.metrics import aggregate_over_seeds
+from .launch import RunResult, default_run_name, run_experiment
+from .preflight import connect_ray
+
+
+def run_seeds(cfg: Config, seeds: list[int], name: Optional[str] = None, **options) -> dict:
+    """Run one experiment per seed (runs ``<name>-seed<k>``), concurrently where the cluster has room.
+
+    ``options`` are :class:`~inflora_ray.distributed.launch.RunOptions` fields. Returns
+    ``{"runs": {seed: RunResult | None}, "aggregate": {...}, "parent_run_id": ...}``; raises ``RuntimeError``
+    naming the failed seeds after the others finished.
+    """
+    base = name or cfg.run.name or default_run_name(cfg, with_seed=False)
+    connect_ray(options.get("address"))  # once, before the seeds' threads
+    parent = None
+    if cfg.tracking.enabled:
+        from ..tracking import start_parent
+
+        joined = ",".join(map(str, seeds))
+        parent = start_parent(cfg, base, params={"seeds": joined, "method": cfg.method.name,
+                                                 "benchmark": cfg.data.benchmark},
+                              tags={"seed": "parent", "seeds": joined})
+    results: dict[int, Optional[RunResult]] = {}
+
+    def one(seed: int) -> RunResult:
+        return run_experiment(cfg.with_values({"experiment.seed": seed}), f"{base}-seed{seed}",
+                              parent_run_id=parent.run_id if parent else None, label=f"[seed {seed}] ",
+                              quiet_table=True, **options)
+
+    with cf.ThreadPoolExecutor(max_workers=len(seeds)) as pool:
+        futures = {pool.submit(one, s): s for s in seeds}
+        for fut in cf.as_completed(futures):
+            seed = futures[fut]
+            try:
+                results[seed] = fut.result()
+            except Exception as e:
+                print(f"[seed {seed}] error: {e}", file=sys.stderr, flush=True)
+                results[seed] = None
+    agg = aggregate_over_seeds([r.summary if r else None for _, r in sorted(results.items())])
+    if parent is not None:
+        parent.finish_parent(agg, ok=all(results.values()))
+    print(f"\n== {base}: {len(seeds)} seeds ==")
+    for key in ("final_accuracy", "average_incremental_accuracy", "forgetting"):
+        if f"{key}_mean" in agg:
+            print(f"{key:30s} {100 * agg[f'{key}_mean']:.2f} +- {100 * agg[f'{key}_std']:.2f}")
+    if any(r is None for r in results.values()):
+        failed = sorted(s for s, r in results.items() if r is None)
+        raise RuntimeError(f"seeds {failed} failed (see above); the others finished")
+    return {"runs": results, "aggregate": agg, "parent_run_id": parent.run_id if parent else None}

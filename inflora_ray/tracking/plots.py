@@ -1,0 +1,49 @@
+"""The per-task figures logged to MLflow (matplotlib, headless)."""
+from __future__ import annotations
+
+
+def plot_accuracy_matrix(acc: list[list[float]], path: str) -> None:
+    """The accuracy matrix as a heat map (PNG at ``path``)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(acc)
+    grid = np.full((n, n), np.nan)
+    for i, row in enumerate(acc):
+        grid[i, :len(row)] = 100 * np.asarray(row)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.5 * n))
+    im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
+    for i in range(n):
+        for j in range(i + 1):
+            ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if grid[i, j] < 60 else "black")
+    ax.set_xlabel("test set of task j")
+    ax.set_ylabel("after training task i")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_accuracy_curve(pooled: list[float], acc: list[list[float]], path: str) -> None:
+    """Pooled accuracy and each task's accuracy against the number of tasks learned (PNG at ``path``)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    xs = list(range(1, len(pooled) + 1))
+    for j in range(len(acc)):
+        ax.plot(xs[j:], [100 * acc[i][j] for i in range(j, len(acc))], lw=0.8, alpha=0.5)
+    ax.plot(xs, [100 * p for p in pooled], "k-o", lw=2, label="all seen classes")
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,73 @@
+"""What the loop records: a finished task's report, and the progress of the task being trained (saved in
+mid-task checkpoints so a resumed run continues exactly where it stopped)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+@dataclass
+class TaskReport:
+    """What one task produced; every worker holds the same (reduced) figures."""
+    task: int
+    classes: list[int]
+    correct: list[int]
+    total: list[int]
+    own_head_correct: list[int]
+    accuracy: list[float]
+    own_head_accuracy: list[float]
+    pooled_accuracy: float
+    average_incremental_accuracy: float
+    forgetting: float
+    backward_transfer: float
+    train_loss: float
+    task_seconds: float
+    train_seconds: float
+    train_images: int
+    images_per_second: float
+    peak_memory_mb: float
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def task_metrics(report: dict, finite_only: bool = True) -> dict[str, float]:
+    """The scalar metrics of a task report (a :meth:`TaskReport.to_dict`): what Tune and MLflow receive after
+    each task (MLflow at step = task index). ``finite_only=False`` keeps NaN where a metric is undefined yet
+    (forgetting after the first task), so every report carries the same keys."""
+    m: dict[str, Any] = {k: report[k] for k in (
+        "pooled_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer", "train_loss",
+        "task_seconds", "images_per_second", "peak_memory_mb")}
+    m.update({f"accuracy_task_{j}": a for j, a in enumerate(report["accuracy"])})
+    m.update({f"own_head_accuracy_task_{j}": a for j, a in enumerate(report["own_head_accuracy"])})
+    for layer, dim in enumerate(report.get("info", {}).get("memory_dims", [])):
+        m[f"memory_dim_layer_{layer:02d}"] = dim
+    out = {k: float(v) for k, v in m.items() if v is not None}
+    return {k: v for k, v in out.items() if not math.isnan(v)} if finite_only else out
+
+
+@dataclass
+class TaskProgress:
+    """The task being trained: epochs done, optimizer state, per-epoch losses and timings, and what
+    ``prepare_task`` reported. Saved in mid-task checkpoints (as a plain dict of tensors and plain types)."""
+    task: int
+    info: dict = field(default_factory=dict)
+    epochs_done: int = 0
+    optimizer: Optional[dict] = None
+    losses: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    train_images: int = 0
+    elapsed: float = 0.0  # seconds spent on the task before the current process took it over
+    # The current adapter's tensors per layer (only in a checkpoint; restored into the model on load).
+    adapters: Optional[list[dict[str, torch.Tensor]]] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "TaskProgress":
+        return cls(**state)
