@@ -253,3 +253,18 @@ def test_yaml_round_trip_gives_an_equal_config(preset, tmp_path):
     assert config_from_dict(cfg.to_dict()) == cfg
     assert yaml.safe_load(cfg.to_yaml()) == cfg.to_dict()
     assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()
+
+
+def test_resume_reads_a_config_stored_by_an_earlier_version(tmp_path):
+    """Runs stored before the rename of data.num_workers and the removal of the debug section still resume."""
+    import yaml
+
+    from inflora_ray.distributed.launch import load_run_config
+
+    data = load_config("quickstart").to_dict()
+    data["data"]["num_workers"] = data["data"].pop("loader_workers")
+    data["debug"] = {"fail_at_task": None, "fail_at_epoch": 0}
+    (tmp_path / "old" / "results").mkdir(parents=True)
+    (tmp_path / "old" / "results" / "config.yaml").write_text(yaml.safe_dump(data))
+    cfg, name = load_run_config(str(tmp_path), "old", ["data.loader_workers=2"])
+    assert name == "old" and cfg.data.loader_workers == 2 and "debug" not in cfg.to_dict()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from inflora_ray.presets import load_config
+from inflora_ray.core.subspace import CovariancePass
 from inflora_ray.distributed.faults import ENV_VAR
 from inflora_ray.distributed.launch import run_experiment
 from inflora_ray.distributed.preflight import PreflightError
@@ -51,7 +52,7 @@ def _covariance_probe(config):
     from inflora_ray.training.learner import ContinualLearner
 
     learner = ContinualLearner(config_from_dict(config["cfg"]), device=torch.device("cpu"))
-    covs = learner.covariance(task=0, tag=-1)
+    covs = learner.covariance(task=0, which=CovariancePass.BEFORE_TASK)
     designs = [design_lora_A(c, None, 10).lora_A for c in covs]
     if ray.train.get_context().get_world_rank() == 0:
         torch.save({"covs": covs, "designs": designs, "world": learner.world_size}, config["out"])
@@ -74,7 +75,7 @@ def test_two_worker_covariance_and_design_equal_one_process(ray_session, tmp_pat
     got = torch.load(out, weights_only=True)
     assert got["world"] == 2
     single = ContinualLearner(cfg, device=torch.device("cpu"))
-    ref = single.covariance(task=0, tag=-1)
+    ref = single.covariance(task=0, which=CovariancePass.BEFORE_TASK)
     for c2, c1, a2 in zip(got["covs"], ref, got["designs"]):
         # Two fp32 partial sums of ~5k token outer products added once vs one running sum: the relative
         # difference is ~1e-7 (fp32 epsilon times a few); 1e-5 leaves ample margin.

@@ -73,6 +73,16 @@ def versions() -> dict:
             "ray": ray.__version__, "mlflow": getattr(mlflow, "__version__", "?"), "python": sys.version.split()[0]}
 
 
+def _upgrade_stored_config(data: dict) -> dict:
+    """A config stored by an earlier version, in today's keys: the test-only ``debug`` section is gone and
+    ``data.num_workers`` is ``data.loader_workers``."""
+    data.pop("debug", None)
+    section = data.get("data")
+    if isinstance(section, dict) and "num_workers" in section:
+        section.setdefault("loader_workers", section.pop("num_workers"))
+    return data
+
+
 def load_run_config(storage_path: str, run: str, overrides: list[str]) -> tuple[Config, str]:
     """The stored config of run ``run`` (a name under ``storage_path``, or a run directory), with overrides."""
     if storage.exists(RunDir(run).config):
@@ -84,7 +94,7 @@ def load_run_config(storage_path: str, run: str, overrides: list[str]) -> tuple[
     if not storage.exists(run_dir.config):
         raise PreflightError(f"--resume {run!r}: no run found at {run_dir.path} (no results/config.yaml); give the "
                              f"run name and the same run.storage_path, or the run directory")
-    data = yaml.safe_load(storage.read_bytes(run_dir.config))
+    data = _upgrade_stored_config(yaml.safe_load(storage.read_bytes(run_dir.config)))
     data.setdefault("run", {})["storage_path"] = storage_path
     apply_overrides(data, overrides)
     return config_from_dict(data), name

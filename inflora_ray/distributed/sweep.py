@@ -40,6 +40,26 @@ class SweepOptions:
     reduction_factor: float = 2.0  # ASHA
 
 
+@dataclass
+class _Sweep:
+    """One sweep being run: its base config, space, directory, options, task count and MLflow parent."""
+    base: Config
+    space: SearchSpace
+    dir: SweepDir
+    opts: SweepOptions
+    num_tasks: int
+    tracker: object = None  # the parent run's Tracker (None without tracking)
+
+    @property
+    def horizon(self) -> int:
+        """Tasks every trial runs (``--first-tasks``, else all)."""
+        return self.opts.first_tasks or self.num_tasks
+
+    @property
+    def parent_id(self) -> Optional[str]:
+        return self.tracker.run_id if self.tracker is not None else None
+
+
 def _trial(params: dict, *, base: dict, sweep: str, trial_storage: str, parent_run_id: Optional[str],
            stop_after_task: Optional[int]) -> None:
     """One Tune trial: a full continual run whose per-task reports reach Tune through TuneReportCallback."""
@@ -117,42 +137,43 @@ def _check_options(space: SearchSpace, opts: SweepOptions) -> None:
             raise PreflightError("--search optuna needs the optuna package: pip install 'inflora-ray[optuna]'") from None
 
 
-def _open_parent(tracker, sweep: SweepDir, space: SearchSpace, opts: SweepOptions) -> Optional[str]:
+def _open_parent(sw: _Sweep) -> None:
     """The sweep's MLflow parent run: created, or on resume the one recorded in ``sweep.json``."""
+    tracker, opts = sw.tracker, sw.opts
     if tracker is None:
-        return None
-    if opts.resume and storage.exists(sweep.record):
-        tracker.run_id = storage.read_json(sweep.record).get("mlflow_parent_run_id")
-        return tracker.run_id
-    return tracker.create(opts.name, tags={"sweep": "parent"}, params={
-        "space": json.dumps(space.as_dict()), "metric": space.metric, "mode": space.mode,
+        return
+    if opts.resume and storage.exists(sw.dir.record):
+        tracker.run_id = storage.read_json(sw.dir.record).get("mlflow_parent_run_id")
+        return
+    tracker.create(opts.name, tags={"sweep": "parent"}, params={
+        "space": json.dumps(sw.space.as_dict()), "metric": sw.space.metric, "mode": sw.space.mode,
         "scheduler": opts.scheduler, "search": opts.search, "num_samples": opts.num_samples,
         "first_tasks": opts.first_tasks})
 
 
-def _tuner(base: Config, space: SearchSpace, sweep: SweepDir, parent_id: Optional[str], opts: SweepOptions,
-           horizon: int):
+def _tuner(sw: _Sweep):
     from ray import tune
     from ray.tune import RunConfig as TuneRunConfig
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    base, opts = sw.base, sw.opts
     # The trial function only drives a TorchTrainer whose workers reserve their own resources.
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base.to_dict(), sweep=opts.name, trial_storage=sweep.trials_root,
-                             parent_run_id=parent_id,
+        tune.with_parameters(_trial, base=base.to_dict(), sweep=opts.name, trial_storage=sw.dir.trials_root,
+                             parent_run_id=sw.parent_id,
                              stop_after_task=(opts.first_tasks - 1) if opts.first_tasks else None),
         {"CPU": 0.01})
     if opts.resume:
-        return tune.Tuner.restore(sweep.path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    sched = (ASHAScheduler(time_attr="tasks_done", max_t=horizon, grace_period=opts.grace_period,
+        return tune.Tuner.restore(sw.dir.path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    sched = (ASHAScheduler(time_attr="tasks_done", max_t=sw.horizon, grace_period=opts.grace_period,
                            reduction_factor=opts.reduction_factor) if opts.scheduler == "asha" else FIFOScheduler())
     search_alg = None
     if opts.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
         search_alg = OptunaSearch(seed=base.experiment.seed)
     return tune.Tuner(
-        trainable, param_space=space.to_tune(),
-        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=sched, search_alg=search_alg,
+        trainable, param_space=sw.space.to_tune(),
+        tune_config=tune.TuneConfig(metric=sw.space.metric, mode=sw.space.mode, scheduler=sched, search_alg=search_alg,
                                     num_samples=opts.num_samples,
                                     max_concurrent_trials=opts.max_concurrent or default_concurrency(base)),
         run_config=TuneRunConfig(name=opts.name, storage_path=storage.absolute(base.run.storage_path)))
@@ -181,46 +202,44 @@ def run_sweep(cfg: Config, space: SearchSpace, **options) -> dict:
 
     # Trials checkpoint at task boundaries only: every report then carries the per-task metrics ASHA reads.
     base = cfg.with_values({"run.checkpoint_every_epochs": 0, "run.name": None})
-    parent_id = _open_parent(tracker, sweep, space, opts)
+    sw = _Sweep(base, space, sweep, opts, num_tasks, tracker)
+    _open_parent(sw)
     if not opts.resume:
-        storage.write_json(sweep.record, {"name": opts.name, "mlflow_parent_run_id": parent_id,
+        storage.write_json(sweep.record, {"name": opts.name, "mlflow_parent_run_id": sw.parent_id,
                                           "space": space.as_dict(), "metric": space.metric, "mode": space.mode,
                                           "first_tasks": opts.first_tasks, "config": base.to_dict()})
     log_event(log, "sweep_start", name=opts.name, trials=opts.num_samples, scheduler=opts.scheduler,
-              search=opts.search, metric=space.metric, horizon=opts.first_tasks or num_tasks, resume=opts.resume)
-    results = _tuner(base, space, sweep, parent_id, opts, horizon=opts.first_tasks or num_tasks).fit()
-    return _conclude(results, base, space, sweep, tracker, opts, num_tasks)
+              search=opts.search, metric=space.metric, horizon=sw.horizon, resume=opts.resume)
+    return _conclude(sw, _tuner(sw).fit())
 
 
-def _conclude(results, base: Config, space: SearchSpace, sweep: SweepDir, tracker, opts: SweepOptions,
-              num_tasks: int) -> dict:
+def _conclude(sw: _Sweep, results) -> dict:
     """Name the winner, write the table and best config, run the winner over all tasks if asked, close MLflow."""
-    horizon = opts.first_tasks or num_tasks
-    rows = trial_table(results, space, horizon)
+    space, opts, sweep = sw.space, sw.opts, sw.dir
+    rows = trial_table(results, space, sw.horizon)
     if not [r for r in results if not r.error and r.metrics and space.metric in r.metrics]:
         raise RuntimeError(f"sweep {opts.name!r}: no trial reported {space.metric}; see the trials' errors above")
     best = results.get_best_result(metric=space.metric, mode=space.mode, scope="last")
     best_params = {p.key: best.config[p.key] for p in space.params}
-    best_cfg = base.with_values({**best_params, "run.name": None})
+    best_cfg = sw.base.with_values({**best_params, "run.name": None})
     storage.write_bytes(sweep.best_config, best_cfg.to_yaml().encode())
     write_trial_table(sweep, rows)
     print(f"\n== sweep {opts.name}: {len(rows)} trial(s), best {space.metric} = {best.metrics[space.metric]:.4f} ==")
     for row in rows:
         params = ", ".join(f"{k[6:]}={row[k]}" for k in row if k.startswith("param."))
-        print(f"  {row['trial_id']}: {row['status']:13s} tasks {row['tasks_done']}/{horizon}  "
+        print(f"  {row['trial_id']}: {row['status']:13s} tasks {row['tasks_done']}/{sw.horizon}  "
               f"{space.metric} {row.get(space.metric, math.nan):.4f}  ({params})")
     print(f"best config: {sweep.best_config}  params {best_params}")
     final = None
-    parent_id = tracker.run_id if tracker is not None else None
-    if opts.first_tasks and opts.first_tasks < num_tasks:
-        print(f"first-task protocol: running the best config over all {num_tasks} tasks")
+    if sw.horizon < sw.num_tasks:
+        print(f"first-task protocol: running the best config over all {sw.num_tasks} tasks")
         final = run_experiment(best_cfg.with_values({"tracking.sweep_id": opts.name}), f"{opts.name}-final",
-                               parent_run_id=parent_id, label="[final] ")
-    if tracker is not None:
+                               parent_run_id=sw.parent_id, label="[final] ")
+    if sw.tracker is not None:
         metrics = {f"best_{space.metric}": float(best.metrics[space.metric])}
         if final is not None:
             metrics["final_run_final_accuracy"] = float(final.summary["final_accuracy"])
-        tracker.finish_parent(metrics, ok=True, files=(*sweep.table_files, sweep.best_config))
+        sw.tracker.finish_parent(metrics, ok=True, files=(*sweep.table_files, sweep.best_config))
     return {"name": opts.name, "sweep_dir": sweep.path, "best_config": best_cfg, "best_params": best_params,
-            "best_metrics": dict(best.metrics), "rows": rows, "final": final, "mlflow_parent_run_id": parent_id,
+            "best_metrics": dict(best.metrics), "rows": rows, "final": final, "mlflow_parent_run_id": sw.parent_id,
             "results": results}
