@@ -43,16 +43,26 @@ def flag_overrides(args: argparse.Namespace, flags: list[str]) -> list[str]:
     return out
 
 
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
 def run_cli(body: Callable[[], None], usage_errors: tuple = ()) -> int:
-    """Run a CLI body: exit 0 on success, 2 on bad input found before compute, 1 if the run failed."""
+    """Run a CLI body: exit 0 on success, 2 on bad input found before compute (or an error no retry can fix),
+    1 if the run failed, 130 if it was interrupted (Ctrl-C, SIGTERM) after saving what it had."""
+    from .distributed.errors import NonRetryableError
+    from .distributed.launch import RunInterrupted
     from .distributed.preflight import PreflightError
 
     try:
         body()
-    except (ConfigError, PreflightError, OSError, *usage_errors) as e:
+    except (ConfigError, PreflightError, NonRetryableError, OSError, *usage_errors) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_BAD_INPUT
+    except (RunInterrupted, KeyboardInterrupt) as e:
+        print(f"stopped: {e or 'interrupted before the run started; nothing was trained'}", file=sys.stderr,
+              flush=True)
+        return EXIT_INTERRUPTED
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK

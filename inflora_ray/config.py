@@ -8,15 +8,12 @@ what it accepts. The sections are frozen pydantic models: a validated config is 
 from __future__ import annotations
 
 import re
-import types
-import typing
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 # Keys that were renamed: the old key's error says what to write instead.
@@ -39,6 +36,26 @@ def resolve_weights_file(spec: str) -> str:
     if spec.startswith("builtin:"):
         return str(resources.files("inflora_ray") / "weights" / f"{spec.removeprefix('builtin:')}.pth")
     return str(Path(spec).expanduser())
+
+
+# Names that become a folder (run, sweep): no separators, no '.'/'..', nothing hidden, a portable length.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+NAME_RULE = "letters, digits, '.', '_' and '-', not starting with '.' or '-', at most 128 characters"
+
+
+def check_name(name: object, what: str) -> str:
+    """``name`` if it may name a run or sweep folder, else a ConfigError saying ``what`` is wrong and the rule."""
+    _require(isinstance(name, str) and _NAME.fullmatch(name) is not None, what,
+             f"{name!r} cannot name a folder: use {NAME_RULE}")
+    return name  # type: ignore[return-value]
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; empty mappings stay values."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
 
 
 def _require(ok: bool, path: str, message: str) -> None:
@@ -69,7 +86,8 @@ class _Model(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise _config_error(e, type(self)) from None
+            from .config_errors import config_error
+            raise config_error(e, type(self)) from None
 
     @model_validator(mode="after")
     def _after(self) -> _Model:
@@ -127,7 +145,11 @@ class ModelConfig(_Model):
 
 
 class DataConfig(_Model):
-    """The benchmark (a name of ``inflora_ray.data.registry``), where it is, its task split and loaders."""
+    """The benchmark (a name of ``inflora_ray.data.registry``), where it is, its task split and loaders.
+
+    Local paths (``root``, ``shards``, ``manifest``) are stored absolute, so that Ray workers, whose working
+    directory differs, read the same files.
+    """
     benchmark: str = "digits"
     root: str | None = None  # the dataset's folder as released
     num_tasks: int = Field(5, ge=1)
@@ -140,6 +162,7 @@ class DataConfig(_Model):
     download: bool = False
     manifest: str | None = None  # split manifest: a JSON path or "packaged"
     verify_hashes: bool = False
+    verify_release: bool = True  # CIFAR-100: the files' MD5 must be the official release's (false: modified copy)
     normalize: Literal["none", "backbone", "imagenet", "inception"] = "none"
     shard_cache_mb: int = Field(1024, ge=1)
 
@@ -148,6 +171,16 @@ class DataConfig(_Model):
     def _known(cls, value: Any) -> Any:
         from .data.registry import benchmark_names  # here, not at the top: inflora_ray.data imports this module
         return _one_of(value, benchmark_names(), "data.benchmark")
+
+    @field_validator("root", "shards", "manifest")
+    @classmethod
+    def _absolute(cls, value: str | None, info) -> str | None:
+        """A local path with ``~`` expanded and made absolute against the working directory; URIs, the
+        manifest name ``packaged`` and blank values (refused by ``_check``) stay as given. ``info``: pydantic's
+        ValidationInfo (which field)."""
+        if value is None or not value.strip() or "://" in value or (info.field_name, value) == ("manifest", "packaged"):
+            return value
+        return str(Path(value).expanduser().absolute())
 
     def _check(self) -> None:
         from .data.registry import benchmark_names, get_benchmark
@@ -158,6 +191,9 @@ class DataConfig(_Model):
                  "only CIFAR-100 can be downloaded; ImageNet-R and DomainNet must be on disk")
         _require(self.manifest is None or spec.split_manifest, "data.manifest", "a split manifest only applies "
                  f"to benchmark {', '.join(repr(s.name) for s in specs if s.split_manifest)}")
+        _require(self.verify_release or spec.release_checksums, "data.verify_release", "false only applies to "
+                 f"benchmark {', '.join(repr(s.name) for s in specs if s.release_checksums)} (the others have no "
+                 "official checksums); remove the setting")
         if self.shards is not None:
             _require(not spec.in_memory, "data.shards", f"the {self.benchmark} quickstart is built in memory; "
                      f"shards apply to {', '.join(s.name for s in specs if not s.in_memory)}")
@@ -169,7 +205,8 @@ class DataConfig(_Model):
             _require(self.root is not None, "data.root",
                      f"benchmark {self.benchmark!r} needs data.root (the dataset's folder), "
                      f"e.g. data.root=/data/{self.benchmark}, or data.shards (prepared Parquet shards)")
-            _require(Path(self.root).expanduser().exists() or self.download, "data.root",
+            _require(self.root.strip() != "", "data.root", "must not be empty")
+            _require(Path(self.root).exists() or self.download, "data.root",
                      f"path not found: {self.root!r}")
 
 
@@ -212,8 +249,8 @@ class RunSection(_Model):
 
     def _check(self) -> None:
         _require(self.storage_path.strip() != "", "run.storage_path", "must not be empty")
-        _require(self.name is None or re.fullmatch(r"[A-Za-z0-9._-]+", self.name) is not None, "run.name",
-                 "may only contain letters, digits, '.', '_' and '-'")
+        if self.name is not None:
+            check_name(self.name, "run.name")
 
 
 class TrackingSection(_Model):
@@ -249,12 +286,7 @@ class Config(_Model):
 
     def flat(self) -> dict[str, Any]:
         """``{"section.key": value}``; non-empty mappings (model.kwargs, tracking.tags) are flattened too."""
-        def walk(d: dict, prefix: str) -> dict[str, Any]:
-            out: dict[str, Any] = {}
-            for k, v in d.items():
-                out.update(walk(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-            return out
-        return walk(self.to_dict(), "")
+        return flatten(self.to_dict())
 
     def with_values(self, values: dict[str, Any]) -> Config:
         """A new validated config with the flat ``section.key`` values set (numpy/torch scalars unwrapped)."""
@@ -262,81 +294,6 @@ class Config(_Model):
         for key, value in values.items():
             set_dotted(data, key, value.item() if getattr(value, "ndim", None) == 0 else value)
         return config_from_dict(data)
-
-
-# pydantic's ValidationError -> ConfigError naming the field and what it accepts.
-def _strip(tp: Any) -> Any:
-    """``Annotated[X, ...]`` and ``X | None`` -> X."""
-    while typing.get_origin(tp) in (Annotated, Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    return tp
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Annotated:
-        return _type_name(args[0])
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is list:
-        return f"a list of {_type_name(args[0])}"
-    return "a mapping" if tp is dict or origin is dict else getattr(tp, "__name__", str(tp))
-
-
-def _resolve(root: type[BaseModel], loc: tuple) -> tuple[str, Any, FieldInfo | None]:
-    """The dotted path (``data.class_order[2]``), declared type and field at a pydantic error location."""
-    path = next((name for name, f in Config.model_fields.items() if f.annotation is root), "")
-    tp, info = root, None
-    for part in loc:
-        if isinstance(part, int):  # an item of a list field
-            path, tp, info = f"{path}[{part}]", typing.get_args(_strip(tp))[0], None
-        elif part in getattr(tp, "model_fields", {}):
-            info = tp.model_fields[part]
-            path, tp = f"{path}.{part}".lstrip("."), info.annotation
-    return path, tp, info
-
-
-def _bounds(info: FieldInfo) -> str:
-    """'>= 1', 'in (0, 1]', ... from a field's ge/gt/le/lt, then 'or null' and the field's description."""
-    ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-    c = {k: getattr(m, k) for m in info.metadata for k in ops if hasattr(m, k)}
-    lo, hi = [k for k in ("ge", "gt") if k in c], [k for k in ("le", "lt") if k in c]
-    if lo and hi:  # an interval such as (0, 1] or [0, 1)
-        text = f"in {'[' if lo[0] == 'ge' else '('}{c[lo[0]]}, {c[hi[0]]}{']' if hi[0] == 'le' else ')'}"
-    else:
-        text = " and ".join(f"{ops[k]} {v}" for k, v in c.items())
-    nullable = type(None) in typing.get_args(info.annotation)
-    return text + " or null" * nullable + (f" ({info.description})" if info.description else "")
-
-
-def _config_error(err: ValidationError, root: type[BaseModel]) -> ConfigError:
-    """The first error as a ConfigError: unknown keys (outermost first), then types and bounds, then checks."""
-    def priority(e: Any) -> tuple:
-        extra = e["type"] == "extra_forbidden"
-        return not extra, isinstance(e.get("ctx", {}).get("error"), ConfigError), len(e["loc"]) * extra
-
-    errors = err.errors()
-    first = min(errors, key=priority)
-    if isinstance(first.get("ctx", {}).get("error"), ConfigError):
-        return first["ctx"]["error"]  # raised by a validator above, already worded
-    if first["type"] == "extra_forbidden":
-        parent = first["loc"][:-1]
-        where, model, _ = _resolve(root, parent)
-        unknown = sorted((e["loc"][-1] for e in errors if e["type"] == "extra_forbidden" and e["loc"][:-1] == parent),
-                         key=str)
-        for old in (f"{where}.{k}" if where else str(k) for k in unknown):
-            if old in _RENAMED:
-                return ConfigError(f"{old}: renamed to {_RENAMED[old]}")
-        return ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; valid keys are {list(model.model_fields)}")
-    path, tp, info = _resolve(root, first["loc"])
-    where, value = path or "config", first["input"]
-    if first["type"] == "finite_number":
-        return ConfigError(f"{where}: must be a finite number")
-    if first["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and info:
-        return ConfigError(f"{where}: must be {_bounds(info)}")
-    return ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
 def set_dotted(data: dict, key: str, value: Any) -> dict:
@@ -356,4 +313,5 @@ def config_from_dict(data: dict) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise _config_error(e, Config) from None
+        from .config_errors import config_error
+        raise config_error(e, Config) from None

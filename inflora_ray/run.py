@@ -12,8 +12,9 @@ from typing import Optional
 
 from .cli import add_config_flags, flag_overrides, run_cli
 from .presets import load_config
-from .distributed.launch import load_run_config, run_experiment
+from .distributed.launch import run_experiment
 from .distributed.preflight import PreflightError
+from .distributed.resume import load_run_config
 from .distributed.seeds import run_seeds
 from .logs import setup_logging
 
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, FLAGS)
     p.add_argument("--resume", metavar="RUN", help="continue a stopped run (name or run directory)")
     p.add_argument("--start-from", metavar="CHECKPOINT", help="start a new run from a checkpoint directory")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="let --resume / --start-from change settings that alter results (recorded in the run)")
     p.add_argument("--stop-after-task", type=int, metavar="K", help="stop after task K (0-based)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--seeds", help="comma-separated seeds, run concurrently under one MLflow parent run")
@@ -40,11 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    """``"0,1,2"`` -> ``[0, 1, 2]``; each seed at most once."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise PreflightError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated or not seeds:
+        raise PreflightError(f"--seeds {text!r}: " + (f"seed(s) {repeated} given twice; each seed is one run"
+                                                     if repeated else "no seed given"))
+    return seeds
 
 
 def _main(args: argparse.Namespace) -> None:
@@ -58,7 +66,8 @@ def _main(args: argparse.Namespace) -> None:
         print(cfg.to_yaml())
         return
     options = dict(stop_after_task=args.stop_after_task, start_from=args.start_from,
-                   address=args.address or os.environ.get("RAY_ADDRESS"))
+                   address=args.address or os.environ.get("RAY_ADDRESS"),
+                   allow_config_change=args.allow_config_change)
     if args.seeds:
         if args.resume:
             raise PreflightError("--seeds cannot be combined with --resume; resume each seed's run by name")
@@ -70,7 +79,7 @@ def _main(args: argparse.Namespace) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``inflora-run``; returns the exit code (0 ok, 2 bad input, 1 run failed)."""
     setup_logging()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     return run_cli(lambda: _main(args))
 
 

@@ -17,15 +17,27 @@ trials' run directories under ``runs/``, ``best_config.yaml`` and ``trials.csv``
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
+import os
+import pickle
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Optional
 
 from . import storage
+from .config import ConfigError, check_name
 from .core.metrics import AccuracyRecord, summary
+from .logs import log_event
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"  # inside a checkpoint directory: the learner's state (torch.save, tensors only)
 META_FILE = "meta.json"  # inside a checkpoint directory: the metrics reported with it
 _CHECKPOINT_PREFIX = "checkpoint_task"
+STATE_DIGEST_KEY = "state_sha256"  # in meta.json: SHA-256 of state.pt (absent in checkpoints of 0.1.0)
 
 
 def checkpoint_name(task: int, epoch: Optional[int] = None) -> str:
@@ -34,9 +46,131 @@ def checkpoint_name(task: int, epoch: Optional[int] = None) -> str:
     return name if epoch is None else f"{name}_epoch{epoch:03d}"
 
 
+def _inside(storage_path: str, name: str, what: str) -> str:
+    """``<storage_path>/<name>`` after checking ``name`` and that the folder stays inside ``storage_path``."""
+    check_name(name, what)
+    root = storage.absolute(storage_path)
+    path = storage.join(root, name)
+    if not storage.is_uri(root):
+        real_root, real = os.path.realpath(root), os.path.realpath(path)
+        if os.path.commonpath([real_root, real]) != real_root:  # e.g. a symlink planted under the storage path
+            raise ConfigError(f"{what}: {name!r} resolves to {real}, outside the storage path {real_root}")
+    return path
+
+
+class RunClaimed(ConfigError):
+    """Another run already holds this run's folder."""
+
+
+def claim_folder(path: str, what: str) -> None:
+    """Create the folder ``path`` for this process only: atomically on a file system (``mkdir``), and on an
+    object store by a claim object per contender, where the first claim by name wins (best effort: it
+    relies on the contenders' clocks agreeing to within the time between writing and listing)."""
+    if not storage.is_uri(path):
+        os.makedirs(os.path.dirname(path.rstrip("/")), exist_ok=True)
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            raise RunClaimed(f"{what} {path!r} already exists; another run holds it") from None
+        return
+    if storage.list_names(path):
+        raise RunClaimed(f"{what} {path!r} already exists; another run holds it")
+    mine = f".claim-{time.time_ns():020d}-{uuid.uuid4().hex}"
+    storage.write_bytes(storage.join(path, mine), b"")
+    claims = sorted(n for n in storage.list_names(path) if n.startswith(".claim-"))
+    if claims[0] != mine:
+        raise RunClaimed(f"{what} {path!r} was claimed by another run at the same time")
+
+
+def release_folder(path: str) -> None:
+    """Undo :func:`claim_folder` when the run stops before writing anything: remove the folder if it holds
+    nothing but claims."""
+    names = storage.list_names(path)
+    if any(not n.startswith(".claim-") for n in names):
+        return
+    if storage.is_uri(path):
+        fs, _ = storage.filesystem(path)
+        for n in names:
+            fs.delete_file(storage.filesystem(storage.join(path, n))[1])
+    else:
+        os.rmdir(path)
+
+
 def is_checkpoint(path: str) -> bool:
     """True if ``path`` is an inflora-ray checkpoint directory (it holds the learner state)."""
     return storage.exists(storage.join(path, STATE_FILE))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, cut short, altered, holding objects other than tensors, or
+    made for another architecture; the message names it and says what is wrong."""
+
+
+def write_checkpoint(directory: str, state: dict, meta: dict) -> None:
+    """Save ``state`` as ``state.pt`` and ``meta`` with the SHA-256 of ``state.pt`` as ``meta.json``."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    storage.write_bytes(storage.join(directory, STATE_FILE), data)
+    storage.write_json(storage.join(directory, META_FILE), {**meta, STATE_DIGEST_KEY: hashlib.sha256(data).hexdigest()})
+
+
+def recorded_state_digest(directory: str) -> Optional[str]:
+    """The SHA-256 of ``state.pt`` recorded in the checkpoint's ``meta.json``; None when there is none (a
+    checkpoint of an earlier version)."""
+    meta_path = storage.join(directory, META_FILE)
+    if not storage.exists(meta_path):
+        return None
+    try:
+        meta = storage.read_json(meta_path)
+    except ValueError as e:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({e}); the checkpoint is damaged") from None
+    digest = meta.get(STATE_DIGEST_KEY) if isinstance(meta, dict) else None
+    if digest is not None and not isinstance(digest, str):
+        raise CheckpointError(f"{meta_path}: {STATE_DIGEST_KEY} is {digest!r}, not a hex digest; the checkpoint "
+                              "is damaged")
+    return digest
+
+
+def load_state_bytes(data: bytes, shown: str) -> dict:
+    """A learner state from ``torch.save`` bytes, unpickling nothing but tensors and plain containers
+    (``weights_only=True``); ``shown`` names the file in errors."""
+    import torch
+
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        raise CheckpointError(f"{shown}: refused: it holds objects other than tensors and plain containers, "
+                              f"which are never unpickled ({first})") from None
+    except Exception as e:  # cut short, empty, not a torch file: RuntimeError, EOFError, KeyError, ...
+        raise CheckpointError(f"{shown}: cannot be read as a torch.save file ({type(e).__name__}: "
+                              f"{str(e)[:160]}); it is truncated or not an inflora-ray checkpoint") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{shown}: holds a {type(state).__name__}, not an inflora-ray learner state")
+    return state
+
+
+def read_checkpoint(directory: str, name: Optional[str] = None) -> dict:
+    """The learner state in checkpoint ``directory`` after checking ``state.pt`` against the SHA-256 in
+    ``meta.json`` (a checkpoint without one, from an earlier version, is read with a warning). ``name``: how
+    errors name the checkpoint (default ``directory``). Raises :class:`CheckpointError`; ``OSError`` when the
+    storage cannot be read."""
+    state_path = storage.join(directory, STATE_FILE)
+    shown = storage.join(name or directory, STATE_FILE)
+    if not storage.exists(state_path):
+        raise CheckpointError(f"{name or directory}: no inflora-ray checkpoint there ({STATE_FILE} missing)")
+    data = storage.read_bytes(state_path)
+    expected = recorded_state_digest(directory)
+    if expected is None:
+        log_event(log, "checkpoint_unverified", level=logging.WARNING, path=shown,
+                  message=f"no {STATE_DIGEST_KEY} in {META_FILE} (a checkpoint of an earlier version): not verified")
+    elif (actual := hashlib.sha256(data).hexdigest()) != expected:
+        raise CheckpointError(f"{shown}: SHA-256 {actual} differs from {expected} recorded in {META_FILE}; the "
+                              "file was cut short or altered after it was written")
+    return load_state_bytes(data, shown)
 
 
 @dataclass(frozen=True)
@@ -45,9 +179,18 @@ class RunDir:
     path: str
 
     @classmethod
-    def of(cls, storage_path: str, name: str) -> "RunDir":
-        """The run ``name`` under ``storage_path`` (made absolute)."""
-        return cls(storage.join(storage.absolute(storage_path), name))
+    def of(cls, storage_path: str, name: str, what: str = "run name") -> "RunDir":
+        """The run ``name`` under ``storage_path`` (made absolute); ``name`` is checked (:func:`check_name`)
+        and must stay inside the storage path."""
+        return cls(_inside(storage_path, name, what))
+
+    def claim(self) -> None:
+        """Create the run's folder for this run only; :class:`RunClaimed` if it exists or another run won."""
+        claim_folder(self.path, "run")
+
+    def release(self) -> None:
+        """Give the folder back if nothing was written to it (:func:`release_folder`)."""
+        release_folder(self.path)
 
     @property
     def name(self) -> str:
@@ -92,6 +235,12 @@ class RunDir:
         """Written once when a test's injected fault fired, so it fires only once per run."""
         return storage.join(self.path, ".fault_injected")
 
+    @property
+    def fatal_marker(self) -> str:
+        """Written by a worker that hit an error a restart cannot fix (:mod:`inflora_ray.distributed.errors`);
+        while it exists, every worker of a restarted attempt returns at once."""
+        return storage.join(self.path, ".fatal.json")
+
     def latest_task_checkpoint(self) -> Optional[str]:
         """The last task-boundary checkpoint directory, if any."""
         names = [n for n in storage.list_names(self.path) if n.startswith(_CHECKPOINT_PREFIX) and "_epoch" not in n]
@@ -120,25 +269,28 @@ class RunDir:
                                 total=[t["report"]["total"] for t in tasks])
         return tasks, summary(record)
 
-    def write_final_results(self, tasks: list[dict], summ: dict) -> None:
-        """The accuracy matrix as Parquet (long format) and the metrics as JSON."""
+    def write_final_results(self, tasks: list[dict], summ: dict, status: str = "finished") -> None:
+        """The accuracy matrix as Parquet (long format) and the metrics as JSON; ``status`` (finished,
+        failed, interrupted) and ``incomplete`` say whether every task ran."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows: dict[str, list] = {"after_task": [], "on_task": [], "accuracy": [], "correct": [], "total": [],
-                                 "own_head_accuracy": []}
-        for t in tasks:
-            r = t["report"]
-            for j, (c, n, own) in enumerate(zip(r["correct"], r["total"], r["own_head_correct"])):
-                for key, value in (("after_task", r["task"]), ("on_task", j), ("accuracy", c / n), ("correct", c),
-                                   ("total", n), ("own_head_accuracy", own / n)):
-                    rows[key].append(value)
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.table(rows), sink)
-        storage.write_bytes(self.accuracy_matrix, sink.getvalue().to_pybytes())
+        if tasks:
+            rows: dict[str, list] = {"after_task": [], "on_task": [], "accuracy": [], "correct": [], "total": [],
+                                     "own_head_accuracy": []}
+            for t in tasks:
+                r = t["report"]
+                for j, (c, n, own) in enumerate(zip(r["correct"], r["total"], r["own_head_correct"])):
+                    for key, value in (("after_task", r["task"]), ("on_task", j), ("accuracy", c / n),
+                                       ("correct", c), ("total", n), ("own_head_accuracy", own / n)):
+                        rows[key].append(value)
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.table(rows), sink)
+            storage.write_bytes(self.accuracy_matrix, sink.getvalue().to_pybytes())
         per_task = [{k: v for k, v in t["report"].items() if k not in ("correct", "total", "own_head_correct")}
                     for t in tasks]
-        storage.write_json(self.metrics, {**summ, "tasks": per_task, "complete": len(tasks)})
+        storage.write_json(self.metrics, {**summ, "tasks": per_task, "complete": len(tasks), "status": status,
+                                          "incomplete": status != "finished"})
 
 
 @dataclass(frozen=True)
@@ -148,7 +300,12 @@ class SweepDir:
 
     @classmethod
     def of(cls, storage_path: str, name: str) -> "SweepDir":
-        return cls(storage.join(storage.absolute(storage_path), name))
+        """The sweep ``name`` under ``storage_path`` (checked like a run name)."""
+        return cls(_inside(storage_path, name, "sweep name"))
+
+    def claim(self) -> None:
+        """Create the sweep's folder for this sweep only (:func:`claim_folder`)."""
+        claim_folder(self.path, "sweep")
 
     @property
     def record(self) -> str:

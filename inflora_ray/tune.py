@@ -54,7 +54,7 @@ def _main(args: argparse.Namespace) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``inflora-tune``; returns the exit code (0 ok, 2 bad input, 1 the sweep failed)."""
     setup_logging()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     return run_cli(lambda: _main(args), usage_errors=(SpaceError,))
 
 

@@ -3,6 +3,7 @@ folder tree, DomainNet folders + file lists. Loading, task splits, the fixed Ima
 manifest, Parquet shards (round trip, per-worker reads), presets, preprocessing, and clear errors."""
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import os
@@ -17,13 +18,14 @@ from PIL import Image
 
 from inflora_ray.config import ConfigError, DataConfig
 from inflora_ray.presets import load_config
-from inflora_ray.data import DataError, Preprocess, build_benchmark, paper_preprocess, resolve_normalization
+from inflora_ray.data import DataError, Preprocess, build_benchmark, cifar100, paper_preprocess, resolve_normalization
 from inflora_ray.data.__main__ import main as data_cli
 from inflora_ray.data.imagenet_r import SPLIT_VERSION, split_class
 from inflora_ray.data.loader import block_bounds
 from inflora_ray.data.raw import load_raw_sources
 from inflora_ray.data.shard_writer import prepare_shards
 from inflora_ray.data.shards import ParquetSource, verify_shards
+from inflora_ray.storage import file_digest
 
 WNIDS = ["n01443537", "n01484850", "n01494475", "n01496331", "n01498041", "n01514859"]
 STYLES = ["art", "cartoon", "graffiti", "painting", "sketch"]
@@ -39,13 +41,13 @@ def _jpeg(rng, h, w) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    """cifar-100-python/{train,test,meta}: Python-2-style pickles (bytes keys), 100 classes x 2 train + 1 test,
-    rows in a shuffled class order like the release."""
-    root = tmp_path_factory.mktemp("cifar")
+# The writers are plain functions so that tests/test_hostile_data.py can build damaged copies from them.
+def write_cifar(root):
+    """root/cifar-100-python/{train,test,meta}: Python-2-style pickles (bytes keys, protocol 2), 100 classes x 2
+    train + 1 test, rows in a shuffled class order like the release. Their MD5 cannot be the official one, so
+    they are read with verify_release=False."""
     folder = root / "cifar-100-python"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split, per_class in (("train", 2), ("test", 1)):
         labels = rng.permutation(np.repeat(np.arange(100), per_class)).tolist()
@@ -62,10 +64,8 @@ def cifar_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def imr_root(tmp_path_factory):
-    """imagenet-r/<wnid>/<style>_<k>.jpg: 6 classes x 5 JPEGs of varied sizes, plus the release's README."""
-    root = tmp_path_factory.mktemp("imr") / "imagenet-r"
+def write_imagenet_r(root):
+    """root/<wnid>/<style>_<k>.jpg: 6 classes x 5 JPEGs of varied sizes, plus the release's README."""
     rng = np.random.default_rng(1)
     for c, wnid in enumerate(WNIDS):
         (root / wnid).mkdir(parents=True)
@@ -75,10 +75,8 @@ def imr_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def dn_root(tmp_path_factory):
-    """<domain>/<class>/<domain>_<c>_<k>.jpg for the six domains, 10 classes, and <domain>_{train,test}.txt."""
-    root = tmp_path_factory.mktemp("domainnet")
+def write_domainnet(root):
+    """root/<domain>/<class>/<domain>_<c>_<k>.jpg for the six domains, 10 classes, and <domain>_{train,test}.txt."""
     rng = np.random.default_rng(2)
     for domain in DOMAINS:
         lines = {"train": [], "test": []}
@@ -94,13 +92,31 @@ def dn_root(tmp_path_factory):
     return root
 
 
-def _bench(benchmark, root=None, img_size=32, **kw):
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    return write_cifar(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture(scope="module")
+def imr_root(tmp_path_factory):
+    return write_imagenet_r(tmp_path_factory.mktemp("imr") / "imagenet-r")
+
+
+@pytest.fixture(scope="module")
+def dn_root(tmp_path_factory):
+    return write_domainnet(tmp_path_factory.mktemp("domainnet"))
+
+
+def bench(benchmark, root=None, img_size=32, **kw):
+    """The benchmark built from ``root`` (or shards in ``kw``); CIFAR fixtures skip the official-MD5 check."""
+    if benchmark == "cifar100":
+        kw.setdefault("verify_release", False)
     return build_benchmark(DataConfig(benchmark=benchmark, root=None if root is None else str(root), **kw), img_size)
 
 
 # ------------------------------------------------------------------------------------------ raw sources
 def test_cifar100_loads_in_release_format_and_splits_tasks(cifar_root):
-    b = _bench("cifar100", cifar_root, num_tasks=10)
+    b = bench("cifar100", cifar_root, num_tasks=10)
     assert (len(b.train), len(b.test), b.num_classes) == (200, 100, 100)
     assert b.class_names[:2] == ["class_00", "class_01"] and b.manifest["official_release"] is False
     assert b.tasks == [list(range(10 * t, 10 * t + 10)) for t in range(10)]
@@ -123,28 +139,95 @@ def test_cifar100_loads_in_release_format_and_splits_tasks(cifar_root):
     x = b.preprocess.train(b.train.load(0), torch.Generator().manual_seed(0))
     assert x.shape == (3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1
     # seeded class order: tasks follow it, task_indices select by class
-    s = _bench("cifar100", cifar_root, num_tasks=10, class_order_seed=1993)
+    s = bench("cifar100", cifar_root, num_tasks=10, class_order_seed=1993)
     assert s.class_order == [int(c) for c in np.random.RandomState(1993).permutation(100)]
     assert set(s.train.labels[s.task_indices("train", 3)]) == set(s.class_order[30:40])
 
 
 def test_cifar100_folder_itself_and_bad_roots(cifar_root, tmp_path):
-    b = _bench("cifar100", cifar_root / "cifar-100-python", num_tasks=10)
+    b = bench("cifar100", cifar_root / "cifar-100-python", num_tasks=10)
     assert len(b.train) == 200
     with pytest.raises(DataError, match=r"no CIFAR-100 python release there; expected .*cifar-100-python/"):
-        _bench("cifar100", tmp_path, num_tasks=10)
+        bench("cifar100", tmp_path, num_tasks=10)
     bad = tmp_path / "cifar-100-python"
     bad.mkdir()
     for n in ("train", "test", "meta"):
         (bad / n).write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="not a CIFAR-100 python pickle"):
-        _bench("cifar100", tmp_path, num_tasks=10)
+        bench("cifar100", tmp_path, num_tasks=10)
     with pytest.raises(ConfigError, match=r"data.root: benchmark 'cifar100' needs data.root"):
         load_config("cifar100-10")
     with pytest.raises(ConfigError, match="data.root: path not found"):
         load_config("cifar100-10", [f"data.root={tmp_path / 'nope'}"])
     with pytest.raises(ConfigError, match="data.download: only CIFAR-100"):
         load_config("imagenet-r-5", [f"data.root={tmp_path}", "data.download=true"])
+
+
+def test_cifar100_release_md5_is_checked_by_default(cifar_root, tmp_path, monkeypatch, capsys):
+    """By default every file must have the official release's MD5 before it is read; the fixtures cannot, so they
+    are refused with the file, both digests and the opt-out, by the config path and by ``prepare``."""
+    folder = cifar_root / "cifar-100-python"
+    with pytest.raises(DataError, match=rf"not the official CIFAR-100 python release: {folder}/train has MD5 "
+                                        r"[0-9a-f]{32}, the official release's is 16019d7e3df5f24257cddd939b257f8d; "
+                                        rf"{folder}/test has MD5 .*set data.verify_release=false \(inflora-data "
+                                        r"prepare: --no-verify-release\)"):
+        build_benchmark(DataConfig(benchmark="cifar100", root=str(cifar_root), num_tasks=10), 32)
+    assert data_cli(["prepare", "cifar100", "--source", str(cifar_root), "--out", str(tmp_path / "out")]) == 2
+    assert "not the official CIFAR-100 python release" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # a copy with the official digests is read with the check on, and recorded as official
+    for n in ("train", "test", "meta"):
+        monkeypatch.setitem(cifar100.OFFICIAL_MD5, n, file_digest(str(folder / n), "md5"))
+    b = build_benchmark(DataConfig(benchmark="cifar100", root=str(cifar_root), num_tasks=10), 32)
+    assert b.manifest["official_release"] and b.manifest["release_verified"] and len(b.train) == 200
+    assert not bench("cifar100", cifar_root, num_tasks=10).manifest["release_verified"]
+    with pytest.raises(ConfigError, match="data.verify_release: false only applies to benchmark 'cifar100'"):
+        DataConfig(benchmark="imagenet-r", root=str(tmp_path), verify_release=False)
+
+
+def test_cifar100_unpickler_reads_data_and_numpy_arrays_only(tmp_path):
+    """The restricted unpickler rebuilds arrays written by numpy 1 (the release's module names) and 2, and
+    refuses every other global, even a harmless one, and _codecs.encode with another encoding than latin-1."""
+    arr = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    # protocol 2 names globals as text: numpy 1's module name is written over numpy 2's
+    numpy1 = pickle.dumps({b"data": arr}, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray\n_reconstruct" in numpy1
+    for i, raw in enumerate((numpy1, pickle.dumps({b"data": arr}, protocol=2))):
+        (tmp_path / f"ok{i}").write_bytes(raw)
+        assert np.array_equal(cifar100._unpickle(str(tmp_path / f"ok{i}"))[b"data"], arr)
+    (tmp_path / "set").write_bytes(pickle.dumps({b"x": {1, 2}}, protocol=2))
+    with pytest.raises(DataError, match=r"set: refused to load global __builtin__.set: the CIFAR-100 python "
+                                        r"release holds only"):
+        cifar100._unpickle(str(tmp_path / "set"))
+
+    class Rot13:
+        def __reduce__(self):
+            return codecs.encode, ("abc", "rot13")
+
+    (tmp_path / "rot13").write_bytes(pickle.dumps({b"x": Rot13()}, protocol=2))
+    with pytest.raises(DataError, match=r"rot13: not a CIFAR-100 python pickle \(UnpicklingError: "
+                                        r"_codecs.encode\(str, 'rot13'\) is not latin-1 text"):
+        cifar100._unpickle(str(tmp_path / "rot13"))
+    (tmp_path / "list").write_bytes(pickle.dumps([1, 2], protocol=2))
+    with pytest.raises(DataError, match="list: expected a pickled dict, got list"):
+        cifar100._unpickle(str(tmp_path / "list"))
+
+
+def test_data_paths_are_stored_absolute(imr_root, tmp_path, monkeypatch):
+    """Relative data.root / data.shards / data.manifest (and ~) become absolute when the config is validated, so
+    workers with another working directory read the same files; URIs and data.manifest=packaged stay."""
+    monkeypatch.chdir(imr_root.parent)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = DataConfig(benchmark="imagenet-r", root="imagenet-r", manifest="~/split.json", num_tasks=3)
+    assert (cfg.root, cfg.manifest) == (str(imr_root), str(tmp_path / "split.json"))
+    assert DataConfig(benchmark="imagenet-r", shards=".", num_tasks=3).shards == str(imr_root.parent)
+    assert DataConfig(benchmark="imagenet-r", shards="s3://b/x", num_tasks=3).shards == "s3://b/x"
+    assert DataConfig(benchmark="imagenet-r", root="imagenet-r", manifest="packaged").manifest == "packaged"
+    assert DataConfig(**cfg.model_dump()) == cfg  # validating again changes nothing
+    with pytest.raises(ConfigError, match="data.shards: must not be empty"):
+        DataConfig(benchmark="imagenet-r", shards=" ")
+    with pytest.raises(ConfigError, match="data.root: must not be empty"):
+        DataConfig(benchmark="imagenet-r", root="")
 
 
 # Pinned: the split rule imagenet-r-split-v1 on these file names. Same on every machine, forever; changing the
@@ -155,7 +238,7 @@ PINNED_TEST_FILES = ["n01443537/art_0.jpg", "n01484850/art_0.jpg", "n01494475/gr
 
 def test_imagenet_r_fixed_split_is_stable(imr_root):
     assert SPLIT_VERSION == "imagenet-r-split-v1"
-    b = _bench("imagenet-r", imr_root, num_tasks=3)
+    b = bench("imagenet-r", imr_root, num_tasks=3)
     assert b.class_names == WNIDS and (len(b.train), len(b.test)) == (24, 6)  # 80/20 of 5 per class
     assert b.test.paths == PINNED_TEST_FILES
     assert b.manifest["split_version"] == SPLIT_VERSION and b.manifest["split_source"] == "rule"
@@ -181,41 +264,41 @@ def test_imagenet_r_manifest_detects_missing_and_altered_files(imr_root, tmp_pat
     man = json.loads(man_path.read_text())
     assert man["version"] == SPLIT_VERSION and man["num_files"] == 30
     assert {"path", "split", "label", "size", "sha256"} <= set(man["files"][0])
-    ok = _bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path), verify_hashes=True)
+    ok = bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path), verify_hashes=True)
     assert ok.test.paths == PINNED_TEST_FILES and ok.manifest["split_source"] == "manifest"
     # altered bytes, same size: caught by the sha256 check (optional), not by the size check
     victim = copy / "n01484850" / "art_0.jpg"
     data = bytearray(victim.read_bytes())
     data[-3] ^= 0xFF
     victim.write_bytes(bytes(data))
-    _bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path))
+    bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path))
     with pytest.raises(DataError, match=r"1 altered \(e.g. n01484850/art_0.jpg \(sha256 differs\)"):
-        _bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path), verify_hashes=True)
+        bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path), verify_hashes=True)
     # altered size: always caught
     victim.write_bytes(bytes(data) + b"\0")
     with pytest.raises(DataError, match=r"altered \(e.g. n01484850/art_0.jpg \(size"):
-        _bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path))
+        bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path))
     # missing file
     (copy / "n01514859" / "sketch_4.jpg").unlink()
     with pytest.raises(DataError, match=r"1 missing \(e.g. n01514859/sketch_4.jpg\)"):
-        _bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path))
+        bench("imagenet-r", copy, num_tasks=3, manifest=str(man_path))
     with pytest.raises(DataError, match="no packaged ImageNet-R split manifest yet"):
-        _bench("imagenet-r", copy, num_tasks=3, manifest="packaged")
+        bench("imagenet-r", copy, num_tasks=3, manifest="packaged")
 
 
 def test_imagenet_r_wrong_layout_is_explained(imr_root, tmp_path):
     with pytest.raises(DataError, match=r"found .*imagenet-r: point data.root there"):
-        _bench("imagenet-r", imr_root.parent, num_tasks=3)
+        bench("imagenet-r", imr_root.parent, num_tasks=3)
     (tmp_path / "photos").mkdir()
     with pytest.raises(DataError, match="wrong folder layout for ImageNet-R: expected class folders"):
-        _bench("imagenet-r", tmp_path, num_tasks=3)
+        bench("imagenet-r", tmp_path, num_tasks=3)
     (tmp_path / "n01443537").mkdir()
     with pytest.raises(DataError, match="class folder n01443537/ holds no images"):
-        _bench("imagenet-r", tmp_path, num_tasks=1)
+        bench("imagenet-r", tmp_path, num_tasks=1)
 
 
 def test_domainnet_pools_all_domains_class_incrementally(dn_root, tmp_path):
-    b = _bench("domainnet", dn_root, num_tasks=5)
+    b = bench("domainnet", dn_root, num_tasks=5)
     assert b.class_names == DN_CLASSES and (len(b.train), len(b.test)) == (120, 60)
     assert b.tasks == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
     idx = b.task_indices("train", 2)
@@ -229,7 +312,7 @@ def test_domainnet_pools_all_domains_class_incrementally(dn_root, tmp_path):
     (tmp_path / "clipart").mkdir()
     with pytest.raises(DataError, match=r"wrong folder layout for DomainNet: missing domain folders .*'infograph'"
                                         r".* and file lists \['clipart_train.txt'"):
-        _bench("domainnet", tmp_path, num_tasks=5)
+        bench("domainnet", tmp_path, num_tasks=5)
 
 
 def test_digits_quickstart_still_builds():
@@ -264,9 +347,10 @@ def test_shards_round_trip_identical_samples(benchmark, num_tasks, cifar_root, i
     root = {"cifar100": cifar_root, "imagenet-r": imr_root, "domainnet": dn_root}[benchmark]
     out = tmp_path / "shards"
     assert data_cli(["prepare", benchmark, "--source", str(root), "--out", str(out), "--rows-per-group", "4",
-                     "--rows-per-file", "8", "--num-tasks", str(num_tasks), "--threads", "2"]) == 0
-    raw = _bench(benchmark, root, num_tasks=num_tasks, class_order_seed=7)
-    sh = _bench(benchmark, num_tasks=num_tasks, class_order_seed=7, shards=str(out))
+                     "--rows-per-file", "8", "--num-tasks", str(num_tasks), "--threads", "2",
+                     "--no-verify-release"]) == 0  # ignored by the benchmarks without official checksums
+    raw = bench(benchmark, root, num_tasks=num_tasks, class_order_seed=7)
+    sh = bench(benchmark, num_tasks=num_tasks, class_order_seed=7, shards=str(out))
     assert sh.class_names == raw.class_names and sh.tasks == raw.tasks
     assert sh.manifest["source"] == "parquet-shards" and sh.manifest["source_manifest"]["source"] == benchmark
     assert sh.preprocess == raw.preprocess
@@ -299,7 +383,7 @@ def test_shards_two_workers_read_only_their_row_groups(imr_root, tmp_path):
     out = tmp_path / "shards"
     prepare_shards("imagenet-r", str(imr_root), str(out), rows_per_group=3, rows_per_file=6, num_tasks=3)
     # a shuffled class order: tasks are not the task directories, still whole row groups
-    b = _bench("imagenet-r", num_tasks=3, class_order_seed=1993, shards=str(out))
+    b = bench("imagenet-r", num_tasks=3, class_order_seed=1993, shards=str(out))
     assert b.tasks != [[0, 1], [2, 3], [4, 5]]
     for split in ("train", "test"):
         src = getattr(b, split)
@@ -334,11 +418,11 @@ def test_shards_are_validated(cifar_root, imr_root, tmp_path):
     with pytest.raises(DataError, match="already holds prepared shards"):
         prepare_shards("imagenet-r", str(imr_root), str(out))
     with pytest.raises(DataError, match=r"holds benchmark 'imagenet-r', but data.benchmark is 'cifar100'"):
-        _bench("cifar100", num_tasks=10, shards=str(out))
+        bench("cifar100", num_tasks=10, shards=str(out))
     with pytest.raises(DataError, match="no manifest.json there"):
-        _bench("imagenet-r", num_tasks=3, shards=str(tmp_path))
+        bench("imagenet-r", num_tasks=3, shards=str(tmp_path))
     with pytest.raises(ValueError, match="data.class_order must be a permutation of 0..5"):
-        _bench("imagenet-r", num_tasks=3, shards=str(out), class_order=list(range(10)))
+        bench("imagenet-r", num_tasks=3, shards=str(out), class_order=list(range(10)))
     man = json.loads((out / "manifest.json").read_text())
     part = out / man["splits"]["test"]["files"][0]["path"]
     data = bytearray(part.read_bytes())
@@ -350,11 +434,53 @@ def test_shards_are_validated(cifar_root, imr_root, tmp_path):
     assert data_cli(["verify", str(out)]) == 2
     part.write_bytes(bytes(data[:-1]))
     with pytest.raises(DataError, match=r"1 shard file\(s\) do not match the manifest .*bytes, manifest"):
-        _bench("imagenet-r", num_tasks=3, shards=str(out))
+        bench("imagenet-r", num_tasks=3, shards=str(out))
     assert data_cli(["prepare", "imagenet-r", "--source", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     # overwrite replaces everything
     prepare_shards("imagenet-r", str(imr_root), str(out), rows_per_group=5, num_tasks=2, overwrite=True)
     assert verify_shards(str(out))["files"] == 4
+
+
+@pytest.fixture
+def imr_shards(imr_root, tmp_path):
+    """Shards of the ImageNet-R fixture (rows_per_group 4: the first train file has row groups [4, 4])."""
+    prepare_shards("imagenet-r", str(imr_root), str(tmp_path / "shards"), rows_per_group=4, num_tasks=3)
+    return tmp_path / "shards"
+
+
+def _rewrite_first_entry(shards, **values) -> None:
+    """Set ``values`` in the manifest entry of the first train file."""
+    man = json.loads((shards / "manifest.json").read_text())
+    man["splits"]["train"]["files"][0].update(values)
+    (shards / "manifest.json").write_text(json.dumps(man))
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"sha256": None}, r"splits.train.files\[0\] needs path \(str\), size \(int\), .*sha256 \(str\)"),
+    ({"row_groups": [4, 3]}, r"splits.train.files\[0\]: row_groups \[4, 3\] must be positive and add up to num_rows 8"),
+    ({"labels": [[0, 4], [1, 3]]}, (r"splits.train.files\[0\]: labels must be \[label, count\] runs adding up to "
+                                    r"num_rows 8")),
+    ({"num_rows": 9, "row_groups": [4, 5], "labels": [[0, 4], [1, 5]]},
+     r"splits.train: the files' num_rows do not add up to its num_rows 24"),
+])
+def test_shard_manifest_layout_is_checked(imr_shards, values, message):
+    """A manifest that the reader could not follow is refused when read, naming the entry and what is wrong."""
+    _rewrite_first_entry(imr_shards, **values)
+    with pytest.raises(DataError, match=rf"manifest.json: {message}; the manifest is damaged or was not written by "
+                                        r"`inflora-data prepare`; run `inflora-data verify"):
+        verify_shards(str(imr_shards), hashes=False)
+
+
+@pytest.mark.parametrize("row_groups,message", [
+    ([2, 2, 4], r"2 row groups and schema \['image', .*\], the manifest says 3 row groups"),
+    ([3, 5], r"row group 0 holds 4 rows \(0 without an image\), the manifest says 3"),
+])
+def test_shard_reader_checks_each_file_against_the_manifest(imr_shards, row_groups, message):
+    """The row groups a worker finds must be the ones the manifest describes (a manifest from other shards)."""
+    _rewrite_first_entry(imr_shards, row_groups=row_groups)
+    b = bench("imagenet-r", num_tasks=3, shards=str(imr_shards))
+    with pytest.raises(DataError, match=rf"shard file \S+/train/task-000/part-00000.parquet is damaged \({message}"):
+        b.train.load(0)
 
 
 def test_learner_trains_from_shards(cifar_root, tmp_path):
@@ -363,11 +489,12 @@ def test_learner_trains_from_shards(cifar_root, tmp_path):
     from inflora_ray.training.learner import ContinualLearner
 
     out = tmp_path / "shards"
-    prepare_shards("cifar100", str(cifar_root), str(out), rows_per_group=8, num_tasks=10)
+    prepare_shards("cifar100", str(cifar_root), str(out), rows_per_group=8, num_tasks=10, verify_release=False)
     runs = []
     for data in ([f"data.root={cifar_root}"], [f"data.shards={out}"]):
         cfg = load_config("quickstart", tiny_overrides(**{"data.benchmark": "cifar100", "data.num_tasks": 50,
-                                                          "data.class_order_seed": 1993}) + data)
+                                                          "data.class_order_seed": 1993,
+                                                          "data.verify_release": "false"}) + data)
         learner = ContinualLearner(cfg)
         learner.run(stop_after_task=1)
         runs.append(learner.record.to_dict())
@@ -411,6 +538,6 @@ def test_shards_through_a_uri_filesystem(imr_root, tmp_path):
     prepare_shards("imagenet-r", str(imr_root), uri, rows_per_group=2, num_tasks=3)
     cfg = load_config("imagenet-r-5", [f"data.shards={uri}", "data.num_tasks=3"])
     b = build_benchmark(cfg.data, 32)
-    raw = _bench("imagenet-r", imr_root, num_tasks=3)
+    raw = bench("imagenet-r", imr_root, num_tasks=3)
     assert all(b.test.encoded(i)[0] == raw.test.encoded(i)[0] for i in range(len(raw.test)))
     assert verify_shards(uri)["rows"] == {"train": 24, "test": 6}

@@ -10,16 +10,37 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, resolve_weights_file
+from ..storage import file_digest
 from .lora import KVLoRAQKV, adapt_vit_qkv
 
 
+def check_weights_digest(weights_path: Path, record_path: Path, expected: object) -> None:
+    """Raise ``ValueError`` naming the weights file unless its SHA-256 equals ``expected`` (from its record)."""
+    if not isinstance(expected, str) or not expected:
+        raise ValueError(f"model: {record_path} records no 'sha256' for {weights_path}; the shipped weights "
+                         "cannot be verified (reinstall the package)")
+    actual = file_digest(str(weights_path))
+    if actual != expected:
+        raise ValueError(f"model: weights file {weights_path} has SHA-256 {actual}, but its record {record_path} "
+                         f"says {expected}: the file is damaged or was replaced (reinstall the package)")
+
+
 def check_builtin_weights(cfg: ModelConfig) -> None:
-    """Shipped weights record the architecture they were trained with; refuse a config that differs (timm
-    would otherwise silently resample the patch embedding and position embedding to fit)."""
-    record_path = Path(resolve_weights_file(cfg.weights_file)).with_suffix(".json")
+    """Shipped weights record their SHA-256 and the architecture they were trained with: refuse a file whose
+    checksum differs, and a config whose architecture differs (timm would otherwise silently resample the
+    patch embedding and position embedding to fit). Raises ``ValueError`` naming the file."""
+    weights_path = Path(resolve_weights_file(cfg.weights_file))
+    record_path = weights_path.with_suffix(".json")
     if not record_path.is_file():
-        return
-    arch = json.loads(record_path.read_text())["model"]
+        raise ValueError(f"model: {cfg.weights_file}: the record {record_path} of {weights_path} is missing; "
+                         "the shipped weights cannot be verified (reinstall the package)")
+    try:
+        record = json.loads(record_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"model: the record {record_path} of {weights_path} is not valid JSON ({e}); "
+                         "reinstall the package") from None
+    check_weights_digest(weights_path, record_path, record.get("sha256"))
+    arch = record["model"]
     want = {"name": arch["name"], "img_size": arch["img_size"], **arch["kwargs"]}
     have = {"name": cfg.name, "img_size": cfg.img_size, **cfg.kwargs}
     diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}

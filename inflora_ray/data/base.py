@@ -99,14 +99,21 @@ class DataError(ValueError):
     says what was expected and how to fix it."""
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded image bytes (JPEG, PNG, ...) -> uint8 RGB tensor (3, H, W)."""
+def decode_image(data: bytes, name: str, fix: str) -> torch.Tensor:
+    """Encoded image bytes (JPEG, PNG, ...) -> uint8 RGB tensor (3, H, W).
+
+    A file that cannot be decoded raises DataError naming ``name`` (where the bytes came from) and saying
+    ``fix`` (what to do about it).
+    """
     import io
 
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises several types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise DataError(f"cannot decode image {name} ({type(e).__name__}: {e}); {fix}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -141,6 +148,9 @@ class FileSource:
                 data = f.read()
         except FileNotFoundError:
             raise DataError(f"image file missing: {path} (listed in the dataset; is the copy complete?)") from None
+        except OSError as e:
+            raise DataError(f"image file unreadable: {path} ({type(e).__name__}: {e}); check its permissions, "
+                            f"or restore it from the dataset's release") from None
         ext = self.paths[index].rsplit(".", 1)[-1].lower()
         return data, {"jpg": "jpeg", "jpeg": "jpeg"}.get(ext, ext)
 
@@ -149,7 +159,5 @@ class FileSource:
 
     def load(self, index: int) -> torch.Tensor:
         data, _ = self.encoded(index)
-        try:
-            return decode_image(data)
-        except Exception as e:  # PIL raises several types for corrupt files
-            raise DataError(f"cannot decode image {self._full(index)}: {e}") from None
+        return decode_image(data, self._full(index), "the file is damaged or truncated: restore it from the "
+                                                     "dataset's release")

@@ -29,12 +29,13 @@ def _load_sources(spec: BenchmarkSpec, cfg: DataConfig, img_size: int) -> tuple:
     if cfg.shards:
         from .shards import load_shards
 
-        return load_shards(cfg.shards, spec.name, cache_bytes=cfg.shard_cache_mb << 20)
+        return load_shards(cfg.shards, spec.name, cache_bytes=cfg.shard_cache_mb << 20,
+                           verify_hashes=cfg.verify_hashes)
     if cfg.root is None:
         raise DataError(f"benchmark {spec.name!r} needs data.root (the dataset's folder) or "
                         "data.shards (prepared Parquet shards)")
     return load_raw_sources(spec.name, cfg.root, download=cfg.download, manifest=cfg.manifest,
-                            verify_hashes=cfg.verify_hashes)
+                            verify_hashes=cfg.verify_hashes, verify_release=cfg.verify_release)
 
 
 def build_benchmark(cfg: DataConfig, img_size: int, model: Any = None) -> Benchmark:

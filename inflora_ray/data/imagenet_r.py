@@ -110,14 +110,40 @@ def read_split_manifest(spec: str) -> tuple[dict, str]:
                             "imagenet-r --source PATH --out FILE` and pass data.manifest=FILE, or leave "
                             "data.manifest null to apply the split rule to the files found")
         raise DataError(f"data.manifest={spec!r}: file not found")
-    raw = open(path, "rb").read()
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
         man = json.loads(raw)
     except json.JSONDecodeError as e:
         raise DataError(f"data.manifest={spec!r}: not JSON ({e})") from None
     if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT or "files" not in man:
         raise DataError(f"data.manifest={spec!r}: not an inflora-ray ImageNet-R split manifest")
+    _check_rows(spec, man)
     return man, hashlib.sha256(raw).hexdigest()
+
+
+# A manifest row's path: <wnid>/<file>, so that a manifest cannot make a reader open files outside data.root.
+_ROW_PATH = re.compile(r"n\d{8}/(?!\.\.?$)[^/\\]+")
+_REGENERATE = "regenerate it with `inflora-data manifest imagenet-r --source PATH --out FILE`"
+
+
+def _good_row(row, num_classes: int) -> bool:
+    """A manifest file row: path '<wnid>/<file>', split, integer size and a label of one of the classes."""
+    return (isinstance(row, dict) and isinstance(row.get("path"), str) and _ROW_PATH.fullmatch(row["path"]) is not None
+            and row.get("split") in ("train", "test") and isinstance(row.get("size"), int)
+            and isinstance(row.get("label"), int) and 0 <= row["label"] < num_classes)
+
+
+def _check_rows(spec: str, man: dict) -> None:
+    """The classes and file rows a split manifest must hold; a DataError names the first bad one."""
+    classes, rows = man.get("classes"), man["files"]
+    if not isinstance(classes, list) or not isinstance(rows, list):
+        raise DataError(f"data.manifest={spec!r}: 'classes' and 'files' must be lists; {_REGENERATE}")
+    for k, row in enumerate(rows):
+        if not _good_row(row, len(classes)):
+            raise DataError(f"data.manifest={spec!r}: files[{k}] must have path '<wnid>/<file>', split 'train' or "
+                            f"'test', an integer size and a label in 0..{len(classes) - 1}, got {row!r:.200}; "
+                            f"{_REGENERATE}")
 
 
 def verify_files(root: str, man: dict, hashes: bool = False) -> None:

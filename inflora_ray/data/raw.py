@@ -8,11 +8,11 @@ from .registry import get_benchmark, shardable_benchmarks
 
 
 def load_raw_sources(benchmark: str, source: str, download: bool = False, manifest: Optional[str] = None,
-                     verify_hashes: bool = False) -> tuple:
+                     verify_hashes: bool = False, verify_release: bool = True) -> tuple:
     """(train, test, class names, provenance) of the release of ``benchmark`` in the folder ``source``.
 
     ``download`` applies to downloadable benchmarks only, ``manifest`` / ``verify_hashes`` to those with a split
-    manifest; other benchmarks ignore them.
+    manifest, ``verify_release`` to those with official file checksums; other benchmarks ignore them.
     """
     spec = get_benchmark(benchmark)
     if spec.in_memory:
@@ -23,6 +23,8 @@ def load_raw_sources(benchmark: str, source: str, download: bool = False, manife
         options["download"] = download
     if spec.split_manifest:
         options.update(manifest=manifest, verify_hashes=verify_hashes)
+    if spec.release_checksums:
+        options["verify_release"] = verify_release
     return spec.source_loader()(source, **options)
 
 

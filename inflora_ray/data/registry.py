@@ -31,6 +31,9 @@ class BenchmarkSpec:
     # Has a versioned train/test split manifest (data.manifest; loader options manifest, verify_hashes; the
     # module's build_split_manifest writes one).
     split_manifest: bool = False
+    # The release's files have official checksums, checked before they are read unless data.verify_release is
+    # false (loader option verify_release).
+    release_checksums: bool = False
     # Training crop: area fraction, aspect-ratio range, horizontal flip.
     train_scale: tuple[float, float] = PAPER_TRAIN_SCALE
     train_ratio: tuple[float, float] = PAPER_TRAIN_RATIO
@@ -59,7 +62,8 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {spec.name: spec for spec in (
                   in_memory=True, train_scale=(0.7, 1.0), train_ratio=(0.9, 1.1), train_flip=False,
                   description="scikit-learn's bundled handwritten digits (the offline quickstart)"),
     BenchmarkSpec("cifar100", num_classes=100, default_num_tasks=10, module="cifar100",
-                  loader="load_cifar100_sources", downloadable=True, description="CIFAR-100, the python release"),
+                  loader="load_cifar100_sources", downloadable=True, release_checksums=True,
+                  description="CIFAR-100, the python release"),
     BenchmarkSpec("imagenet-r", num_classes=200, default_num_tasks=10, module="imagenet_r",
                   loader="load_imagenet_r_sources", split_manifest=True, test_resize_ratio=256 / 224,
                   description="ImageNet-R, 80/20 split per class"),

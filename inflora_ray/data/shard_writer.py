@@ -18,7 +18,7 @@ from .base import DataError, label_sorted_order, split_tasks
 from .raw import load_raw_sources
 from .registry import get_benchmark
 from .shards import (DEFAULT_ROWS_PER_FILE, DEFAULT_ROWS_PER_GROUP, FORMAT, FORMAT_VERSION, MANIFEST, SCHEMA, SPLITS,
-                     COLUMN_COMPRESSION)
+                     COLUMN_COMPRESSION, shard_path)
 
 
 def _rle(labels: np.ndarray) -> list[list[int]]:
@@ -70,7 +70,8 @@ def _pack_files(chunks: list[np.ndarray], rows_per_file: int) -> list[list[np.nd
 class _ShardWriter:
     """Writes the Parquet files of a benchmark's splits under ``out``, each first to a local temporary folder.
 
-    A context manager: the encoding threads and the temporary folder live as long as the ``with`` block.
+    A context manager: the encoding threads and the temporary folder live as long as the ``with`` block; if the
+    block fails, the files already published under ``out`` are deleted again (no half-written shards).
     """
 
     def __init__(self, out: str, rows_per_group: int, rows_per_file: int, threads: int,
@@ -81,11 +82,16 @@ class _ShardWriter:
     def __enter__(self) -> "_ShardWriter":
         self.tmpdir = tempfile.mkdtemp(prefix="inflora-shards-")
         self.pool = ThreadPoolExecutor(max(1, self.threads))
+        self.published: list[str] = []
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.pool.shutdown()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+        if exc_type is not None:
+            for dest in self.published:
+                fs, p = storage.filesystem(dest)
+                fs.delete_file(p)
 
     def write_split(self, split: str, src, task_of: np.ndarray, num_tasks: int) -> dict:
         """Write every file of ``split`` (one directory per natural-order task); return its manifest entry."""
@@ -106,7 +112,12 @@ class _ShardWriter:
         """Write one file (a row group per chunk of positions in ``order``), publish it, return its entry."""
         rel = f"{split}/task-{task:03d}/part-{part:05d}.parquet"
         local = os.path.join(self.tmpdir, f"{split}-{task}-{part}.parquet")
-        with pq.ParquetWriter(local, SCHEMA, compression=COLUMN_COMPRESSION, use_dictionary=["format", "split"]) as writer:
+        # Page checksums let a reader notice damaged bytes in the row groups it reads (without a full sha256).
+        # No min/max statistics of the image column: they would copy two whole images into every page header
+        # and into the footer that every reader fetches.
+        with pq.ParquetWriter(local, SCHEMA, compression=COLUMN_COMPRESSION, use_dictionary=["format", "split"],
+                              write_page_checksum=True,
+                              write_statistics=[n for n in SCHEMA.names if n != "image"]) as writer:
             for chunk in file_chunks:
                 idx = order[chunk]
                 writer.write_table(self._table(split, src, labels, idx, task), row_group_size=len(idx))
@@ -118,7 +129,9 @@ class _ShardWriter:
                  "sha256": storage.file_digest(local)}
         if sum(row_groups) != entry["num_rows"]:
             raise RuntimeError(f"{rel}: row groups {row_groups} do not add up to {entry['num_rows']}")
-        _publish(local, storage.join(self.out, *rel.split("/")))
+        dest = shard_path(self.out, rel)
+        _publish(local, dest)
+        self.published.append(dest)
         self.log(f"{split} task {task}: {rel} ({entry['num_rows']} rows, {len(row_groups)} row groups, "
                  f"{entry['size'] / 1e6:.1f} MB)")
         return entry
@@ -153,13 +166,14 @@ def _remove_shards(out: str) -> None:
 def prepare_shards(benchmark: str, source: str, out: str, rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
                    rows_per_file: int = DEFAULT_ROWS_PER_FILE, num_tasks: Optional[int] = None,
                    overwrite: bool = False, download: bool = False, split_manifest: Optional[str] = None,
-                   verify_hashes: bool = False, threads: int = 1,
+                   verify_hashes: bool = False, verify_release: bool = True, threads: int = 1,
                    log: Optional[Callable[[str], None]] = None) -> dict:
     """Convert the raw benchmark at ``source`` into Parquet shards under ``out``; return the manifest.
 
     ``num_tasks`` task directories in natural class order (default: the benchmark's paper task count);
-    ``download``, ``split_manifest`` and ``verify_hashes`` are passed to the raw loader
-    (:func:`inflora_ray.data.raw.load_raw_sources`).
+    ``download``, ``split_manifest``, ``verify_hashes`` and ``verify_release`` are passed to the raw loader
+    (:func:`inflora_ray.data.raw.load_raw_sources`). Nothing is written before the source has been read and
+    checked, and a failure while writing deletes the files already written.
     """
     log = log or (lambda s: None)
     if rows_per_group < 1 or rows_per_file < rows_per_group:
@@ -167,8 +181,8 @@ def prepare_shards(benchmark: str, source: str, out: str, rows_per_group: int = 
     manifest_path = storage.join(out, MANIFEST)
     if storage.exists(manifest_path) and not overwrite:
         raise DataError(f"{out} already holds prepared shards ({MANIFEST}); pass --overwrite to replace them")
-    train, test, names, provenance = load_raw_sources(benchmark, source, download=download,
-                                                      manifest=split_manifest, verify_hashes=verify_hashes)
+    train, test, names, provenance = load_raw_sources(benchmark, source, download=download, manifest=split_manifest,
+                                                      verify_hashes=verify_hashes, verify_release=verify_release)
     num_tasks = num_tasks or get_benchmark(benchmark).default_num_tasks
     tasks = split_tasks(list(range(len(names))), num_tasks)
     task_of = np.empty(len(names), dtype=np.int32)

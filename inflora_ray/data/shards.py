@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import OrderedDict
 from typing import Optional
 
@@ -50,6 +51,26 @@ SCHEMA = pa.schema([("image", pa.binary()), ("format", pa.string()), ("label", p
                     ("split", pa.string()), ("task", pa.int32()), ("index", pa.int64()), ("key", pa.string())])
 COLUMN_COMPRESSION = {"image": "NONE", "format": "SNAPPY", "label": "SNAPPY", "split": "SNAPPY", "task": "SNAPPY",
                 "index": "SNAPPY", "key": "SNAPPY"}
+
+
+# Errors that pyarrow raises for unreadable or damaged files (ArrowInvalid is a ValueError, IO errors are OSErrors).
+_READ_ERRORS = (OSError, ValueError, pa.ArrowException)
+
+
+def _describe(e: Exception) -> str:
+    """``Type: message`` of a pyarrow error on one line (its messages can span several)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _redo(uri: str) -> str:
+    """What to do about damaged or incomplete shards at ``uri``."""
+    return (f"run `inflora-data verify {uri}` to see which files are affected, then prepare the shards again with "
+            f"`inflora-data prepare BENCHMARK --source PATH --out {uri} --overwrite`")
+
+
+def shard_path(uri: str, rel: str) -> str:
+    """The full path or URI of the shard file ``rel`` (a manifest path, '/'-separated) under ``uri``."""
+    return storage.join(uri, *rel.split("/"))
 
 
 def _un_rle(runs: list[list[int]]) -> np.ndarray:
@@ -110,20 +131,56 @@ class ParquetSource:
         g = int(np.searchsorted(self.group_offsets[f], r, side="right")) - 1
         return f, g, r - int(self.group_offsets[f][g])
 
+    def _damaged(self, f: int, problem: str) -> DataError:
+        """The error for shard file ``f`` that cannot be read as the manifest describes it."""
+        full = shard_path(self.uri, self.paths[f])
+        return DataError(f"shard file {full} is damaged ({problem}); {_redo(self.uri)}")
+
+    def _open(self, f: int):
+        """Shard file ``f`` opened for reading (a pyarrow file), after checking its size against the manifest."""
+        full = shard_path(self.uri, self.paths[f])
+        fs, p = storage.filesystem(full)
+        try:
+            handle = fs.open_input_file(p)
+        except _READ_ERRORS as e:
+            raise DataError(f"shard file missing or unreadable: {full} ({_describe(e)}); {_redo(self.uri)}") from None
+        size = handle.size()
+        if size != self.sizes[f]:
+            handle.close()
+            raise self._damaged(f, f"{size} bytes, the manifest says {self.sizes[f]}: altered or partly copied")
+        return handle
+
     def _file(self, f: int) -> pq.ParquetFile:
+        """Shard file ``f`` as Parquet, opened once per process; checked against the manifest's size, row groups
+        and the schema. Page checksums are verified on every read."""
         if f not in self._handles:
-            full = storage.join(self.uri, *self.paths[f].split("/"))
-            fs, p = storage.filesystem(full)
+            handle = self._open(f)
             try:
-                handle = fs.open_input_file(p)
-            except (FileNotFoundError, OSError) as e:
-                raise DataError(f"shard file missing or unreadable: {full} ({e})") from None
-            if handle.size() != self.sizes[f]:
-                raise DataError(f"shard file {full} is {handle.size()} bytes, the manifest says {self.sizes[f]}: "
-                                "the shards were altered or partly copied; prepare them again")
-            self._handles[f] = pq.ParquetFile(handle)
+                pf = pq.ParquetFile(handle, page_checksum_verification=True)
+            except _READ_ERRORS as e:
+                handle.close()
+                raise self._damaged(f, _describe(e)) from None
+            groups = len(self.group_offsets[f]) - 1
+            if pf.metadata.num_row_groups != groups or not pf.schema_arrow.remove_metadata().equals(SCHEMA):
+                raise self._damaged(f, f"{pf.metadata.num_row_groups} row groups and schema {pf.schema_arrow.names}, "
+                                       f"the manifest says {groups} row groups of {SCHEMA.names}")
+            self._handles[f] = pf
             self.opened_files.add(self.paths[f])
         return self._handles[f]
+
+    def _read_group(self, f: int, g: int) -> tuple[list, list]:
+        """(encoded images, formats) of row group ``g`` of file ``f``, read from the file and checked."""
+        expected = int(self.group_offsets[f][g + 1] - self.group_offsets[f][g])
+        pf = self._file(f)
+        try:
+            table = pf.read_row_group(g, columns=["image", "format"])
+        except _READ_ERRORS as e:
+            raise self._damaged(f, f"row group {g}: {_describe(e)}") from None
+        if table.num_rows != expected or table.column("image").null_count or table.column("format").null_count:
+            raise self._damaged(f, f"row group {g} holds {table.num_rows} rows "
+                                   f"({table.column('image').null_count} without an image), the manifest says "
+                                   f"{expected}")
+        return table.column("image").to_pylist(), table.column("format").to_pylist()
 
     def _group(self, f: int, g: int) -> tuple[list, list]:
         if self._pid != os.getpid():
@@ -132,8 +189,7 @@ class ParquetSource:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key][0]
-        table = self._file(f).read_row_group(g, columns=["image", "format"])
-        images, formats = table.column("image").to_pylist(), table.column("format").to_pylist()
+        images, formats = self._read_group(f, g)
         self.row_groups_read.append((self.paths[f], g))
         size = sum(len(b) for b in images)
         self._cache[key] = ((images, formats), size)
@@ -152,7 +208,8 @@ class ParquetSource:
     def load(self, index: int) -> torch.Tensor:
         """Sample ``index`` decoded: uint8 RGB (3, H, W)."""
         data, _ = self.encoded(index)
-        return decode_image(data)
+        full = shard_path(self.uri, self.paths[self.locate(index)[0]])
+        return decode_image(data, f"(sample {index} of split {self.split!r}) in {full}", _redo(self.uri))
 
     def row_groups_of(self, indices) -> set[tuple[str, int]]:
         """The (file, row group) pairs holding ``indices`` (what a worker reading them must open)."""
@@ -164,23 +221,70 @@ class ParquetSource:
 
 
 def read_shard_manifest(uri: str) -> tuple[dict, str]:
-    """The manifest of prepared shards and its sha256."""
+    """The manifest of prepared shards and its sha256; a DataError names the manifest and what is wrong."""
     path = storage.join(uri, MANIFEST)
     try:
         raw = storage.read_bytes(path)
-    except (FileNotFoundError, OSError) as e:
-        raise DataError(f"data.shards={uri!r}: no {MANIFEST} there ({type(e).__name__}); prepare shards with "
-                        "`python -m inflora_ray.data prepare BENCHMARK --source PATH --out URI`") from None
+    except _READ_ERRORS as e:
+        raise DataError(f"data.shards={uri!r}: no {MANIFEST} there ({_describe(e)}); prepare shards "
+                        "with `inflora-data prepare BENCHMARK --source PATH --out URI` and point data.shards at URI"
+                        ) from None
     try:
         man = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataError(f"{path}: not JSON ({type(e).__name__}: {e}); {_redo(uri)}") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT:
-        raise DataError(f"{path}: not an inflora-ray shard manifest")
+        found = f"format {man.get('format')!r}" if isinstance(man, dict) else f"a JSON {type(man).__name__}"
+        raise DataError(f"{path}: {found}, not an inflora-ray shard manifest (format {FORMAT!r}); point "
+                        "data.shards at a folder written by `inflora-data prepare` (the --out of that command)")
     if man.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: shard format version {man.get('format_version')}, this code reads "
-                        f"{FORMAT_VERSION}; prepare the shards again")
+        raise DataError(f"{path}: shard format version {man.get('format_version')!r}, this code reads "
+                        f"{FORMAT_VERSION}; prepare the shards again with this version: "
+                        f"`inflora-data prepare BENCHMARK --source PATH --out {uri} --overwrite`")
+    _check_layout(path, uri, man)
     return man, hashlib.sha256(raw).hexdigest()
+
+
+# What the reader takes from each file entry of a manifest, with its type.
+_ENTRY_FIELDS = {"path": str, "size": int, "num_rows": int, "row_groups": list, "labels": list, "sha256": str}
+
+
+def _check_layout(path: str, uri: str, man: dict) -> None:
+    """The keys, types and counts of a manifest that the reader relies on; a DataError names the first one
+    that is missing or wrong."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise DataError(f"{path}: {what}; the manifest is damaged or was not written by `inflora-data "
+                            f"prepare`; {_redo(uri)}")
+
+    need(isinstance(man.get("benchmark"), str), "'benchmark' is missing or not a string")
+    need(isinstance(man.get("class_names"), list), "'class_names' is missing or not a list")
+    splits = man.get("splits")
+    need(isinstance(splits, dict) and all(isinstance(splits.get(s), dict) for s in SPLITS),
+         f"'splits' is missing or does not map {list(SPLITS)} to their files")
+    for split in SPLITS:
+        files = splits[split].get("files")
+        need(isinstance(files, list) and isinstance(splits[split].get("num_rows"), int),
+             f"splits.{split} needs 'files' (a list) and 'num_rows' (an integer)")
+        for k, entry in enumerate(files):
+            _check_entry(need, f"splits.{split}.files[{k}]", split, entry)
+        need(sum(e["num_rows"] for e in files) == splits[split]["num_rows"],
+             f"splits.{split}: the files' num_rows do not add up to its num_rows {splits[split]['num_rows']}")
+
+
+def _check_entry(need, where: str, split: str, entry) -> None:
+    """One file entry of a manifest: its fields and types, a path inside the split's folder, consistent counts."""
+    need(isinstance(entry, dict) and all(isinstance(entry.get(k), t) for k, t in _ENTRY_FIELDS.items()),
+         f"{where} needs {', '.join(f'{k} ({t.__name__})' for k, t in _ENTRY_FIELDS.items())}")
+    # Only names that prepare writes: a manifest must not make a reader open files outside the shards' folder.
+    need(re.fullmatch(rf"{split}/task-\d+/part-\d+\.parquet", entry["path"]) is not None,
+         f"{where}.path {entry['path']!r} is not '{split}/task-TTT/part-KKKKK.parquet'")
+    groups, runs = entry["row_groups"], entry["labels"]
+    need(all(isinstance(n, int) and n > 0 for n in groups) and sum(groups) == entry["num_rows"],
+         f"{where}: row_groups {groups[:5]} must be positive and add up to num_rows {entry['num_rows']}")
+    need(all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) and r[1] > 0 for r in runs)
+         and sum(r[1] for r in runs) == entry["num_rows"],
+         f"{where}: labels must be [label, count] runs adding up to num_rows {entry['num_rows']}")
 
 
 def _check_files(uri: str, man: dict) -> None:
@@ -189,7 +293,7 @@ def _check_files(uri: str, man: dict) -> None:
     if not entries:
         return
     fs, _ = storage.filesystem(uri)
-    paths = [storage.filesystem(storage.join(uri, *e["path"].split("/")))[1] for e in entries]
+    paths = [storage.filesystem(shard_path(uri, e["path"]))[1] for e in entries]
     infos = fs.get_file_info(paths)
     bad = []
     for e, info in zip(entries, infos):
@@ -199,11 +303,22 @@ def _check_files(uri: str, man: dict) -> None:
             bad.append(f"{e['path']} is {info.size} bytes, manifest {e['size']}")
     if bad:
         raise DataError(f"data.shards={uri!r}: {len(bad)} shard file(s) do not match the manifest "
-                        f"({'; '.join(bad[:3])}); prepare the shards again")
+                        f"({'; '.join(bad[:3])}); {_redo(uri)}")
 
 
-def load_shards(uri: str, benchmark: Optional[str] = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
-    """(train, test, class names, provenance) of prepared shards; checks benchmark, classes and file sizes."""
+def _check_hashes(uri: str, man: dict) -> None:
+    """Every shard file's sha256 equals the manifest's (reads every file)."""
+    bad = [e["path"] for s in SPLITS for e in man["splits"][s]["files"]
+           if storage.file_digest(shard_path(uri, e["path"])) != e["sha256"]]
+    if bad:
+        raise DataError(f"data.shards={uri!r}: sha256 differs for {len(bad)} file(s) (e.g. {', '.join(bad[:3])}); "
+                        f"{_redo(uri)}")
+
+
+def load_shards(uri: str, benchmark: Optional[str] = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                verify_hashes: bool = False):
+    """(train, test, class names, provenance) of prepared shards; checks benchmark, classes and file sizes
+    (and every file's sha256 with ``verify_hashes``)."""
     man, digest = read_shard_manifest(uri)
     if benchmark is not None and man.get("benchmark") != benchmark:
         raise DataError(f"data.shards={uri!r} holds benchmark {man.get('benchmark')!r}, but data.benchmark is "
@@ -211,17 +326,19 @@ def load_shards(uri: str, benchmark: Optional[str] = None, cache_bytes: int = DE
     names = list(man.get("class_names") or [])
     if not names or man.get("num_classes") != len(names):
         raise DataError(f"data.shards={uri!r}: manifest num_classes {man.get('num_classes')} does not match "
-                        f"its {len(names)} class names")
+                        f"its {len(names)} class names; {_redo(uri)}")
     _check_files(uri, man)
+    if verify_hashes:
+        _check_hashes(uri, man)
     train, test = (ParquetSource(uri, s, man["splits"][s]["files"], cache_bytes) for s in SPLITS)
     for src in (train, test):
         if len(src) and (src.labels.min() < 0 or src.labels.max() >= len(names)):
-            raise DataError(f"data.shards={uri!r}: labels outside 0..{len(names) - 1}")
+            raise DataError(f"data.shards={uri!r}: labels outside 0..{len(names) - 1}; {_redo(uri)}")
     provenance = {
         "source": "parquet-shards", "uri": uri, "benchmark": man["benchmark"], "format_version": FORMAT_VERSION,
         "manifest_sha256": digest, "num_classes": len(names), "num_train": len(train), "num_test": len(test),
         "rows_per_group": man.get("rows_per_group"), "created": man.get("created"),
-        "source_manifest": man.get("source_manifest"),
+        "source_manifest": man.get("source_manifest"), "hashes_verified": bool(verify_hashes),
     }
     return train, test, names, provenance
 
@@ -230,14 +347,8 @@ def verify_shards(uri: str, hashes: bool = True) -> dict:
     """Check every shard file against the manifest (size; sha256 with ``hashes``: reads every file)."""
     man, digest = read_shard_manifest(uri)
     _check_files(uri, man)
-    bad = []
     if hashes:
-        for s in SPLITS:
-            for e in man["splits"][s]["files"]:
-                if storage.file_digest(storage.join(uri, *e["path"].split("/"))) != e["sha256"]:
-                    bad.append(e["path"])
-    if bad:
-        raise DataError(f"data.shards={uri!r}: sha256 differs for {len(bad)} file(s) (e.g. {', '.join(bad[:3])})")
+        _check_hashes(uri, man)
     return {"uri": uri, "benchmark": man["benchmark"], "manifest_sha256": digest, "hashes_checked": hashes,
             "files": sum(len(man["splits"][s]["files"]) for s in SPLITS),
             "rows": {s: man["splits"][s]["num_rows"] for s in SPLITS}}

@@ -6,23 +6,26 @@ after the start never stop training (:class:`RunResult` says whether tracking wa
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-import yaml
 
 from .. import storage
-from ..config import Config, config_from_dict
-from ..presets import apply_overrides
+from ..config import Config, ConfigError
 from ..logs import log_event
-from ..rundir import RunDir, is_checkpoint
+from ..rundir import RunClaimed, RunDir
 from .faults import FaultPlan
-from .preflight import (PreflightError, check_model, check_resources, check_storage, connect_ray, start_tracker,
-                        warn_local_paths)
+from .errors import NonRetryableError, clear_fatal, fatal_message, read_fatal
+from .preflight import (PreflightError, check_model, check_resources, check_start_checkpoint, check_storage,
+                        connect_ray, start_tracker, warn_local_paths)
 from .progress import ProgressWatcher, print_final_table
+from .resume import (check_config_change, next_task_of, read_stored_config, record_config_change,
+                     stored_config_of_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,11 @@ class RunOptions:
     quiet_table: bool = False  # do not print the final table
     on_task: Optional[Callable[[dict], None]] = None  # called with each finished task's record
     train_callbacks: list = field(default_factory=list)  # Ray Train callbacks (Tune's report callback)
+    allow_config_change: bool = False  # let --resume / --start-from change settings that alter results
+
+
+class RunInterrupted(RuntimeError):
+    """The driver was interrupted (Ctrl-C, SIGTERM); what was done is saved and the message says how to resume."""
 
 
 @dataclass
@@ -73,31 +81,29 @@ def versions() -> dict:
             "ray": ray.__version__, "mlflow": getattr(mlflow, "__version__", "?"), "python": sys.version.split()[0]}
 
 
-def _upgrade_stored_config(data: dict) -> dict:
-    """A config stored by an earlier version, in today's keys: the test-only ``debug`` section is gone and
-    ``data.num_workers`` is ``data.loader_workers``."""
-    data.pop("debug", None)
-    section = data.get("data")
-    if isinstance(section, dict) and "num_workers" in section:
-        section.setdefault("loader_workers", section.pop("num_workers"))
-    return data
+def _run_dir(cfg: Config, name: Optional[str], storage_path: str) -> RunDir:
+    """The run's folder; its name (given, or derived from experiment.name) is checked before anything else."""
+    given = name or cfg.run.name
+    what = "run.name" if given else "the run name made from experiment.name (set run.name or --name)"
+    try:
+        return RunDir.of(storage_path, given or default_run_name(cfg), what=what)
+    except ConfigError as e:
+        raise PreflightError(str(e)) from None
 
 
-def load_run_config(storage_path: str, run: str, overrides: list[str]) -> tuple[Config, str]:
-    """The stored config of run ``run`` (a name under ``storage_path``, or a run directory), with overrides."""
-    if storage.exists(RunDir(run).config):
-        run_dir = RunDir(run)
-        storage_path, name = run.rstrip("/").rsplit("/", 1) if "/" in run else (".", run)
+def _continuation(cfg: Config, run: RunDir, opts: RunOptions) -> tuple[dict, int, str]:
+    """For --resume / --start-from: the changes against the stored config that alter results (refused unless
+    allowed), the task from which they apply, and how the run continues."""
+    if opts.resume:
+        stored, how, from_task = read_stored_config(run), "--resume", next_task_of(run)
+    elif opts.start_from is not None:
+        stored, how = stored_config_of_checkpoint(opts.start_from), "--start-from"
+        from_task = 0
+        if stored is None:
+            return {}, 0, how
     else:
-        name = run
-        run_dir = RunDir.of(storage_path, run)
-    if not storage.exists(run_dir.config):
-        raise PreflightError(f"--resume {run!r}: no run found at {run_dir.path} (no results/config.yaml); give the "
-                             f"run name and the same run.storage_path, or the run directory")
-    data = _upgrade_stored_config(yaml.safe_load(storage.read_bytes(run_dir.config)))
-    data.setdefault("run", {})["storage_path"] = storage_path
-    apply_overrides(data, overrides)
-    return config_from_dict(data), name
+        return {}, 0, ""
+    return check_config_change(stored, cfg, opts.allow_config_change, how), from_task, how
 
 
 def _preflight(cfg: Config, run: RunDir, opts: RunOptions):
@@ -108,15 +114,22 @@ def _preflight(cfg: Config, run: RunDir, opts: RunOptions):
     if not opts.resume and storage.exists(run.path):
         raise PreflightError(f"run {run.name!r} already exists in {cfg.run.storage_path}; continue it with "
                              f"--resume {run.name} or choose another run.name")
-    if opts.start_from is not None and not is_checkpoint(opts.start_from):
-        raise PreflightError(f"--start-from {opts.start_from!r}: no inflora-ray checkpoint there (state.pt missing)")
     try:
         benchmark = build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model)
     except (OSError, ValueError) as e:
         raise PreflightError(f"data: {e}") from None
+    if opts.start_from is not None:
+        check_start_checkpoint(opts.start_from, cfg, class_order=benchmark.class_order)
     if opts.stop_after_task is not None and not 0 <= opts.stop_after_task < benchmark.num_tasks:
         raise PreflightError(f"--stop-after-task {opts.stop_after_task}: must be in 0..{benchmark.num_tasks - 1}")
     return benchmark, start_tracker(cfg)
+
+
+def _stored(cfg: Config) -> Config:
+    """The config as a run may store it (config.yaml, checkpoints): without the tracking URI's credentials."""
+    from ..tracking import redact_config
+
+    return redact_config(cfg)
 
 
 def _record(cfg: Config, benchmark, opts: RunOptions) -> dict:
@@ -128,11 +141,12 @@ def _record(cfg: Config, benchmark, opts: RunOptions) -> dict:
 def _open_tracking(tracker, run: RunDir, record: dict, opts: RunOptions) -> None:
     """Create (or on resume reopen) the run's MLflow run; failure here stops the run before compute."""
     previous = tracker.load_state(run) if opts.resume else {}
+    from ..tracking import TrackingUnavailable
+
     try:
         tracker.start(run.name, record, parent_run_id=opts.parent_run_id, resume_run_id=previous.get("run_id"))
-    except Exception as e:
-        raise PreflightError(f"MLflow at {tracker.uri}: cannot start the run ({type(e).__name__}: "
-                             f"{str(e)[:300]}); fix the tracking store or run with tracking.enabled=false") from None
+    except TrackingUnavailable as e:
+        raise PreflightError(str(e)) from None
     tracker.logged_tasks = set(previous.get("logged_tasks", []))
 
 
@@ -147,7 +161,7 @@ def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions):
         resources["GPU"] = cfg.run.gpus_per_worker
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": run.path, "stop_after_task": opts.stop_after_task,
+        train_loop_config={"config": _stored(cfg).to_dict(), "run_dir": run.path, "stop_after_task": opts.stop_after_task,
                            "start_from": opts.start_from, "fault": FaultPlan.from_env()},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=resources),
@@ -162,36 +176,69 @@ def run_experiment(cfg: Config, name: Optional[str] = None, **options) -> RunRes
     """Run (or resume) a continual experiment as a Ray Train job and return its results.
 
     ``options`` are the fields of :class:`RunOptions`. Raises :class:`PreflightError` (or ``OSError`` for
-    storage) before any compute if the model, storage, checkpoint, tracking server or cluster cannot work,
-    and ``RuntimeError`` if training fails beyond ``run.max_failures``.
+    storage) before any compute if the name, model, storage, checkpoint, tracking server or cluster cannot
+    work, ``RuntimeError`` if training fails beyond ``run.max_failures``, and :class:`RunInterrupted` when the
+    driver is stopped (Ctrl-C, SIGTERM) after saving what was done.
     """
     opts = RunOptions(**options)
+    if opts.start_from is not None:  # the workers, in other working directories, open the same folder
+        opts.start_from = storage.absolute(opts.start_from)
     storage_path = check_storage(cfg)
-    name = name or cfg.run.name or default_run_name(cfg)
-    run = RunDir.of(storage_path, name)
+    run = _run_dir(cfg, name, storage_path)
     benchmark, tracker = _preflight(cfg, run, opts)
+    changes, from_task, how = _continuation(cfg, run, opts)
     connect_ray(opts.address)
     check_resources(cfg)
     warn_local_paths(cfg, tracker)
 
-    cfg = cfg.with_values({"run.name": name})
+    cfg = cfg.with_values({"run.name": run.name})
     record = _record(cfg, benchmark, opts)
-    if tracker is not None:
-        _open_tracking(tracker, run, record, opts)
     if not opts.resume:
-        storage.write_bytes(run.config, cfg.to_yaml().encode())
+        try:
+            run.claim()
+        except RunClaimed as e:
+            raise PreflightError(f"{e}; continue it with --resume {run.name} or choose another run.name") from None
+    try:
+        if tracker is not None:
+            _open_tracking(tracker, run, record, opts)
+    except BaseException:
+        if not opts.resume:
+            run.release()
+        raise
+    if not opts.resume or changes:
+        storage.write_bytes(run.config, _stored(cfg).to_yaml().encode())
+    if not opts.resume:
         storage.write_json(run.record, record)
+    if changes:
+        record_config_change(run, changes, from_task, how, tracker)
     if tracker is not None:
         tracker.save_state(run)
-    log_event(log, "run_start", name=name, run_dir=run.path, workers=cfg.run.num_workers, resume=opts.resume,
+    log_event(log, "run_start", name=run.name, run_dir=run.path, workers=cfg.run.num_workers, resume=opts.resume,
               method=cfg.method.name, benchmark=cfg.data.benchmark, tasks=benchmark.num_tasks,
               mlflow_run_id=tracker.run_id if tracker else None)
+    if opts.resume:
+        clear_fatal(run)
     error = _fit(_trainer(cfg, run, storage_path, opts), run, benchmark.num_tasks, tracker, opts)
     return _finish(cfg, run, benchmark.num_tasks, tracker, opts, error)
 
 
+class _Interrupt(Exception):
+    """Raised in the main thread by SIGTERM, so the driver stops as on Ctrl-C."""
+
+
+def _raise_interrupt(signum, frame):
+    raise _Interrupt(signal.Signals(signum).name)
+
+
+def _fatal_error(run: RunDir) -> Optional[NonRetryableError]:
+    """The error a worker recorded as one no restart can fix, if any (:mod:`.errors`)."""
+    record = read_fatal(run)
+    return None if record is None else NonRetryableError(f"run {run.name!r}: {fatal_message(record)}")
+
+
 def _fit(trainer, run: RunDir, num_tasks: int, tracker, opts: RunOptions) -> Optional[BaseException]:
-    """Fit the trainer while printing (and tracking) each task as it finishes; returns the error, if any."""
+    """Fit the trainer while printing (and tracking) each task as it finishes; returns the error, if any
+    (a :class:`RunInterrupted` when the driver was stopped)."""
     def task_done(rec: dict) -> None:
         if tracker is not None:
             tracker.log_task(rec, run)
@@ -200,33 +247,54 @@ def _fit(trainer, run: RunDir, num_tasks: int, tracker, opts: RunOptions) -> Opt
 
     watcher = ProgressWatcher(run, num_tasks, on_task=task_done, label=opts.label,
                               seen=tracker.logged_tasks if tracker else None)
+    main = threading.current_thread() is threading.main_thread()
+    # Ray Train installs its own SIGINT handler during fit (it aborts the workers); SIGTERM gets ours.
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    if main:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     watcher.start()
     try:
         trainer.fit()
+    except (KeyboardInterrupt, SystemExit, _Interrupt) as e:
+        return RunInterrupted(f"interrupted ({type(e).__name__})")
     except Exception as e:  # ray.train.TrainingFailedError and friends
-        return e
+        return _fatal_error(run) or e
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         watcher.stop()
+    fatal = _fatal_error(run)  # the workers stopped on an error no restart can fix
+    if fatal is not None:
+        return fatal
+    expected = num_tasks if opts.stop_after_task is None else opts.stop_after_task + 1
+    if len(run.finished_tasks()) < expected:  # Ray Train's own Ctrl-C handler aborted the workers
+        return RunInterrupted("interrupted (the training run was aborted)")
     return None
 
 
 def _finish(cfg: Config, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
             error: Optional[BaseException]) -> RunResult:
-    """Write the final results, close the MLflow run, print the table; raise if training failed."""
+    """Write the results so far, close the MLflow run, print the table; raise if training failed or stopped."""
+    interrupted = isinstance(error, RunInterrupted)
     tasks, summ = run.collect_results(num_tasks)
-    if tasks:
-        run.write_final_results(tasks, summ)
+    run.write_final_results(tasks, summ, status="interrupted" if interrupted else "failed" if error else "finished")
     if tracker is not None:
-        tracker.finish(run, summ, failed=error is not None)
+        tracker.finish(run, summ, status="KILLED" if interrupted else "FAILED" if error else "FINISHED")
     if not opts.quiet_table:
         print_final_table(run.name, summ, num_tasks)
     if tracker is not None and tracker.lost:
         print(f"{opts.label}warning: MLflow tracking at {tracker.uri} was lost during the run ({tracker.lost}); "
               f"training went on and every result is in {run.results}", file=sys.stderr, flush=True)
+    resume = (f"python -m inflora_ray.run --resume {run.name} "
+              f"run.storage_path={run.path.rstrip('/').rsplit('/', 1)[0]}")
+    if isinstance(error, NonRetryableError):
+        raise error
+    if interrupted:
+        raise RunInterrupted(f"run {run.name!r} {error} after {len(tasks)} task(s); results so far are in "
+                             f"{run.results}\nresume it with: {resume}")
     if error is not None:
         raise RuntimeError(f"run {run.name!r} failed after {len(tasks)} task(s): {type(error).__name__}: {error}\n"
-                           f"resume it with: python -m inflora_ray.run --resume {run.name} "
-                           f"run.storage_path={cfg.run.storage_path}") from error
+                           f"resume it with: {resume}") from error
     log_event(log, "run_end", name=run.name, tasks_done=len(tasks), results=run.results,
               mlflow_run_id=tracker.run_id if tracker else None, tracking_lost=tracker.lost if tracker else None)
     return RunResult(run_dir=run.path, name=run.name, tasks=tasks, summary=summ,

@@ -6,7 +6,8 @@ import logging
 import os
 import socket
 import threading
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from .. import storage
 from ..config import Config
 from ..logs import log_event
+from ..rundir import CheckpointError, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +29,24 @@ def in_submitted_job() -> bool:
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
-def check_model(cfg: Config) -> int:
-    """Build the architecture on the meta device (no weights, no memory) to check it and the rank against the
-    adapted layers' width; returns that width."""
+def _meta_backbone(cfg: Config) -> torch.nn.Module:
+    """The configured timm model built on the meta device (no weights, no memory)."""
     import timm
-
-    from ..core.lora import check_rank
 
     kwargs = dict(num_classes=0, img_size=cfg.model.img_size, **cfg.model.kwargs)
     try:
         with torch.device("meta"):
-            model = timm.create_model(cfg.model.name, pretrained=False, **kwargs)
+            return timm.create_model(cfg.model.name, pretrained=False, **kwargs)
     except Exception as e:
         raise PreflightError(f"model: cannot build {cfg.model.name!r} with kwargs {cfg.model.kwargs}: {e}") from None
+
+
+def check_model(cfg: Config) -> int:
+    """Build the architecture on the meta device (no weights, no memory) to check it and the rank against the
+    adapted layers' width; returns that width."""
+    from ..core.lora import check_rank
+
+    model = _meta_backbone(cfg)
     if cfg.model.weights_file is not None and cfg.model.weights_file.startswith("builtin:"):
         from ..core.model import check_builtin_weights
         try:
@@ -69,14 +76,17 @@ def check_storage(cfg: Config) -> str:
 
 
 def start_tracker(cfg: Config):
-    """The MLflow tracker of this config (None when tracking is off), after a health check of its server."""
+    """The MLflow tracker of this config (None when tracking is off), after checking that its store answers:
+    a redacted URI given back, the server's health check, the database driver, MLflow 3's refusal of file
+    stores, the credentials, a look-up of the experiment. Any problem is a :class:`PreflightError` that says
+    what to fix (credentials redacted), raised before any compute."""
     if not cfg.tracking.enabled:
         return None
-    from ..tracking import Tracker, TrackingUnavailable, check_server
+    from ..tracking import Tracker, TrackingUnavailable
 
-    tracker = Tracker(cfg)
     try:
-        check_server(tracker.uri)
+        tracker = Tracker(cfg)
+        tracker.probe()
     except TrackingUnavailable as e:
         raise PreflightError(str(e)) from None
     return tracker
@@ -152,3 +162,150 @@ def warn_local_paths(cfg: Config, tracker) -> None:
         log_event(log, "tracking_warning", level=logging.WARNING, uri=tracker.uri,
                   message="MLflow's local default store inside a submitted job lives in the job's temporary "
                           "working dir; set MLFLOW_TRACKING_URI (runtime env) or --tracking-uri")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The checkpoint to start from (--start-from), also checked by every worker before it loads one
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a learner state must match to load into a learner: the method, its adapted layers, the task
+    heads and the class order."""
+    method: str
+    layers: int  # adapted layers (0: the method has no adapters)
+    rank: Optional[int]  # adapter rank (None: no adapters)
+    width: int  # input width of the adapted layers and of the heads (the ViT's embed_dim)
+    task_sizes: list[int]  # number of classes of each task, in task order
+    class_order: list[int]
+
+
+def config_architecture(cfg: Config, class_order: Optional[Sequence[int]] = None) -> Architecture:
+    """The architecture ``cfg`` builds (the model on the meta device, no weights). The class order is
+    ``class_order`` (the built benchmark's) when given, else the one ``cfg.data`` resolves to for the
+    benchmark's registered number of classes (no data is read)."""
+    from ..core.methods import METHODS
+    from ..data.base import resolve_class_order, split_tasks
+    from ..data.registry import get_benchmark
+
+    model = _meta_backbone(cfg)
+    adapted = METHODS[cfg.method.name].uses_adapters
+    try:
+        if class_order is None:
+            class_order = resolve_class_order(get_benchmark(cfg.data.benchmark).num_classes, cfg.data.class_order,
+                                              cfg.data.class_order_seed)
+        tasks = split_tasks(class_order, cfg.data.num_tasks)
+    except ValueError as e:
+        raise PreflightError(f"data: {e}") from None
+    return Architecture(method=cfg.method.name, layers=len(model.blocks) if adapted else 0,
+                        rank=cfg.method.rank if adapted else None, width=int(model.embed_dim),
+                        task_sizes=[len(t) for t in tasks], class_order=[int(c) for c in class_order])
+
+
+_STATE_KEYS = ("version", "method", "heads", "class_order", "next_task")
+
+
+def checkpoint_problems(state: dict, arch: Architecture) -> list[str]:
+    """Why the learner state ``state`` cannot load into a learner of ``arch`` (empty when it fits)."""
+    from ..training.learner import CHECKPOINT_VERSION
+
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        return [f"not an inflora-ray learner state (no {', '.join(missing)})"]
+    if state["version"] != CHECKPOINT_VERSION:
+        return [f"checkpoint version {state['version']!r} is not supported (this version reads "
+                f"{CHECKPOINT_VERSION})"]
+    method = state["method"].get("name") if isinstance(state["method"], dict) else None
+    if method != arch.method:
+        return [f"it was made by method {method!r}, the config says method.name={arch.method!r}"]
+    return [*_adapter_problems(state, arch), *_head_problems(state, arch), *_order_problems(state, arch)]
+
+
+def _shape(x) -> Optional[tuple]:
+    """The shape of a tensor, None for anything else."""
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else None
+
+
+def _adapter_sets(state: dict) -> list[tuple[str, list]]:
+    """(what, per-layer adapter tensors) of every finished task, and of the task in progress if any."""
+    history = state["method"].get("history") or []
+    sets = [(f"task {t}", layers) for t, layers in enumerate(history)]
+    in_task = state.get("in_task")
+    if isinstance(in_task, dict) and in_task.get("adapters") is not None:
+        sets.append(("the task in progress", in_task["adapters"]))
+    return sets
+
+
+def _adapter_problems(state: dict, arch: Architecture) -> list[str]:
+    """The adapters' layer count, rank and width against the config's."""
+    want = {"lora_A": (arch.rank, arch.width), "lora_B_k": (arch.width, arch.rank),
+            "lora_B_v": (arch.width, arch.rank)}
+    for what, layers in _adapter_sets(state):
+        if not isinstance(layers, list) or len(layers) != arch.layers:
+            count = len(layers) if isinstance(layers, list) else type(layers).__name__
+            return [f"the adapters of {what} cover {count} layers, the config's model has {arch.layers} "
+                    "adapted layers"]
+        for i, layer in enumerate(layers):
+            shapes = {k: _shape(v) for k, v in layer.items()} if isinstance(layer, dict) else {}
+            if shapes != want:
+                rank, width = shapes.get("lora_A") or (None, None)
+                return [f"the adapter of {what}, layer {i} has rank {rank} and input width {width} "
+                        f"({shapes}), the config has method.rank={arch.rank} and a model of width {arch.width}"]
+    return []
+
+
+def _head_problems(state: dict, arch: Architecture) -> list[str]:
+    """The number of task heads and their shapes against the config's tasks and width."""
+    heads, num_tasks = state["heads"], len(arch.task_sizes)
+    if not isinstance(heads, list) or len(heads) > num_tasks:
+        count = len(heads) if isinstance(heads, list) else type(heads).__name__
+        return [f"it has {count} task heads, the config has data.num_tasks={num_tasks}"]
+    problems = []
+    next_task = state["next_task"]
+    if not isinstance(next_task, int) or not 0 <= next_task <= num_tasks:
+        problems.append(f"its next task {next_task!r} is not in 0..{num_tasks} (data.num_tasks={num_tasks})")
+    for t, (head, size) in enumerate(zip(heads, arch.task_sizes)):
+        shape = _shape(head.get("weight")) if isinstance(head, dict) else None
+        if shape != (size, arch.width):
+            problems.append(f"the head of task {t} has shape {shape}, the config's task {t} has {size} classes "
+                            f"and a model of width {arch.width} (data.num_tasks, model.kwargs)")
+            break
+    return problems
+
+
+def _brief(order: Sequence) -> str:
+    """A class order for a message: at most its first 12 entries."""
+    head = ", ".join(str(c) for c in list(order)[:12])
+    return f"[{head}{', ...' if len(order) > 12 else ''}] ({len(order)} classes)"
+
+
+def _order_problems(state: dict, arch: Architecture) -> list[str]:
+    """The checkpoint's class order against the config's."""
+    order = state["class_order"]
+    if not isinstance(order, (list, tuple)) or [c for c in order if not isinstance(c, int)]:
+        return [f"its class order is not a list of class indices ({type(order).__name__})"]
+    if list(order) != arch.class_order:
+        return [f"its class order {_brief(order)} differs from the config's {_brief(arch.class_order)} "
+                "(data.benchmark, data.class_order, data.class_order_seed)"]
+    return []
+
+
+def check_start_checkpoint(path: str, cfg: Config, class_order: Optional[Sequence[int]] = None) -> None:
+    """``--start-from path``: an absolute path or URI; ``state.pt`` is there, intact (its SHA-256 when
+    ``meta.json`` records one), holds only tensors and plain containers, has a supported version, and fits
+    ``cfg``: the method, the adapted layers' count, rank and width, the task heads against the config's tasks,
+    and the class order (``class_order``, the built benchmark's, when given; else what ``cfg.data`` resolves
+    to, see :func:`config_architecture`). Raises :class:`PreflightError` naming the checkpoint."""
+    what = f"--start-from {path!r}"
+    if not storage.is_uri(path) and not os.path.isabs(path):
+        raise PreflightError(f"{what}: give an absolute path or a URI (the workers open it, not this shell), "
+                             f"e.g. {os.path.abspath(path)!r}")
+    try:
+        state = read_checkpoint(path)
+    except CheckpointError as e:  # the message names the checkpoint
+        raise PreflightError(f"--start-from: {e}") from None
+    except OSError as e:
+        raise PreflightError(f"{what}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+    problems = checkpoint_problems(state, config_architecture(cfg, class_order))
+    if problems:
+        raise PreflightError(f"{what} does not fit the config: {'; '.join(problems)}")

@@ -9,7 +9,7 @@ from typing import Optional
 from ..config import Config
 from ..core.metrics import aggregate_over_seeds
 from .launch import RunResult, default_run_name, run_experiment
-from .preflight import connect_ray
+from .preflight import PreflightError, connect_ray
 
 
 def run_seeds(cfg: Config, seeds: list[int], name: Optional[str] = None, **options) -> dict:
@@ -19,6 +19,8 @@ def run_seeds(cfg: Config, seeds: list[int], name: Optional[str] = None, **optio
     ``{"runs": {seed: RunResult | None}, "aggregate": {...}, "parent_run_id": ...}``; raises ``RuntimeError``
     naming the failed seeds after the others finished.
     """
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise PreflightError(f"seeds {seeds}: give each seed once (each seed is one run)")
     base = name or cfg.run.name or default_run_name(cfg, with_seed=False)
     connect_ray(options.get("address"))  # once, before the seeds' threads
     parent = None

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .. import storage
-from ..config import Config, config_from_dict
+from ..config import Config, ConfigError, config_from_dict
 from ..logs import log_event, setup_logging
-from ..rundir import RunDir, SweepDir
+from ..rundir import RunClaimed, RunDir, SweepDir
 from .launch import run_experiment
 from .preflight import PreflightError, check_model, connect_ray, start_tracker
 from .search_space import SearchSpace, SpaceError
@@ -191,7 +191,10 @@ def run_sweep(cfg: Config, space: SearchSpace, **options) -> dict:
     if opts.first_tasks is not None and not 1 <= opts.first_tasks <= num_tasks:
         raise PreflightError(f"--first-tasks {opts.first_tasks}: must be in 1..{num_tasks}")
     opts.name = opts.name or f"sweep-{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep = SweepDir.of(cfg.run.storage_path, opts.name)
+    try:
+        sweep = SweepDir.of(cfg.run.storage_path, opts.name)
+    except ConfigError as e:
+        raise SpaceError(f"--name: {e}") from None
     storage.check_writable(storage.absolute(cfg.run.storage_path))
     if opts.resume and not storage.exists(sweep.path):
         raise PreflightError(f"--resume: no sweep {opts.name!r} in {cfg.run.storage_path}")
@@ -200,14 +203,22 @@ def run_sweep(cfg: Config, space: SearchSpace, **options) -> dict:
     tracker = start_tracker(cfg.with_values({"tracking.sweep_id": opts.name}))
     connect_ray(opts.address)
 
+    if not opts.resume:
+        try:
+            sweep.claim()
+        except RunClaimed as e:
+            raise PreflightError(f"{e}; use --resume or another --name") from None
     # Trials checkpoint at task boundaries only: every report then carries the per-task metrics ASHA reads.
     base = cfg.with_values({"run.checkpoint_every_epochs": 0, "run.name": None})
     sw = _Sweep(base, space, sweep, opts, num_tasks, tracker)
     _open_parent(sw)
+    from ..tracking import redact_config
+
     if not opts.resume:
         storage.write_json(sweep.record, {"name": opts.name, "mlflow_parent_run_id": sw.parent_id,
                                           "space": space.as_dict(), "metric": space.metric, "mode": space.mode,
-                                          "first_tasks": opts.first_tasks, "config": base.to_dict()})
+                                          "first_tasks": opts.first_tasks,
+                                          "config": redact_config(base).to_dict()})
     log_event(log, "sweep_start", name=opts.name, trials=opts.num_samples, scheduler=opts.scheduler,
               search=opts.search, metric=space.metric, horizon=sw.horizon, resume=opts.resume)
     return _conclude(sw, _tuner(sw).fit())

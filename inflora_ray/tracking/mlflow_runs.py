@@ -10,10 +10,8 @@ import os
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 from .. import storage
 from ..config import Config
@@ -21,8 +19,15 @@ from ..logs import log_event
 from ..rundir import META_FILE, STATE_FILE, RunDir
 from ..training.state import task_metrics
 from .plots import plot_accuracy_curve, plot_accuracy_matrix
+from .redact import has_secrets, is_redacted, redact_text, redact_uri
+from .store import (TrackingUnavailable, check_server, explain_store_error, redact_config,  # noqa: F401
+                    resolve_uri)
+
+__all__ = ["STATUSES", "Tracker", "TrackingUnavailable", "check_server", "explain_store_error", "git_commit",
+           "is_redacted", "redact_config", "redact_text", "redact_uri", "resolve_uri", "start_parent"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Bounded retries: a dead server costs seconds per call, not minutes (unless the user chose otherwise).
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -31,34 +36,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 _PARAM_CHARS = 6000  # MLflow's limit on a param value
 _BATCH = 100  # params per log_batch call
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking server cannot be used at start; the message says what to fix."""
-
-
-def resolve_uri(cfg: Config) -> str:
-    """tracking.uri, else MLFLOW_TRACKING_URI, else MLflow's default (a local store in the working dir)."""
-    import mlflow
-
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-
-
-def check_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast if an HTTP tracking server does not answer its health check."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            if resp.status != 200:
-                raise TrackingUnavailable(f"MLflow server at {uri} answered {resp.status} on /health")
-    except (urllib.error.URLError, OSError) as e:
-        raise TrackingUnavailable(
-            f"MLflow tracking server at {uri} is unreachable ({getattr(e, 'reason', e)}); start it "
-            f"(mlflow server --host 127.0.0.1 --port PORT), fix tracking.uri / --tracking-uri / MLFLOW_TRACKING_URI, "
-            "or run with tracking.enabled=false") from None
-
+STATUSES = ("FINISHED", "FAILED", "KILLED")  # how a run (or a parent run) can end
+_STEP_PROBE = "pooled_accuracy"  # a metric every task logs: its steps are the tasks already in the store
 
 def git_commit() -> Optional[str]:
     """The git commit of the code (working directory, else the package's checkout), if any."""
@@ -76,19 +55,62 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _terminal_status(status: Optional[str], failed: bool) -> str:
+    """The MLflow status a run ends with: ``status`` if given (checked), else FAILED / FINISHED."""
+    if status is None:
+        return "FAILED" if failed else "FINISHED"
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    if failed and status == "FINISHED":
+        raise ValueError("a failed run cannot end as FINISHED: give status='FAILED' or 'KILLED'")
+    return status
+
+
 class Tracker:
-    """One MLflow run (``run_id``) written through ``MlflowClient`` (thread-safe, no global active run)."""
+    """One MLflow run (``run_id``) written through ``MlflowClient`` (thread-safe, no global active run).
+
+    ``uri`` is the tracking URI with its credentials redacted: what messages, params, tags and
+    ``tracking.json`` show. The URI in use (which may hold a password) never leaves this object."""
 
     def __init__(self, cfg: Config):
         from mlflow import MlflowClient
 
         self.cfg = cfg
-        self.uri = resolve_uri(cfg)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self._uri = resolve_uri(cfg)  # may hold credentials: used for the client only
+        self.uri = redact_uri(self._uri)
         self.experiment_name = cfg.tracking.experiment or cfg.experiment.name
         self.run_id: Optional[str] = None
         self.lost: Optional[str] = None  # first error after which tracking stopped
         self.logged_tasks: set[int] = set()
+        self._steps_in_store: set[int] = set()  # on resume: tasks whose metrics the MLflow run already holds
+        if is_redacted(self._uri):
+            raise TrackingUnavailable(
+                f"the tracking URI {self.uri} has its credentials redacted (inflora-ray never stores them); give "
+                "it again with --tracking-uri or MLFLOW_TRACKING_URI, or keep the password out of the URI with "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+        if has_secrets(self._uri):  # MLflow prints 'View run <URI>/#/...' when a run ends
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        self.client = self._store_call("opening the tracking store", lambda: MlflowClient(tracking_uri=self._uri))
+
+    def _store_call(self, doing: str, fn: Callable[[], T]) -> T:
+        """``fn()``; any error becomes :class:`TrackingUnavailable` saying what to fix, without credentials."""
+        try:
+            return fn()
+        except TrackingUnavailable:
+            raise
+        except Exception as e:
+            raise TrackingUnavailable(explain_store_error(self._uri, doing, e)) from None
+
+    def probe(self) -> None:
+        """Check cheaply that the store answers (the server's health check, then a look-up of the experiment,
+        which also opens a database store); :class:`TrackingUnavailable` says what to fix."""
+        check_server(self._uri)
+        self._store_call(f"looking up experiment {self.experiment_name!r}",
+                         lambda: self.client.get_experiment_by_name(self.experiment_name))
+
+    def redact(self, text: str) -> str:
+        """``text`` without the credentials of the tracking URI (or of any URL in it)."""
+        return redact_text(text, self._uri)
 
     # ---------------------------------------------------------------- creating runs
     def experiment_id(self) -> str:
@@ -111,32 +133,36 @@ class Tracker:
         return tags
 
     def log_params(self, params: dict[str, object]) -> None:
-        """Log params (values as strings, lists/dicts as JSON, cut to MLflow's length limit), in batches."""
+        """Log params (values as strings, lists/dicts as JSON, credentials redacted, cut to MLflow's length
+        limit), in batches."""
         from mlflow.entities import Param
 
         text = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in params.items()}
-        items = [Param(k, v[:_PARAM_CHARS]) for k, v in sorted(text.items())]
+        items = [Param(k, self.redact(v)[:_PARAM_CHARS]) for k, v in sorted(text.items())]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, params=items[i:i + _BATCH], synchronous=True)
 
     def create(self, run_name: str, tags: dict[str, str], params: dict[str, object],
                parent_run_id: Optional[str] = None) -> str:
         """Create this tracker's MLflow run (a child of ``parent_run_id`` if given) with tags and params.
-        Errors propagate: at start, an unusable tracking store stops the run before compute."""
-        tags = {**self.base_tags(), **tags, "mlflow.runName": run_name}
+        Errors raise :class:`TrackingUnavailable`: at start, an unusable store stops the run before compute."""
+        tags = {k: self.redact(v) for k, v in {**self.base_tags(), **tags, "mlflow.runName": run_name}.items()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        self.run_id = self.client.create_run(self.experiment_id(), tags=tags, run_name=run_name).info.run_id
-        self.log_params(params)
-        return self.run_id
+
+        def do() -> str:
+            self.run_id = self.client.create_run(self.experiment_id(), tags=tags, run_name=run_name).info.run_id
+            self.log_params(params)
+            return self.run_id
+
+        return self._store_call(f"creating MLflow run {run_name!r}", do)
 
     def start(self, run_name: str, record: dict, parent_run_id: Optional[str] = None,
               resume_run_id: Optional[str] = None) -> str:
-        """Create (or reopen, on resume) the MLflow run of an experiment run, with its whole config as params."""
+        """Create (or reopen, on resume) the MLflow run of an experiment run, with its whole config as params.
+        On resume, the tasks whose metrics the run already holds are never logged again."""
         if resume_run_id:
-            self.run_id = resume_run_id
-            self.client.update_run(resume_run_id, status="RUNNING")
-            return resume_run_id
+            return self._reopen(resume_run_id)
         params: dict[str, object] = dict(self.cfg.flat())
         params.update({"method": self.cfg.method.name, "benchmark": self.cfg.data.benchmark,
                        "num_workers": self.cfg.run.num_workers, "class_order": json.dumps(record.get("class_order")),
@@ -144,9 +170,19 @@ class Tracker:
         params.update({f"version.{k}": v for k, v in record.get("versions", {}).items()})
         return self.create(run_name, {"run_name": run_name}, params, parent_run_id)
 
+    def _reopen(self, run_id: str) -> str:
+        """Set the MLflow run ``run_id`` RUNNING again and read which tasks it already holds metrics of."""
+        def do() -> set[int]:
+            self.client.update_run(run_id, status="RUNNING")
+            return {m.step for m in self.client.get_metric_history(run_id, _STEP_PROBE)}
+
+        self._steps_in_store = self._store_call(f"reopening MLflow run {run_id} (logged to this tracking URI?)", do)
+        self.run_id = run_id
+        return run_id
+
     # ---------------------------------------------------------------- the run directory's record of it
     def save_state(self, run: RunDir) -> None:
-        """Write ``results/tracking.json``: which MLflow run this is and which tasks it already holds."""
+        """Write ``results/tracking.json``: which MLflow run this is (URI redacted) and which tasks it holds."""
         storage.write_json(run.tracking, {"uri": self.uri, "run_id": self.run_id, "experiment": self.experiment_name,
                                           "logged_tasks": sorted(self.logged_tasks)})
 
@@ -163,7 +199,7 @@ class Tracker:
         try:
             fn()
         except Exception as e:  # a dead server must never stop training
-            self.lost = f"{what}: {type(e).__name__}: {str(e)[:300]}"
+            self.lost = self.redact(f"{what}: {type(e).__name__}: {e}")[:400]
             log_event(log, "tracking_lost", level=logging.WARNING, error=self.lost, run_id=self.run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
@@ -174,23 +210,30 @@ class Tracker:
                               synchronous=True)
 
     def log_task(self, rec: dict, run: RunDir) -> None:
-        """Per-task metrics (step = task index) and artifacts under ``tasks/task_NNN``."""
+        """Per-task metrics (step = task index) and artifacts under ``tasks/task_NNN``, then ``tracking.json``
+        at once, so a resumed run never logs the task again. Metrics the MLflow run already holds (a driver
+        that stopped between logging and saving) are not logged twice; the artifacts are rewritten."""
         task = int(rec["report"]["task"])
         if task in self.logged_tasks:
             return
 
         def do():
-            self.log_metrics(task_metrics(rec["report"]), step=task)
+            if task not in self._steps_in_store:
+                self.log_metrics(task_metrics(rec["report"]), step=task)
             with tempfile.TemporaryDirectory() as d:
                 _write_task_artifacts(rec, run, d)
                 self.client.log_artifacts(self.run_id, d, f"tasks/task_{task:03d}")
             self.logged_tasks.add(task)
+            self.save_state(run)
 
         self.guard(f"logging task {task}", do)
 
     # ---------------------------------------------------------------- end
-    def finish(self, run: RunDir, summ: dict, failed: bool) -> None:
-        """Final metrics and artifacts (results, record, config, last checkpoint) and the run's status."""
+    def finish(self, run: RunDir, summ: dict, status: str = "FINISHED") -> None:
+        """Final metrics and artifacts (results, record, config and, unless KILLED, the last checkpoint) and the
+        run's status: FINISHED, FAILED or KILLED (the driver was interrupted; a resume reopens the run)."""
+        status = _terminal_status(status, failed=False)
+
         def do():
             if summ:
                 final = {"final_accuracy": summ["final_accuracy"],
@@ -199,17 +242,21 @@ class Tracker:
                 self.log_metrics({k: v for k, v in final.items() if v == v})  # NaN != NaN
             self._log_files(run.results, ("metrics.json", "accuracy_matrix.parquet", "record.json", "config.yaml"),
                             "results")
-            last = run.latest_task_checkpoint() if self.cfg.tracking.log_checkpoint else None
+            last = run.latest_task_checkpoint() if self.cfg.tracking.log_checkpoint and status != "KILLED" else None
             if last is not None:
                 self._log_files(last, (STATE_FILE, META_FILE), "checkpoint")
-            self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+            self.client.set_terminated(self.run_id, status=status)
 
         self.guard("finishing the run", do)
         if self.lost is None and self.run_id is not None:
             self.save_state(run)
 
-    def finish_parent(self, metrics: dict[str, float], ok: bool, files: tuple[str, ...] = ()) -> None:
-        """Close a parent run (seeds, sweep): its metrics, files from storage as artifacts, its status."""
+    def finish_parent(self, metrics: dict[str, float], ok: bool = True, files: tuple[str, ...] = (),
+                      status: Optional[str] = None) -> None:
+        """Close a parent run (seeds, sweep): its metrics, files from storage as artifacts, its status
+        (``status`` if given: FINISHED, FAILED or KILLED; else FINISHED if ``ok``, FAILED if not)."""
+        status = _terminal_status(status, failed=not ok)
+
         def do():
             if files:
                 with tempfile.TemporaryDirectory() as d:
@@ -217,7 +264,7 @@ class Tracker:
                         Path(d, src.rstrip("/").rsplit("/", 1)[-1]).write_bytes(storage.read_bytes(src))
                     self.client.log_artifacts(self.run_id, d)
             self.log_metrics(metrics)
-            self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
+            self.client.set_terminated(self.run_id, status=status)
 
         self.guard("finishing the parent run", do)
 

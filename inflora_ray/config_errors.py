@@ -1,0 +1,86 @@
+"""pydantic's ValidationError -> :class:`~inflora_ray.config.ConfigError` naming the field (``data.root``,
+``train.betas[1]``) and what it accepts, in the words of the config's own checks."""
+from __future__ import annotations
+
+import types
+import typing
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+
+from .config import _RENAMED, Config, ConfigError
+
+
+def _strip(tp: Any) -> Any:
+    """``Annotated[X, ...]`` and ``X | None`` -> X."""
+    while typing.get_origin(tp) in (Annotated, Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    return "a mapping" if tp is dict or origin is dict else getattr(tp, "__name__", str(tp))
+
+
+def _resolve(root: type[BaseModel], loc: tuple) -> tuple[str, Any, FieldInfo | None]:
+    """The dotted path (``data.class_order[2]``), declared type and field at a pydantic error location."""
+    path = next((name for name, f in Config.model_fields.items() if f.annotation is root), "")
+    tp, info = root, None
+    for part in loc:
+        if isinstance(part, int):  # an item of a list field
+            path, tp, info = f"{path}[{part}]", typing.get_args(_strip(tp))[0], None
+        elif part in getattr(tp, "model_fields", {}):
+            info = tp.model_fields[part]
+            path, tp = f"{path}.{part}".lstrip("."), info.annotation
+    return path, tp, info
+
+
+def _bounds(info: FieldInfo) -> str:
+    """'>= 1', 'in (0, 1]', ... from a field's ge/gt/le/lt, then 'or null' and the field's description."""
+    ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    c = {k: getattr(m, k) for m in info.metadata for k in ops if hasattr(m, k)}
+    lo, hi = [k for k in ("ge", "gt") if k in c], [k for k in ("le", "lt") if k in c]
+    if lo and hi:  # an interval such as (0, 1] or [0, 1)
+        text = f"in {'[' if lo[0] == 'ge' else '('}{c[lo[0]]}, {c[hi[0]]}{']' if hi[0] == 'le' else ')'}"
+    else:
+        text = " and ".join(f"{ops[k]} {v}" for k, v in c.items())
+    nullable = type(None) in typing.get_args(info.annotation)
+    return text + " or null" * nullable + (f" ({info.description})" if info.description else "")
+
+
+def config_error(err: ValidationError, root: type[BaseModel]) -> ConfigError:
+    """The first error as a ConfigError: unknown keys (outermost first), then types and bounds, then checks."""
+    def priority(e: Any) -> tuple:
+        extra = e["type"] == "extra_forbidden"
+        return not extra, isinstance(e.get("ctx", {}).get("error"), ConfigError), len(e["loc"]) * extra
+
+    errors = err.errors()
+    first = min(errors, key=priority)
+    if isinstance(first.get("ctx", {}).get("error"), ConfigError):
+        return first["ctx"]["error"]  # raised by a validator above, already worded
+    if first["type"] == "extra_forbidden":
+        parent = first["loc"][:-1]
+        where, model, _ = _resolve(root, parent)
+        unknown = sorted((e["loc"][-1] for e in errors if e["type"] == "extra_forbidden" and e["loc"][:-1] == parent),
+                         key=str)
+        for old in (f"{where}.{k}" if where else str(k) for k in unknown):
+            if old in _RENAMED:
+                return ConfigError(f"{old}: renamed to {_RENAMED[old]}")
+        return ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; valid keys are {list(model.model_fields)}")
+    path, tp, info = _resolve(root, first["loc"])
+    where, value = path or "config", first["input"]
+    if first["type"] == "finite_number":
+        return ConfigError(f"{where}: must be a finite number")
+    if first["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and info:
+        return ConfigError(f"{where}: must be {_bounds(info)}")
+    return ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")

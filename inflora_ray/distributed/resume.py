@@ -1,0 +1,128 @@
+"""Continuing a run (``--resume``) or branching from a checkpoint (``--start-from``): the stored config, and
+what a continuation may change. A change that alters results is refused, unless the user allows it; then
+it is recorded in the run folder (``results/config_history.json``) and on the MLflow run."""
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any, Optional
+
+import yaml
+
+from .. import storage
+from ..config import Config, ConfigError, config_from_dict, flatten
+from ..presets import apply_overrides
+from ..rundir import RunDir
+from .preflight import PreflightError
+
+# Keys that say where and how a run is placed, stored or watched, not what it computes: they may change freely.
+_PLACEMENT = ("run.", "tracking.")
+_FREE_KEYS = {"experiment.log_every_steps", "data.root", "data.shards", "data.loader_workers",
+              "data.eval_batch_size", "data.shard_cache_mb", "data.verify_hashes", "data.download",
+              "data.verify_release", "train.compile"}
+
+
+def _upgrade_stored_config(data: dict) -> dict:
+    """A config stored by an earlier version, in today's keys: the test-only ``debug`` section is gone and
+    ``data.num_workers`` is ``data.loader_workers``."""
+    data.pop("debug", None)
+    section = data.get("data")
+    if isinstance(section, dict) and "num_workers" in section:
+        section.setdefault("loader_workers", section.pop("num_workers"))
+    return data
+
+
+def read_stored_config(run: RunDir) -> dict:
+    """The config a run stored (``results/config.yaml``) as a dict, in today's keys."""
+    try:
+        data = yaml.safe_load(storage.read_bytes(run.config))
+    except yaml.YAMLError as e:
+        raise PreflightError(f"{run.config} is not valid YAML ({str(e)[:200]}); the run's stored config is "
+                             "damaged: restore it, or start a new run with --start-from CHECKPOINT") from None
+    if not isinstance(data, dict):
+        raise PreflightError(f"{run.config}: expected a mapping of config sections; the stored config is damaged")
+    return _upgrade_stored_config(data)
+
+
+def find_run(storage_path: str, run: str) -> tuple[RunDir, str]:
+    """The run folder of ``--resume RUN``: a run name under ``storage_path``, or (with a '/') a run folder;
+    returns it with the storage path that holds it."""
+    if "/" in run:
+        folder = RunDir(storage.absolute(run.rstrip("/")))
+        parent = folder.path.rsplit("/", 1)[0]
+    else:
+        try:
+            folder, parent = RunDir.of(storage_path, run, what="--resume"), storage.absolute(storage_path)
+        except ConfigError as e:
+            raise PreflightError(str(e)) from None
+    if not storage.exists(folder.config):
+        raise PreflightError(f"--resume {run!r}: no run found at {folder.path} (no results/config.yaml); give the "
+                             f"run name and the same run.storage_path, or the run directory")
+    return folder, parent
+
+
+def load_run_config(storage_path: str, run: str, overrides: list[str]) -> tuple[Config, str]:
+    """The stored config of run ``run`` with ``overrides`` applied, and the run's name."""
+    folder, parent = find_run(storage_path, run)
+    data = read_stored_config(folder)
+    data.setdefault("run", {})["storage_path"] = parent
+    apply_overrides(data, overrides)
+    return config_from_dict(data), folder.name
+
+
+def result_changes(stored: dict, requested: Config) -> dict[str, tuple[Any, Any]]:
+    """The config keys whose change alters results: ``{key: (stored value, requested value)}``."""
+    old = flatten(_upgrade_stored_config(dict(stored)))  # as stored: it need not validate here any more
+    new = requested.flat()
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith(_PLACEMENT) and k not in _FREE_KEYS}
+
+
+def check_config_change(stored: dict, requested: Config, allow: bool, what: str) -> dict[str, tuple[Any, Any]]:
+    """Refuse a continuation whose config differs from ``stored`` in a key that alters results, unless
+    ``allow``; returns the changes (to be recorded)."""
+    changes = result_changes(stored, requested)
+    if changes and not allow:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        raise PreflightError(f"{what} would change settings that alter results ({listed}); run with the stored "
+                             "settings, or pass --allow-config-change to continue with the new ones (the change is "
+                             "recorded in results/config_history.json and on the MLflow run)")
+    return changes
+
+
+def record_config_change(run: RunDir, changes: dict[str, tuple[Any, Any]], from_task: int, what: str,
+                         tracker=None) -> None:
+    """Append the change to ``results/config_history.json`` and tag the MLflow run with it."""
+    path = run.result("config_history.json")
+    history = storage.read_json(path) if storage.exists(path) else []
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "how": what, "from_task": from_task,
+             "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
+    storage.write_json(path, [*history, entry])
+    if tracker is not None:
+        tracker.guard("recording a config change", lambda: tracker.client.set_tag(
+            tracker.run_id, f"config_change_{len(history)}", tracker.redact(json.dumps(entry))[:5000]))
+
+
+def next_task_of(run: RunDir) -> int:
+    """The first task a resumed run will (re)train: the number of tasks with written results."""
+    done = run.finished_tasks()
+    n = 0
+    while n in done:
+        n += 1
+    return n
+
+
+def stored_config_of_checkpoint(path: str) -> Optional[dict]:
+    """The config saved inside a checkpoint (``state.pt``), read without unpickling anything but tensors."""
+    import torch
+
+    from ..rundir import STATE_FILE
+
+    try:
+        state = torch.load(io.BytesIO(storage.read_bytes(storage.join(path, STATE_FILE))), map_location="cpu",
+                           weights_only=True)
+    except Exception as e:
+        raise PreflightError(f"--start-from {path!r}: cannot read its state.pt ({type(e).__name__}: "
+                             f"{str(e)[:200]}); is it a complete inflora-ray checkpoint?") from None
+    return state.get("config") if isinstance(state, dict) else None

@@ -1,0 +1,222 @@
+"""Hostile or broken inputs around a run: names that would escape the storage path, two runs in one folder,
+settings that would silently change on resume. Each row: the input -> the message, the exit code, and proof
+that nothing was written outside the expected place. The Ctrl-C test runs a real driver process."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import tiny_overrides
+from inflora_ray.config import ConfigError
+from inflora_ray.presets import load_config
+from inflora_ray.rundir import RunClaimed, RunDir, claim_folder
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+class _Done:
+    """What a CLI call left: its exit code and what it printed on stderr."""
+
+    def __init__(self, returncode: int, stderr: str):
+        self.returncode, self.stderr = returncode, stderr
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run ``inflora_ray.run`` / ``inflora_ray.tune`` main() in this process, in folder ``cwd``."""
+    import importlib
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def call(module: str, args: list[str], cwd: Path) -> _Done:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = importlib.import_module(module).main(args)
+        return _Done(code, capsys.readouterr().err)
+    return call
+
+
+# input -> (module, arguments, message fragment); every row must exit 2 before any compute.
+HOSTILE_CLI = {
+    "run name with ..": ("inflora_ray.run", ["--name", "../../escaped"], "cannot name a folder"),
+    "run name '..'": ("inflora_ray.run", ["--name", ".."], "cannot name a folder"),
+    "run name with a slash": ("inflora_ray.run", ["run.name=a/b"], "cannot name a folder"),
+    "derived name from experiment.name": ("inflora_ray.run", ["experiment.name=../../escaped"],
+                                          "made from experiment.name"),
+    "hidden run name": ("inflora_ray.run", ["--name", ".hidden"], "cannot name a folder"),
+    "resume a name with ..": ("inflora_ray.run", ["--resume", ".."], "cannot name a folder"),
+    "resume a path that is no run": ("inflora_ray.run", ["--resume", "../../escaped"], "no run found"),
+    "duplicate seeds": ("inflora_ray.run", ["--seeds", "0,0"], "given twice"),
+    "sweep name with ..": ("inflora_ray.tune", ["--space", "SPACE", "--name", "../../escaped"],
+                           "cannot name a folder"),
+    "infinite learning rate": ("inflora_ray.run", ["train.lr=.inf"], "train.lr: must be a finite number"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(HOSTILE_CLI))
+def test_hostile_cli_input_is_refused_before_anything_is_written(what, tmp_path, cli):
+    module, args, fragment = HOSTILE_CLI[what]
+    work = tmp_path / "work" / "deep"
+    work.mkdir(parents=True)
+    space = Path(__file__).resolve().parent.parent / "tune_spaces" / "lr.yaml"
+    args = [str(space) if a == "SPACE" else a for a in args]
+    before = _files(tmp_path)
+    proc = cli(module, [*args, "--storage-path", str(work / "runs"), "--no-tracking" if module.endswith("run")
+                        else "tracking.enabled=false", *tiny_overrides()], cwd=work)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert fragment in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    new = _files(tmp_path) - before
+    assert all(n.startswith(os.path.join("work", "deep", "runs")) for n in new), new  # nothing escaped
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "work" / "escaped").exists()
+
+
+def test_symlink_planted_in_the_storage_path_is_refused(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "outside").mkdir()
+    os.symlink(tmp_path / "outside", tmp_path / "runs" / "evil")
+    with pytest.raises(ConfigError, match="outside the storage path"):
+        RunDir.of(str(tmp_path / "runs"), "evil")
+
+
+def _claim(path: str, results, start) -> None:
+    start.wait(30)
+    try:
+        claim_folder(path, "run")
+        results.put("won")
+    except RunClaimed:
+        results.put("lost")
+
+
+@pytest.mark.parametrize("uri", [False, True], ids=["file system", "object-store claims"])
+def test_two_runs_racing_for_one_name_one_wins(tmp_path, uri):
+    """Eight processes claim the same run folder at once: exactly one gets it (mkdir on a file system; claim
+    objects through pyarrow's file:// filesystem, the same code path as s3:// and gs://)."""
+    path = f"file://{tmp_path}/runs/same" if uri else str(tmp_path / "runs" / "same")
+    (tmp_path / "runs").mkdir()
+    ctx = multiprocessing.get_context("fork")  # forked: no re-import, so the eight start together
+    results, start = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_claim, args=(path, results, start)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(60)
+    outcomes = sorted(results.get(timeout=5) for _ in procs)
+    assert outcomes.count("won") == 1, outcomes
+    with pytest.raises(RunClaimed, match="already exists"):
+        claim_folder(path, "run")
+
+
+def _stored_run(tmp_path: Path, name: str = "stored") -> Path:
+    cfg = load_config("quickstart", tiny_overrides())
+    results = tmp_path / "runs" / name / "results"
+    results.mkdir(parents=True)
+    (results / "config.yaml").write_text(cfg.with_values({"run.name": name}).to_yaml())
+    return results
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["train.lr=0.05"], "train.lr: 0.001 -> 0.05"),
+    (["method.lamb=0.5", "train.epochs=3"], "method.lamb: 0.95 -> 0.5; train.epochs: 1 -> 3"),
+    (["data.class_order_seed=7"], "data.class_order_seed: None -> 7"),
+])
+def test_resume_with_settings_that_alter_results_is_refused(tmp_path, overrides, fragment, cli):
+    results = _stored_run(tmp_path)
+    stored = (results / "config.yaml").read_text()
+    base = ["--resume", "stored", "--storage-path", str(tmp_path / "runs"), "--no-tracking"]
+    proc = cli("inflora_ray.run", [*base, *overrides], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "would change settings that alter results" in proc.stderr and "--allow-config-change" in proc.stderr
+    assert fragment.split(":")[0] in proc.stderr, proc.stderr[-2000:]
+    assert (results / "config.yaml").read_text() == stored and not (results / "config_history.json").exists()
+
+
+def test_placement_changes_on_resume_are_free(tmp_path):
+    from inflora_ray.distributed.resume import result_changes
+
+    results = _stored_run(tmp_path)
+    stored = yaml.safe_load((results / "config.yaml").read_text())
+    cfg = load_config("quickstart", tiny_overrides(**{"run.num_workers": 2, "data.loader_workers": 2,
+                                                      "tracking.enabled": "false"}))
+    assert result_changes(stored, cfg) == {}
+    assert set(result_changes(stored, cfg.with_values({"train.lr": 0.01}))) == {"train.lr"}
+
+
+def test_allowed_config_change_is_recorded(tmp_path):
+    from inflora_ray.distributed.resume import check_config_change, record_config_change
+
+    results = _stored_run(tmp_path)
+    stored = yaml.safe_load((results / "config.yaml").read_text())
+    requested = load_config("quickstart", tiny_overrides(**{"train.lr": 0.05}))
+    changes = check_config_change(stored, requested, allow=True, what="--resume")
+    record_config_change(RunDir(str(tmp_path / "runs" / "stored")), changes, from_task=2, what="--resume")
+    history = json.loads((results / "config_history.json").read_text())
+    assert history[-1]["from_task"] == 2 and history[-1]["how"] == "--resume"
+    assert list(history[-1]["changes"]) == ["train.lr"] and history[-1]["changes"]["train.lr"]["to"] == 0.05
+
+
+def test_corrupt_stored_config_is_named(tmp_path, cli):
+    results = _stored_run(tmp_path)
+    (results / "config.yaml").write_text("experiment: [unclosed\n")
+    proc = cli("inflora_ray.run", ["--resume", "stored", "--storage-path", str(tmp_path / "runs")], cwd=tmp_path)
+    assert proc.returncode == 2 and "config.yaml is not valid YAML" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------ Ctrl-C, then resume
+def _metric_steps(tracking_uri: str, run_id: str, key: str) -> list[int]:
+    from mlflow import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, key))
+
+
+@pytest.mark.ray
+def test_ctrl_c_saves_what_was_done_and_resume_finishes_the_same_run(tmp_path):
+    """SIGINT to the driver after task 0: exit 130 with the resume command, metrics.json marked incomplete,
+    the MLflow run KILLED; --resume then ends with the accuracy matrix of an uninterrupted run, and every
+    metric has one value per task in MLflow."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = ["--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri,
+              *tiny_overrides(**{"data.num_tasks": 3, "train.epochs": 2})]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "inflora_ray.run", "--name", "stopped", *common], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = tmp_path / "runs" / "stopped" / "results" / "task_000.json"
+    deadline = time.time() + 240
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert first.exists(), "task 0 never finished"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert "--resume stopped" in err, err[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "stopped" / "results" / "metrics.json").read_text())
+    assert metrics["incomplete"] and metrics["status"] == "interrupted" and metrics["complete"] < 3
+    tracking = json.loads((tmp_path / "runs" / "stopped" / "results" / "tracking.json").read_text())
+    assert MlflowClient(uri).get_run(tracking["run_id"]).info.status == "KILLED"
+
+    resumed = subprocess.run([sys.executable, "-m", "inflora_ray.run", "--resume", "stopped", *common[:4]],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = subprocess.run([sys.executable, "-m", "inflora_ray.run", "--name", "whole", *common], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=400)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a = json.loads((tmp_path / "runs" / "stopped" / "results" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "runs" / "whole" / "results" / "metrics.json").read_text())
+    assert a["accuracy_matrix"] == b["accuracy_matrix"] and not a["incomplete"]
+    assert MlflowClient(uri).get_run(tracking["run_id"]).info.status == "FINISHED"
+    assert _metric_steps(uri, tracking["run_id"], "pooled_accuracy") == [0, 1, 2]
