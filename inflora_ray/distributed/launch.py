@@ -24,8 +24,7 @@ from .errors import NonRetryableError, clear_fatal, fatal_message, read_fatal
 from .preflight import (PreflightError, check_model, check_resources, check_start_checkpoint, check_storage,
                         connect_ray, start_tracker, warn_local_paths)
 from .progress import ProgressWatcher, print_final_table
-from .resume import (check_config_change, next_task_of, read_stored_config, record_config_change,
-                     stored_config_of_checkpoint)
+from .resume import check_config_change, next_task_of, read_stored_config, record_config_change
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +90,15 @@ def _run_dir(cfg: Config, name: Optional[str], storage_path: str) -> RunDir:
         raise PreflightError(str(e)) from None
 
 
-def _continuation(cfg: Config, run: RunDir, opts: RunOptions) -> tuple[dict, int, str]:
-    """For --resume / --start-from: the changes against the stored config that alter results (refused unless
-    allowed), the task from which they apply, and how the run continues."""
+def _continuation(cfg: Config, run: RunDir, opts: RunOptions,
+                  start_config: Optional[dict]) -> tuple[dict, int, str]:
+    """For --resume / --start-from: the changes against the stored config (``results/config.yaml``, or
+    ``start_config``, the one saved in the checkpoint) that alter results (refused unless allowed), the task
+    from which they apply, and how the run continues."""
     if opts.resume:
         stored, how, from_task = read_stored_config(run), "--resume", next_task_of(run)
     elif opts.start_from is not None:
-        stored, how = stored_config_of_checkpoint(opts.start_from), "--start-from"
-        from_task = 0
+        stored, how, from_task = start_config, "--start-from", 0
         if stored is None:
             return {}, 0, how
     else:
@@ -107,7 +107,8 @@ def _continuation(cfg: Config, run: RunDir, opts: RunOptions) -> tuple[dict, int
 
 
 def _preflight(cfg: Config, run: RunDir, opts: RunOptions):
-    """Every check before Ray starts; returns the benchmark and the tracker (None without tracking)."""
+    """Every check before Ray starts; returns the benchmark, the tracker (None without tracking) and the
+    config saved in the ``--start-from`` checkpoint (None without one)."""
     from ..data import build_benchmark
 
     check_model(cfg)
@@ -118,11 +119,12 @@ def _preflight(cfg: Config, run: RunDir, opts: RunOptions):
         benchmark = build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model)
     except (OSError, ValueError) as e:
         raise PreflightError(f"data: {e}") from None
+    start_config = None
     if opts.start_from is not None:
-        check_start_checkpoint(opts.start_from, cfg, class_order=benchmark.class_order)
+        start_config = check_start_checkpoint(opts.start_from, cfg, class_order=benchmark.class_order)
     if opts.stop_after_task is not None and not 0 <= opts.stop_after_task < benchmark.num_tasks:
         raise PreflightError(f"--stop-after-task {opts.stop_after_task}: must be in 0..{benchmark.num_tasks - 1}")
-    return benchmark, start_tracker(cfg)
+    return benchmark, start_tracker(cfg), start_config
 
 
 def _stored(cfg: Config) -> Config:
@@ -185,8 +187,8 @@ def run_experiment(cfg: Config, name: Optional[str] = None, **options) -> RunRes
         opts.start_from = storage.absolute(opts.start_from)
     storage_path = check_storage(cfg)
     run = _run_dir(cfg, name, storage_path)
-    benchmark, tracker = _preflight(cfg, run, opts)
-    changes, from_task, how = _continuation(cfg, run, opts)
+    benchmark, tracker, start_config = _preflight(cfg, run, opts)
+    changes, from_task, how = _continuation(cfg, run, opts, start_config)
     connect_ray(opts.address)
     check_resources(cfg)
     warn_local_paths(cfg, tracker)

@@ -290,12 +290,13 @@ def _order_problems(state: dict, arch: Architecture) -> list[str]:
     return []
 
 
-def check_start_checkpoint(path: str, cfg: Config, class_order: Optional[Sequence[int]] = None) -> None:
+def check_start_checkpoint(path: str, cfg: Config, class_order: Optional[Sequence[int]] = None) -> Optional[dict]:
     """``--start-from path``: an absolute path or URI; ``state.pt`` is there, intact (its SHA-256 when
     ``meta.json`` records one), holds only tensors and plain containers, has a supported version, and fits
     ``cfg``: the method, the adapted layers' count, rank and width, the task heads against the config's tasks,
     and the class order (``class_order``, the built benchmark's, when given; else what ``cfg.data`` resolves
-    to, see :func:`config_architecture`). Raises :class:`PreflightError` naming the checkpoint."""
+    to, see :func:`config_architecture`). Raises :class:`PreflightError` naming the checkpoint; returns the
+    config saved in the checkpoint (None if it holds none), for the comparison of settings."""
     what = f"--start-from {path!r}"
     if not storage.is_uri(path) and not os.path.isabs(path):
         raise PreflightError(f"{what}: give an absolute path or a URI (the workers open it, not this shell), "
@@ -309,3 +310,5 @@ def check_start_checkpoint(path: str, cfg: Config, class_order: Optional[Sequenc
     problems = checkpoint_problems(state, config_architecture(cfg, class_order))
     if problems:
         raise PreflightError(f"{what} does not fit the config: {'; '.join(problems)}")
+    saved = state.get("config")
+    return saved if isinstance(saved, dict) else None

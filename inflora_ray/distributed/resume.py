@@ -3,10 +3,9 @@ what a continuation may change. A change that alters results is refused, unless 
 it is recorded in the run folder (``results/config_history.json``) and on the MLflow run."""
 from __future__ import annotations
 
-import io
 import json
 import time
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -111,18 +110,3 @@ def next_task_of(run: RunDir) -> int:
     while n in done:
         n += 1
     return n
-
-
-def stored_config_of_checkpoint(path: str) -> Optional[dict]:
-    """The config saved inside a checkpoint (``state.pt``), read without unpickling anything but tensors."""
-    import torch
-
-    from ..rundir import STATE_FILE
-
-    try:
-        state = torch.load(io.BytesIO(storage.read_bytes(storage.join(path, STATE_FILE))), map_location="cpu",
-                           weights_only=True)
-    except Exception as e:
-        raise PreflightError(f"--start-from {path!r}: cannot read its state.pt ({type(e).__name__}: "
-                             f"{str(e)[:200]}); is it a complete inflora-ray checkpoint?") from None
-    return state.get("config") if isinstance(state, dict) else None
