@@ -1,20 +1,29 @@
 """Search-space files (``tune_spaces/*.yaml``): which config fields a sweep searches, and how.
 
 Each parameter is one config field (``section.key``) with one distribution: ``choice``, ``grid``, ``uniform``,
-``loguniform`` or ``randint`` (inclusive bounds). Every listed value, and both bounds of every range, must make
-a valid config; this is checked before any trial starts.
+``loguniform`` or ``randint`` (inclusive bounds). Before any trial starts, :func:`load_space` checks each
+distribution against the field's declared type, and that the listed values and the range bounds, taken together,
+make valid configs (:func:`check_combinations`); each trial checks its own sample again (:func:`check_sample`).
 """
 from __future__ import annotations
 
+import itertools
+import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import yaml
 
 from ..config import Config, ConfigError
+from ..config_errors import _strip, _type_name
 from .preflight import PreflightError, check_model
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 DEFAULT_METRIC = "average_incremental_accuracy"
+RANGES = ("uniform", "loguniform", "randint")
+MAX_COMBINATIONS = 4096  # above this many, check_combinations checks every pair of parameters instead
 METRICS = ("average_incremental_accuracy", "pooled_accuracy", "forgetting", "backward_transfer", "train_loss")
 
 
@@ -69,7 +78,8 @@ def valid_param_keys() -> list[str]:
 def load_space(path: str, base: Config) -> SearchSpace:
     """Read and validate a search-space YAML against the base config; raises :class:`SpaceError`."""
     try:
-        data = yaml.safe_load(open(path))
+        with open(path) as f:
+            data = yaml.safe_load(f)
     except FileNotFoundError:
         raise SpaceError(f"--space: file not found: {path!r}") from None
     except yaml.YAMLError as e:
@@ -96,7 +106,7 @@ def load_space(path: str, base: Config) -> SearchSpace:
         kind, values = next(iter(spec.items()))
         if not isinstance(values, list) or not values:
             raise SpaceError(f"{path}: {key}: {kind} needs a non-empty list")
-        if kind in ("uniform", "loguniform", "randint"):
+        if kind in RANGES:
             if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                 raise SpaceError(f"{path}: {key}: {kind} needs [low, high] numbers, got {values!r}")
             low, high = values
@@ -107,21 +117,99 @@ def load_space(path: str, base: Config) -> SearchSpace:
             if kind == "randint" and not all(isinstance(v, int) for v in values):
                 raise SpaceError(f"{path}: {key}: randint needs integer bounds, got {values!r}")
         params.append(Param(key, kind, list(values)))
+        check_type(params[-1], path)
     space = SearchSpace(params, metric, mode, str(data.get("description", "")))
-    _check_values_against_config(space, base, path)
+    check_combinations(space, base, path)
     return space
 
 
-def _extremes(p: Param) -> list:
+def field_type(key: str) -> Any:
+    """The type a config field ``section.key`` declares in its pydantic model, without ``| None`` and annotations
+    (``int`` for ``method.rank``, ``float`` for ``train.lr``, a ``Literal`` for ``train.optimizer``)."""
+    section, name = key.split(".", 1)
+    return _strip(Config.model_fields[section].annotation.model_fields[name].annotation)
+
+
+def check_type(p: Param, path: str) -> None:
+    """The distribution must produce values of the field's type: an int field takes ``randint`` and integer
+    choices (``uniform``/``loguniform`` sample floats, which an int field refuses); a float field takes every
+    distribution (ints are valid floats); any other field (bool, str, one of names, list, mapping) only
+    ``choice``/``grid``. Raises :class:`SpaceError` naming the parameter and what to write instead."""
+    tp = field_type(p.key)
+    if tp is int and p.kind in ("uniform", "loguniform"):
+        raise SpaceError(f"{path}: {p.key} is an integer field but {p.kind} samples floats (every trial would fail); "
+                         f"use randint: [low, high] or choice: [...]")
+    if tp is int and p.kind in ("choice", "grid"):
+        bad = [v for v in p.values if v is not None and (not isinstance(v, int) or isinstance(v, bool))]
+        if bad:
+            raise SpaceError(f"{path}: {p.key} is an integer field; {p.kind} value(s) {bad} are not integers")
+    if tp not in (int, float) and p.kind in RANGES:
+        raise SpaceError(f"{path}: {p.key} takes {_type_name(tp)}: only choice: [...] or grid: [...] apply, "
+                         f"not {p.kind}")
+
+
+def _candidates(p: Param) -> list:
+    """The values a parameter is checked at: every listed value, or both bounds of a range."""
     return p.values if p.kind in ("choice", "grid") else [p.values[0], p.values[1]]
 
 
-def _check_values_against_config(space: SearchSpace, base: Config, path: str) -> None:
-    """Every listed value (and both bounds of ranges) must make a valid config, before any trial starts."""
-    for p in space.params:
-        for v in _extremes(p):
-            try:
-                cfg = base.with_values({p.key: v})
+def _combinations(params: list[Param]) -> Iterator[dict]:
+    """Every combination of the parameters' candidates, or, if there are more than :data:`MAX_COMBINATIONS`,
+    every combination of the candidates of each pair of parameters with the others at their first candidate."""
+    cands = [_candidates(p) for p in params]
+    width = len(params) if math.prod(map(len, cands)) <= MAX_COMBINATIONS else min(len(params), 2)
+    first = {p.key: c[0] for p, c in zip(params, cands)}
+    for group in itertools.combinations(range(len(params)), width):
+        for values in itertools.product(*(cands[i] for i in group)):
+            yield {**first, **{params[i].key: v for i, v in zip(group, values)}}
+
+
+def _mentioned(values: dict, error: Exception) -> dict:
+    """The ``{key: value}`` of ``values`` whose keys the error message names."""
+    return {k: v for k, v in values.items() if re.search(rf"(?<![\w.]){re.escape(k)}\b", str(error))}
+
+
+def _invalid(values: dict, error: Exception) -> str:
+    """'k=v with k2=v2 give(s) an invalid config: error', naming the values the error mentions (all if none)."""
+    named = _mentioned(values, error) or values
+    verb = "gives" if len(named) == 1 else "give"
+    return f"{' with '.join(f'{k}={v!r}' for k, v in named.items())} {verb} an invalid config: {error}"
+
+
+def check_combinations(space: SearchSpace, base: Config, path: str) -> None:
+    """The configs a sweep can sample must be valid: ``base`` with every combination of each parameter's listed
+    values (choice/grid) and range bounds (the corners of the continuous ranges), checked as a config (fields,
+    cross-field rules such as ``method.lamb <= method.lame``) and as a model (the rank against the layers' width).
+
+    Corners are enough because the config's rules are bounds on one field and comparisons of two fields, each
+    monotone in every field it reads: if a rule holds at every corner of a box, it holds inside it. A space with
+    more than :data:`MAX_COMBINATIONS` combinations is checked on a bounded subset: every pair of parameters at
+    every combination of their values, the others at their first value; this still covers every rule that reads
+    at most two searched fields. Each trial validates its sampled config again (:func:`check_sample`).
+    Raises :class:`SpaceError` naming the values that clash and the rule they break."""
+    ranges = {p.key for p in space.params if p.kind in RANGES}
+    built = set()  # check_model reads the model section and the method's name and rank: build each once
+    for values in _combinations(space.params):
+        try:
+            cfg = base.with_values(values)
+            key = (cfg.model.model_dump_json(), cfg.method.name, cfg.method.rank)
+            if key not in built:
                 check_model(cfg)
-            except (ConfigError, PreflightError) as e:
-                raise SpaceError(f"{path}: {p.key}={v!r} gives an invalid config: {e}") from None
+                built.add(key)
+        except (ConfigError, PreflightError) as e:
+            message, named = f"{path}: {_invalid(values, e)}", set(_mentioned(values, e))
+            if len(named) > 1:
+                message += ("; make the ranges not overlap in that direction" if named & ranges else
+                            "; every combination of choice/grid values is sampled: change the values or split "
+                            "the space into two files")
+            raise SpaceError(message) from None
+
+
+def check_sample(base: Config, params: dict) -> Config:
+    """A trial's config: ``base`` with the sampled flat ``section.key`` values set. Raises :class:`SpaceError`
+    naming the sampled values that break a rule (the load-time checks cover the corners; this covers the sample
+    itself)."""
+    try:
+        return base.with_values(params)
+    except ConfigError as e:
+        raise SpaceError(f"sampled {_invalid(params, e)}") from None
