@@ -324,6 +324,11 @@ class SweepDir:
         return storage.join(self.path, "best_config.yaml")
 
     @property
+    def outcomes(self) -> str:
+        """How each trial ended (completed, pruned, error), written by the sweep's driver."""
+        return storage.join(self.path, "trial_outcomes.json")
+
+    @property
     def table_files(self) -> tuple[str, str]:
         """The trial table as CSV and as Parquet."""
         return storage.join(self.path, "trials.csv"), storage.join(self.path, "trials.parquet")

@@ -24,7 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="quickstart", help="preset name or YAML file")
     p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per point of the space (grid: repeats)")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
+    p.add_argument("--max-concurrent", type=int,
+                   help="trials at once (default: as many as the cluster can ever hold, autoscaling included)")
+    p.add_argument("--seeds-per-trial", type=int, default=1, metavar="K",
+                   help="seeds each trial runs side by side; trials are ranked on the mean (default 1)")
+    p.add_argument("--trial-retries", type=int, default=2,
+                   help="restarts of a trial whose process or node was lost (default 2)")
     p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
     p.add_argument("--search", choices=("random", "optuna", "grid"), default="random")
     p.add_argument("--first-tasks", type=int, metavar="K",
@@ -48,7 +53,8 @@ def _main(args: argparse.Namespace) -> None:
     run_sweep(cfg, space, name=args.sweep_name, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
               scheduler=args.scheduler, search=args.search, first_tasks=args.first_tasks, resume=args.resume,
               address=args.address or os.environ.get("RAY_ADDRESS"), grace_period=args.grace_period,
-              reduction_factor=args.reduction_factor)
+              reduction_factor=args.reduction_factor, seeds_per_trial=args.seeds_per_trial,
+              trial_retries=args.trial_retries)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -18,6 +18,29 @@ from ..logs import log_event
 log = logging.getLogger(__name__)
 
 ENV_VAR = "INFLORA_RAY_FAULT"
+# A sweep trial's own process exits once, after every seed of the trial finished task T: ``task=T``.
+TRIAL_ENV_VAR = "INFLORA_RAY_TRIAL_FAULT"
+
+
+def trial_fault_from_env() -> Optional[int]:
+    """The task after which a sweep trial's process exits once (``INFLORA_RAY_TRIAL_FAULT=task=T``), read
+    on the sweep's driver and forwarded to the trials; None when unset."""
+    text = os.environ.get(TRIAL_ENV_VAR)
+    if not text:
+        return None
+    key, _, value = text.strip().partition("=")
+    if key != "task" or not value.isdigit():
+        raise ValueError(f"{TRIAL_ENV_VAR}={text!r}: expected task=T")
+    return int(value)
+
+
+def exit_trial_once(marker: str, task: int) -> None:
+    """Exit this process (a lost trial driver) unless ``marker`` says it already happened."""
+    if storage.exists(marker):
+        return
+    storage.write_bytes(marker, b"1")
+    log_event(log, "trial_fault_injected", level=logging.WARNING, task=task)
+    os._exit(13)
 
 
 class InjectedFault(RuntimeError):

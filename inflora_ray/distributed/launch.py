@@ -281,7 +281,8 @@ def _finish(cfg: Config, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
     tasks, summ = run.collect_results(num_tasks)
     run.write_final_results(tasks, summ, status="interrupted" if interrupted else "failed" if error else "finished")
     if tracker is not None:
-        tracker.finish(run, summ, status="KILLED" if interrupted else "FAILED" if error else "FINISHED")
+        tracker.finish(run, summ, status="KILLED" if interrupted else "FAILED" if error else "FINISHED",
+                       error=f"{type(error).__name__}: {error}" if error is not None else None)
     if not opts.quiet_table:
         print_final_table(run.name, summ, num_tasks)
     if tracker is not None and tracker.lost:

@@ -127,18 +127,52 @@ def connect_ray(address: Optional[str]) -> None:
             raise PreflightError(f"cannot connect to Ray at {address!r}: {e}") from None
 
 
-def check_resources(cfg: Config) -> None:
-    """Fail if the cluster can never place the workers (unless run.wait_for_resources)."""
+def _autoscaler_node_groups() -> list[dict[str, float]]:
+    """The resources of one node of each autoscaler node group that may have nodes ([] without autoscaler)."""
+    try:  # the autoscaler's record of its node groups (Ray Train sizes its worker groups from it too)
+        from ray._private.state import state as ray_state
+
+        config = ray_state.get_cluster_config()
+    except Exception:  # a Ray without this record
+        return []
+    if config is None:
+        return []
+    return [dict(g.resources) for g in config.node_group_configs if g.max_count != 0]
+
+
+def node_shapes() -> list[dict[str, float]]:
+    """The resources of each node the cluster has now, and of one node of each autoscaler node group."""
     import ray
 
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")] + _autoscaler_node_groups()
+
+
+def cluster_capacity() -> dict[str, float]:
+    """The most of each resource the cluster can ever hold: what it has now, or, on an autoscaling cluster,
+    what its node groups reach at their maximum size (whichever is more)."""
+    import ray
+
+    have = dict(ray.cluster_resources())
+    try:
+        from ray._private.state import state as ray_state
+
+        ceiling = ray_state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # no autoscaler, or a Ray without this record
+        ceiling = {}
+    for key, value in ceiling.items():
+        have[key] = max(float(have.get(key, 0)), float(value))
+    return have
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail if the cluster can never place the workers, even scaled up (unless run.wait_for_resources)."""
     r = cfg.run
     need = {"CPU": r.num_workers * r.cpus_per_worker}
     if r.use_gpu:
         need["GPU"] = r.num_workers * r.gpus_per_worker
-    have = ray.cluster_resources()
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    have = cluster_capacity()
     fits_one = any(n.get("CPU", 0) >= r.cpus_per_worker and (not r.use_gpu or n.get("GPU", 0) >= r.gpus_per_worker)
-                   for n in nodes)
+                   for n in node_shapes())
     short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
     if (short or not fits_one) and not r.wait_for_resources:
         detail = ", ".join(f"{k}: needs {n:g}, cluster has {h:g}" for k, (n, h) in short.items()) or \

@@ -1,8 +1,10 @@
-"""Ray Tune sweeps where every trial is a full continual run (a Ray Train job).
+"""Ray Tune sweeps where every trial is a full continual run (one per seed, :mod:`.trial`).
 
 Trials report after every task (``tasks_done`` is the time attribute), so ASHA stops bad trials at task
-boundaries. Every trial is an MLflow child run of the sweep's parent run, which also gets the table of all
-trials and the best config as YAML (accepted by ``python -m inflora_ray.run --config``).
+boundaries, comparing trials at the same task. Only trials that completed every task of the sweep compete
+for the winner (:func:`select_best`); a stopped trial is "pruned" for the searcher too (:mod:`.tune_hooks`).
+Every trial's runs are MLflow children of the sweep's parent run and end with the trial's true status; the
+parent gets the table of all trials and the best config as YAML (``python -m inflora_ray.run --config``).
 """
 from __future__ import annotations
 
@@ -15,11 +17,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .. import storage
-from ..config import Config, ConfigError, config_from_dict
-from ..logs import log_event, setup_logging
-from ..rundir import RunClaimed, RunDir, SweepDir
-from .launch import run_experiment
-from .preflight import PreflightError, check_model, connect_ray, start_tracker
+from ..config import Config, ConfigError
+from ..logs import log_event
+from ..rundir import RunClaimed, SweepDir
+from ..tracking.store import redact_config
+from .preflight import PreflightError, check_model, check_resources, connect_ray, start_tracker
 from .search_space import SearchSpace, SpaceError
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ class SweepOptions:
     """How a sweep searches and schedules its trials."""
     name: Optional[str] = None  # default: sweep-<experiment>-<time>
     num_samples: int = 1  # samples per point of the space (grid: repeats)
-    max_concurrent: Optional[int] = None  # default: as many trials as the cluster fits
+    max_concurrent: Optional[int] = None  # default: as many trials as the cluster can ever hold at once
     scheduler: str = "asha"  # "asha" or "fifo"
     search: str = "random"  # "random", "optuna" or "grid"
     first_tasks: Optional[int] = None  # tune on the first K tasks, then run the winner over all tasks
@@ -38,17 +40,28 @@ class SweepOptions:
     address: Optional[str] = None  # Ray address
     grace_period: int = 1  # ASHA: tasks before a trial can be stopped
     reduction_factor: float = 2.0  # ASHA
+    seeds_per_trial: int = 1  # seeds each trial runs; trials are ranked on the mean
+    trial_retries: int = 2  # restarts of a trial whose process or node was lost
 
 
 @dataclass
 class _Sweep:
-    """One sweep being run: its base config, space, directory, options, task count and MLflow parent."""
-    base: Config
+    """One sweep being run: its config (as given, and as the trials get it), space, directory, options, task
+    count and MLflow parent."""
+    cfg: Config  # as given (with the tracking URI the user wrote)
+    base: Config  # what every trial starts from
     space: SearchSpace
     dir: SweepDir
     opts: SweepOptions
     num_tasks: int
     tracker: object = None  # the parent run's Tracker (None without tracking)
+    parent_closed: bool = False  # the parent run has been given its final status
+
+    def close_parent(self, status: str, metrics: Optional[dict] = None, files: tuple[str, ...] = ()) -> None:
+        """End the sweep's MLflow parent run (no-op without tracking)."""
+        if self.tracker is not None:
+            self.tracker.finish_parent(metrics or {}, files=files, status=status)
+        self.parent_closed = True
 
     @property
     def horizon(self) -> int:
@@ -60,48 +73,71 @@ class _Sweep:
         return self.tracker.run_id if self.tracker is not None else None
 
 
-def _trial(params: dict, *, base: dict, sweep: str, trial_storage: str, parent_run_id: Optional[str],
-           stop_after_task: Optional[int]) -> None:
-    """One Tune trial: a full continual run whose per-task reports reach Tune through TuneReportCallback."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    setup_logging()
-    name = ray.tune.get_context().get_trial_id()
-    cfg = config_from_dict(base).with_values({**params, "run.storage_path": trial_storage, "run.name": name,
-                                              "tracking.sweep_id": sweep})
-    resume = storage.exists(RunDir(storage.join(trial_storage, name)).config)  # Tune restarted this trial
-    run_experiment(cfg, name, resume=resume, stop_after_task=stop_after_task, parent_run_id=parent_run_id,
-                   train_callbacks=[TuneReportCallback()], quiet_table=True, label=f"[{name}] ")
+def planned_trials(space: SearchSpace, num_samples: int) -> int:
+    """How many trials a sweep runs: ``num_samples`` times the number of grid points."""
+    return num_samples * math.prod(len(p.values) for p in space.params if p.kind == "grid")
 
 
-def default_concurrency(cfg: Config) -> int:
-    """How many trials fit on the cluster at once (each needs its trainer's worker resources)."""
-    import ray
+def default_concurrency(cfg: Config, seeds_per_trial: int = 1, trials: Optional[int] = None) -> int:
+    """How many trials to start at once: as many as the cluster can ever hold with all their seeds' workers
+    placed (an autoscaling cluster counted at its maximum size, so that waiting trials make it scale up),
+    at most ``trials`` and at least 1. Trials beyond what is up now wait for Ray to place their workers."""
+    from .preflight import cluster_capacity
 
-    have = ray.cluster_resources()
-    per_trial_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker
-    n = int(have.get("CPU", 0) // per_trial_cpu)
+    have = cluster_capacity()
+    runs = max(1, seeds_per_trial)
+    n = int(have.get("CPU", 0) // (cfg.run.num_workers * cfg.run.cpus_per_worker * runs))
     if cfg.run.use_gpu:
-        n = min(n, int(have.get("GPU", 0) // (cfg.run.num_workers * cfg.run.gpus_per_worker)))
+        n = min(n, int(have.get("GPU", 0) // (cfg.run.num_workers * cfg.run.gpus_per_worker * runs)))
+    if trials is not None:
+        n = min(n, trials)
     return max(1, n)
 
 
-def trial_table(results, space: SearchSpace, num_tasks: int) -> list[dict]:
-    """One row per trial: parameters, last reported metrics, tasks done, status."""
+def trial_status(result, outcomes: dict[str, dict], horizon: int) -> str:
+    """How a trial ended: ``completed`` (every task of the horizon), ``pruned`` (stopped by the scheduler),
+    ``error``, or ``unfinished`` (the sweep was interrupted; ``--resume`` continues it)."""
+    if result.error:
+        return "error"
+    m = result.metrics or {}
+    rec = outcomes.get(m.get("trial_id"))
+    if rec is not None:
+        return rec["outcome"]
+    return "completed" if int(m.get("tasks_done", 0) or 0) >= horizon else "unfinished"
+
+
+def trial_table(results, space: SearchSpace, horizon: int, outcomes: Optional[dict] = None) -> list[dict]:
+    """One row per trial: id, status, tasks done, seeds, parameters, last reported metrics (means over the
+    trial's seeds, with ``<metric>_std``) and the error of a failed trial."""
+    outcomes = outcomes or {}
     rows = []
     for r in results:
         m = r.metrics or {}
-        row = {"trial_id": m.get("trial_id") or (r.path.rstrip("/").rsplit("/", 1)[-1] if r.path else None),
-               "status": "error" if r.error else ("completed" if m.get("tasks_done") == num_tasks
-                                                  else "stopped_early"),
-               "tasks_done": m.get("tasks_done", 0)}
+        tid = m.get("trial_id") or (r.path.rstrip("/").rsplit("/", 1)[-1] if r.path else None)
+        row = {"trial_id": tid, "status": trial_status(r, outcomes, horizon),
+               "tasks_done": int(m.get("tasks_done", 0) or 0), "seeds": m.get("seeds")}
         row.update({f"param.{p.key}": r.config.get(p.key) for p in space.params})
         for k in ("pooled_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer"):
-            v = m.get(k)
-            row[k] = float(v) if v is not None else math.nan
+            for key in (k, f"{k}_std"):
+                v = m.get(key)
+                row[key] = float(v) if v is not None else math.nan
+        err = (outcomes.get(tid) or {}).get("error") or (str(r.error).strip().splitlines()[-1][:500] if r.error else "")
+        row["error"] = err
         rows.append(row)
     return rows
+
+
+def select_best(rows: list[dict], metric: str, mode: str) -> dict:
+    """The winning trial: the best ``metric`` among trials that completed the horizon. A pruned trial's last
+    report is from an earlier task, where metrics such as average incremental accuracy are higher, so it
+    never competes. Raises ``RuntimeError`` saying what happened when no trial completed."""
+    done = [r for r in rows if r["status"] == "completed" and not math.isnan(r.get(metric, math.nan))]
+    if not done:
+        counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in ("pruned", "error", "unfinished"))
+        raise RuntimeError(f"no trial completed every task of the sweep ({counts}): there is no winner; see the "
+                           "trials' errors above")
+    pick = max if mode == "max" else min
+    return pick(done, key=lambda r: r[metric])
 
 
 def write_trial_table(sweep: SweepDir, rows: list[dict]) -> None:
@@ -126,6 +162,12 @@ def write_trial_table(sweep: SweepDir, rows: list[dict]) -> None:
 
 
 def _check_options(space: SearchSpace, opts: SweepOptions) -> None:
+    if opts.seeds_per_trial < 1:
+        raise SpaceError("--seeds-per-trial must be >= 1")
+    if opts.trial_retries < 0:
+        raise SpaceError("--trial-retries must be >= 0")
+    if opts.max_concurrent is not None and opts.max_concurrent < 1:
+        raise SpaceError("--max-concurrent must be >= 1")
     if opts.search == "grid" and any(p.kind not in ("grid", "choice") for p in space.params):
         raise SpaceError("--search grid needs every parameter as grid: or choice: (finite values)")
     if opts.search == "optuna":
@@ -137,6 +179,16 @@ def _check_options(space: SearchSpace, opts: SweepOptions) -> None:
             raise PreflightError("--search optuna needs the optuna package: pip install 'inflora-ray[optuna]'") from None
 
 
+def _check_resumed(sw: _Sweep) -> None:
+    """``--resume`` must not change what the recorded sweep's trials ran (seeds per trial, horizon)."""
+    rec = storage.read_json(sw.dir.record) if storage.exists(sw.dir.record) else {}
+    for key, now in (("seeds_per_trial", sw.opts.seeds_per_trial), ("first_tasks", sw.opts.first_tasks)):
+        if key in rec and rec[key] != now:
+            flag = "--" + key.replace("_", "-")
+            raise PreflightError(f"--resume: sweep {sw.opts.name!r} ran with {flag} {rec[key]}, not {now}; "
+                                 f"give {flag} {rec[key]} to continue it")
+
+
 def _open_parent(sw: _Sweep) -> None:
     """The sweep's MLflow parent run: created, or on resume the one recorded in ``sweep.json``."""
     tracker, opts = sw.tracker, sw.opts
@@ -144,44 +196,54 @@ def _open_parent(sw: _Sweep) -> None:
         return
     if opts.resume and storage.exists(sw.dir.record):
         tracker.run_id = storage.read_json(sw.dir.record).get("mlflow_parent_run_id")
+        if tracker.run_id:
+            tracker.client.update_run(tracker.run_id, status="RUNNING")
         return
     tracker.create(opts.name, tags={"sweep": "parent"}, params={
         "space": json.dumps(sw.space.as_dict()), "metric": sw.space.metric, "mode": sw.space.mode,
         "scheduler": opts.scheduler, "search": opts.search, "num_samples": opts.num_samples,
-        "first_tasks": opts.first_tasks})
+        "first_tasks": opts.first_tasks, "seeds_per_trial": opts.seeds_per_trial})
 
 
-def _tuner(sw: _Sweep):
+def _tuner(sw: _Sweep, study_storage=None):
     from ray import tune
     from ray.tune import RunConfig as TuneRunConfig
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from .faults import trial_fault_from_env
+    from .trial import TrialPlan, run_trial
+    from .tune_hooks import TrialOutcomes, optuna_searcher
+
     base, opts = sw.base, sw.opts
-    # The trial function only drives a TorchTrainer whose workers reserve their own resources.
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base.to_dict(), sweep=opts.name, trial_storage=sw.dir.trials_root,
-                             parent_run_id=sw.parent_id,
-                             stop_after_task=(opts.first_tasks - 1) if opts.first_tasks else None),
-        {"CPU": 0.01})
-    if opts.resume:
-        return tune.Tuner.restore(sw.dir.path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    plan = TrialPlan(base=base.to_dict(), sweep=opts.name, trial_storage=sw.dir.trials_root,
+                     parent_run_id=sw.parent_id, horizon=sw.horizon, seeds_per_trial=opts.seeds_per_trial,
+                     exit_after_task=trial_fault_from_env())
+    # The trial function only drives its runs' TorchTrainers, whose workers reserve their own resources.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
+    if opts.resume:  # errored trials stay errored: their runs' failures are final (see trial.py)
+        return tune.Tuner.restore(sw.dir.path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     sched = (ASHAScheduler(time_attr="tasks_done", max_t=sw.horizon, grace_period=opts.grace_period,
                            reduction_factor=opts.reduction_factor) if opts.scheduler == "asha" else FIFOScheduler())
-    search_alg = None
-    if opts.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-        search_alg = OptunaSearch(seed=base.experiment.seed)
+    search_alg = (optuna_searcher(base.experiment.seed, sw.horizon, study_storage)
+                  if opts.search == "optuna" else None)
+    trials = planned_trials(sw.space, opts.num_samples)
+    concurrency = min(opts.max_concurrent or trials, default_concurrency(base, opts.seeds_per_trial, trials)) \
+        if opts.max_concurrent is None else opts.max_concurrent
     return tune.Tuner(
         trainable, param_space=sw.space.to_tune(),
         tune_config=tune.TuneConfig(metric=sw.space.metric, mode=sw.space.mode, scheduler=sched, search_alg=search_alg,
-                                    num_samples=opts.num_samples,
-                                    max_concurrent_trials=opts.max_concurrent or default_concurrency(base)),
-        run_config=TuneRunConfig(name=opts.name, storage_path=storage.absolute(base.run.storage_path)))
+                                    num_samples=opts.num_samples, max_concurrent_trials=concurrency),
+        run_config=TuneRunConfig(name=opts.name, storage_path=storage.absolute(base.run.storage_path),
+                                 failure_config=tune.FailureConfig(max_failures=opts.trial_retries),
+                                 callbacks=[TrialOutcomes(opts.name, sw.dir.outcomes, sw.horizon)]))
 
 
 def run_sweep(cfg: Config, space: SearchSpace, **options) -> dict:
     """Run a sweep (``options``: :class:`SweepOptions` fields); returns ``{"best_config": Config,
-    "best_params", "best_metrics", "rows": [...], "final": RunResult | None, ...}``."""
+    "best_params", "best_metrics", "rows": [...], "final": RunResult | dict | None, ...}``.
+
+    Raises :class:`~.launch.RunInterrupted` when the sweep was interrupted before every trial ended (the
+    message says how to resume it), ``RuntimeError`` when no trial completed."""
     from ..data import build_benchmark
 
     opts = SweepOptions(**options)
@@ -200,57 +262,126 @@ def run_sweep(cfg: Config, space: SearchSpace, **options) -> dict:
         raise PreflightError(f"--resume: no sweep {opts.name!r} in {cfg.run.storage_path}")
     if not opts.resume and storage.exists(sweep.path):
         raise PreflightError(f"sweep {opts.name!r} already exists in {cfg.run.storage_path}; use --resume or another --name")
-    tracker = start_tracker(cfg.with_values({"tracking.sweep_id": opts.name}))
+    # Trials checkpoint at task boundaries only, and log to the store this driver resolved (trials run in
+    # other working directories, on other nodes, without the driver's environment).
+    base = cfg.with_values({"run.checkpoint_every_epochs": 0, "run.name": None, "tracking.sweep_id": opts.name})
+    if cfg.tracking.enabled:
+        from ..tracking.store import pin_uri, resolve_uri
+
+        base = base.with_values({"tracking.uri": pin_uri(resolve_uri(base))})
+    sw = _Sweep(cfg, base, space, sweep, opts, num_tasks)
+    if opts.resume:
+        _check_resumed(sw)
+    sw.tracker = start_tracker(base)
     connect_ray(opts.address)
+    check_resources(base)
 
     if not opts.resume:
         try:
             sweep.claim()
         except RunClaimed as e:
             raise PreflightError(f"{e}; use --resume or another --name") from None
-    # Trials checkpoint at task boundaries only: every report then carries the per-task metrics ASHA reads.
-    base = cfg.with_values({"run.checkpoint_every_epochs": 0, "run.name": None})
-    sw = _Sweep(base, space, sweep, opts, num_tasks, tracker)
     _open_parent(sw)
-    from ..tracking import redact_config
-
     if not opts.resume:
         storage.write_json(sweep.record, {"name": opts.name, "mlflow_parent_run_id": sw.parent_id,
                                           "space": space.as_dict(), "metric": space.metric, "mode": space.mode,
-                                          "first_tasks": opts.first_tasks,
-                                          "config": redact_config(base).to_dict()})
-    log_event(log, "sweep_start", name=opts.name, trials=opts.num_samples, scheduler=opts.scheduler,
-              search=opts.search, metric=space.metric, horizon=sw.horizon, resume=opts.resume)
-    return _conclude(sw, _tuner(sw).fit())
+                                          "first_tasks": opts.first_tasks, "seeds_per_trial": opts.seeds_per_trial,
+                                          "horizon": sw.horizon, "config": redact_config(base).to_dict()})
+    log_event(log, "sweep_start", name=opts.name, trials=planned_trials(space, opts.num_samples),
+              scheduler=opts.scheduler, search=opts.search, metric=space.metric, horizon=sw.horizon,
+              seeds_per_trial=opts.seeds_per_trial, resume=opts.resume)
+    from .tune_hooks import end_open_runs, register_tracker
+
+    register_tracker(opts.name, sw.tracker)
+    study_storage = _study_storage(opts)
+    try:
+        results = _tuner(sw, study_storage).fit()
+        out = _conclude(sw, results)
+    except BaseException as e:
+        if sw.tracker is not None and not sw.parent_closed:
+            end_open_runs(opts.name, "KILLED", f"sweep stopped: {type(e).__name__}: {e}")
+            sw.tracker.finish_parent({}, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        register_tracker(opts.name, None)
+    if study_storage is not None:
+        import optuna
+
+        out["optuna_study"] = optuna.load_study(study_name="sweep", storage=study_storage)
+    return out
+
+
+def _study_storage(opts: SweepOptions):
+    """Where an Optuna sweep's study lives during the run (in memory; Tune saves it with the sweep)."""
+    if opts.search != "optuna" or opts.resume:
+        return None
+    import optuna
+
+    return optuna.storages.InMemoryStorage()
 
 
 def _conclude(sw: _Sweep, results) -> dict:
-    """Name the winner, write the table and best config, run the winner over all tasks if asked, close MLflow."""
+    """Close every trial's MLflow runs with its true status, write the trial table, name the winner (a trial
+    that completed the horizon), write its config, run it over all tasks if asked, close the parent run."""
+    from .launch import RunInterrupted
+    from .tune_hooks import TrialOutcomes, end_trial_runs
+
     space, opts, sweep = sw.space, sw.opts, sw.dir
-    rows = trial_table(results, space, sw.horizon)
-    if not [r for r in results if not r.error and r.metrics and space.metric in r.metrics]:
-        raise RuntimeError(f"sweep {opts.name!r}: no trial reported {space.metric}; see the trials' errors above")
-    best = results.get_best_result(metric=space.metric, mode=space.mode, scope="last")
-    best_params = {p.key: best.config[p.key] for p in space.params}
-    best_cfg = sw.base.with_values({**best_params, "run.name": None})
-    storage.write_bytes(sweep.best_config, best_cfg.to_yaml().encode())
+    rows = trial_table(results, space, sw.horizon, TrialOutcomes(opts.name, sweep.outcomes, sw.horizon).read())
     write_trial_table(sweep, rows)
-    print(f"\n== sweep {opts.name}: {len(rows)} trial(s), best {space.metric} = {best.metrics[space.metric]:.4f} ==")
+    end_trial_runs(opts.name, {r["trial_id"]: {"outcome": r["status"], "error": r["error"]} for r in rows})
+    _print_table(sw, rows)
+    unfinished = [r["trial_id"] for r in rows if r["status"] == "unfinished"]
+    if unfinished:
+        sw.close_parent("KILLED", files=sweep.table_files)
+        raise RunInterrupted(f"sweep {opts.name!r} was interrupted with {len(unfinished)} trial(s) unfinished; "
+                             f"continue it with the same command and --name {opts.name} --resume")
+    try:
+        best = select_best(rows, space.metric, space.mode)
+    except RuntimeError:
+        sw.close_parent("FAILED", files=sweep.table_files)
+        raise
+    best_params = {p.key: best[f"param.{p.key}"] for p in space.params}
+    best_cfg = redact_config(sw.cfg).with_values({**best_params, "run.name": None})
+    storage.write_bytes(sweep.best_config, best_cfg.to_yaml().encode())
+    print(f"best: trial {best['trial_id']} (completed every task), {space.metric} {best[space.metric]:.4f}; "
+          f"config: {sweep.best_config}  params {best_params}")
+    final = _run_final(sw, best_cfg) if sw.horizon < sw.num_tasks else None
+    metrics = {f"best_{space.metric}": float(best[space.metric])}
+    if not math.isnan(best.get(f"{space.metric}_std", math.nan)):
+        metrics[f"best_{space.metric}_std"] = float(best[f"{space.metric}_std"])
+    if final is not None:
+        metrics["final_run_final_accuracy"] = float(final["final_accuracy"])
+    sw.close_parent("FINISHED", metrics, files=(*sweep.table_files, sweep.best_config))
+    best_metrics = {k: v for k, v in best.items() if k not in ("trial_id", "status", "error")
+                    and not k.startswith("param.")}
+    return {"name": opts.name, "sweep_dir": sweep.path, "best_config": best_cfg, "best_params": best_params,
+            "best_trial": best["trial_id"], "best_metrics": best_metrics, "rows": rows, "final": final,
+            "mlflow_parent_run_id": sw.parent_id, "results": results}
+
+
+def _print_table(sw: _Sweep, rows: list[dict]) -> None:
+    metric = sw.space.metric
+    print(f"\n== sweep {sw.opts.name}: {len(rows)} trial(s), {sw.opts.seeds_per_trial} seed(s) each, "
+          f"ranked on {metric} after all {sw.horizon} tasks ==")
     for row in rows:
         params = ", ".join(f"{k[6:]}={row[k]}" for k in row if k.startswith("param."))
-        print(f"  {row['trial_id']}: {row['status']:13s} tasks {row['tasks_done']}/{sw.horizon}  "
-              f"{space.metric} {row.get(space.metric, math.nan):.4f}  ({params})")
-    print(f"best config: {sweep.best_config}  params {best_params}")
-    final = None
-    if sw.horizon < sw.num_tasks:
-        print(f"first-task protocol: running the best config over all {sw.num_tasks} tasks")
-        final = run_experiment(best_cfg.with_values({"tracking.sweep_id": opts.name}), f"{opts.name}-final",
-                               parent_run_id=sw.parent_id, label="[final] ")
-    if sw.tracker is not None:
-        metrics = {f"best_{space.metric}": float(best.metrics[space.metric])}
-        if final is not None:
-            metrics["final_run_final_accuracy"] = float(final.summary["final_accuracy"])
-        sw.tracker.finish_parent(metrics, ok=True, files=(*sweep.table_files, sweep.best_config))
-    return {"name": opts.name, "sweep_dir": sweep.path, "best_config": best_cfg, "best_params": best_params,
-            "best_metrics": dict(best.metrics), "rows": rows, "final": final, "mlflow_parent_run_id": sw.parent_id,
-            "results": results}
+        spread = f" +- {row[metric + '_std']:.4f}" if sw.opts.seeds_per_trial > 1 and f"{metric}_std" in row else ""
+        print(f"  {row['trial_id']}: {row['status']:10s} tasks {row['tasks_done']}/{sw.horizon}  "
+              f"{metric} {row.get(metric, math.nan):.4f}{spread}  ({params}){'  ' + row['error'] if row['error'] else ''}")
+
+
+def _run_final(sw: _Sweep, best_cfg: Config) -> dict:
+    """``--first-tasks``: the winner over every task, with the sweep's seeds; returns its summary (means over
+    the seeds as ``final_accuracy`` etc. with more than one seed)."""
+    from .launch import run_experiment
+    from .seeds import run_seeds
+
+    print(f"first-task protocol: running the best config over all {sw.num_tasks} tasks")
+    cfg = best_cfg.with_values({"tracking.sweep_id": sw.opts.name, "tracking.uri": sw.base.tracking.uri})
+    name = f"{sw.opts.name}-final"
+    if sw.opts.seeds_per_trial == 1:
+        return run_experiment(cfg, name, parent_run_id=sw.parent_id, label="[final] ").summary
+    seeds = [cfg.experiment.seed + k for k in range(sw.opts.seeds_per_trial)]
+    agg = run_seeds(cfg, seeds, name=name)["aggregate"]
+    return {k[:-5]: v for k, v in agg.items() if k.endswith("_mean")}

@@ -23,7 +23,7 @@ from .redact import has_secrets, is_redacted, redact_text, redact_uri
 from .store import (TrackingUnavailable, check_server, explain_store_error, redact_config,  # noqa: F401
                     resolve_uri)
 
-__all__ = ["STATUSES", "Tracker", "TrackingUnavailable", "check_server", "explain_store_error", "git_commit",
+__all__ = ["EXPERIMENT_KIND", "STATUSES", "Tracker", "TrackingUnavailable", "check_server", "explain_store_error", "git_commit",
            "is_redacted", "redact_config", "redact_text", "redact_uri", "resolve_uri", "start_parent"]
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,10 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 _PARAM_CHARS = 6000  # MLflow's limit on a param value
 _BATCH = 100  # params per log_batch call
 STATUSES = ("FINISHED", "FAILED", "KILLED")  # how a run (or a parent run) can end
-_STEP_PROBE = "pooled_accuracy"  # a metric every task logs: its steps are the tasks already in the store
+_STEP_PROBE = "pooled_accuracy"
+_KIND_TAG = "mlflow.experimentKind"  # MLflow 3: which view the UI opens an experiment in
+EXPERIMENT_KIND = "custom_model_development"  # the training view (not the GenAI one)
+END_REASON_TAG = "end_reason"  # why a run ended FAILED or KILLED  # a metric every task logs: its steps are the tasks already in the store
 
 def git_commit() -> Optional[str]:
     """The git commit of the code (working directory, else the package's checkout), if any."""
@@ -114,13 +117,20 @@ class Tracker:
 
     # ---------------------------------------------------------------- creating runs
     def experiment_id(self) -> str:
+        """The experiment's id, creating it if needed; it is marked as a model-training experiment
+        (:data:`EXPERIMENT_KIND`) unless it already says what it is, so the MLflow UI opens its training view."""
         exp = self.client.get_experiment_by_name(self.experiment_name)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self.client.create_experiment(self.experiment_name)
-        except Exception:  # created concurrently by another seed's tracker
-            return self.client.get_experiment_by_name(self.experiment_name).experiment_id
+        if exp is None:
+            try:
+                exp_id = self.client.create_experiment(self.experiment_name)
+            except Exception:  # created concurrently by another seed's tracker
+                exp_id = self.client.get_experiment_by_name(self.experiment_name).experiment_id
+            kind = None
+        else:
+            exp_id, kind = exp.experiment_id, exp.tags.get(_KIND_TAG)
+        if kind is None:
+            self.client.set_experiment_tag(exp_id, _KIND_TAG, EXPERIMENT_KIND)
+        return exp_id
 
     def base_tags(self) -> dict[str, str]:
         """Tags every run of this config carries (method, benchmark, seed, sweep id, the user's tags)."""
@@ -229,12 +239,15 @@ class Tracker:
         self.guard(f"logging task {task}", do)
 
     # ---------------------------------------------------------------- end
-    def finish(self, run: RunDir, summ: dict, status: str = "FINISHED") -> None:
+    def finish(self, run: RunDir, summ: dict, status: str = "FINISHED", error: Optional[str] = None) -> None:
         """Final metrics and artifacts (results, record, config and, unless KILLED, the last checkpoint) and the
-        run's status: FINISHED, FAILED or KILLED (the driver was interrupted; a resume reopens the run)."""
+        run's status: FINISHED, FAILED or KILLED (the driver was interrupted; a resume reopens the run).
+        ``error``: why it failed or stopped, kept as the run's ``end_reason`` tag."""
         status = _terminal_status(status, failed=False)
 
         def do():
+            if error:
+                self.client.set_tag(self.run_id, END_REASON_TAG, self.redact(error)[:500])
             if summ:
                 final = {"final_accuracy": summ["final_accuracy"],
                          "final_average_incremental_accuracy": summ["average_incremental_accuracy"],
@@ -267,6 +280,26 @@ class Tracker:
             self.client.set_terminated(self.run_id, status=status)
 
         self.guard("finishing the parent run", do)
+
+    # ---------------------------------------------------------------- a parent's children (sweeps)
+    def child_runs(self) -> list:
+        """Every MLflow run whose parent is this tracker's run (all pages)."""
+        filt = f"tags.`mlflow.parentRunId` = '{self.run_id}'"
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id()], filt, max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def end_run(self, run_id: str, status: str, reason: Optional[str] = None) -> None:
+        """End another run of this store (a sweep's trial whose process was stopped) with ``status``
+        (FINISHED, FAILED or KILLED); ``reason`` becomes its ``end_reason`` tag."""
+        status = _terminal_status(status, failed=False)
+        if reason:
+            self.client.set_tag(run_id, END_REASON_TAG, self.redact(reason)[:500])
+        self.client.set_terminated(run_id, status=status)
 
     def _log_files(self, folder: str, names: tuple[str, ...], artifact_path: str) -> None:
         with tempfile.TemporaryDirectory() as d:

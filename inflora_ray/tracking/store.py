@@ -40,6 +40,19 @@ def resolve_uri(cfg: Config) -> str:
     return cfg.tracking.uri or env or mlflow.get_tracking_uri()
 
 
+def pin_uri(uri: str) -> str:
+    """``uri`` with a local store's relative path made absolute (``sqlite:///mlflow.db``, ``file:./mlruns``,
+    ``mlruns``), so that processes with another working directory (Tune trials, Train workers) open the same
+    store; other URIs are returned as they are."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and ":memory:" not in uri:
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return "file://" + os.path.abspath(uri[len("file:"):])
+    if "://" not in uri and not uri.startswith(("file:", "databricks", "sqlite:")) and ":" not in uri.split("/")[0]:
+        return os.path.abspath(uri)
+    return uri
+
+
 def redact_config(cfg: Config) -> Config:
     """``cfg`` with the credentials taken out of tracking.uri: the config a run may store (config.yaml)."""
     if cfg.tracking.uri is None or not has_secrets(cfg.tracking.uri):

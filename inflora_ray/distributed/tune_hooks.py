@@ -1,0 +1,128 @@
+"""What a sweep adds to Ray Tune: a record of how each trial ended, MLflow runs that end with that status, and
+an Optuna searcher that learns "pruned" (not a score) from trials the scheduler stopped.
+
+Imported by :mod:`.sweep` only when a sweep starts (it imports Ray Tune).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Optional
+
+from ray import tune
+
+from .. import storage
+from ..logs import log_event
+from ..tracking.mlflow_runs import END_REASON_TAG
+
+log = logging.getLogger(__name__)
+
+# How a trial ended, and the MLflow status its runs end with.
+OUTCOME_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "error": "FAILED", "unfinished": "KILLED"}
+
+# The MLflow parent tracker of each sweep running in this process, by sweep name. Kept here, not in the
+# callback, because Tune pickles its callbacks into the sweep's folder and the tracker holds the tracking
+# URI's credentials.
+_TRACKERS: dict[str, object] = {}
+_LOCK = threading.Lock()
+
+
+def register_tracker(sweep: str, tracker) -> None:
+    """Let the callbacks of sweep ``sweep`` close its trials' MLflow runs through ``tracker`` (None: none)."""
+    with _LOCK:
+        if tracker is None:
+            _TRACKERS.pop(sweep, None)
+        else:
+            _TRACKERS[sweep] = tracker
+
+
+def trial_run_names(trial_id: str, names: list[str]) -> list[str]:
+    """The runs of trial ``trial_id`` among run names: ``<trial_id>`` or ``<trial_id>-seed<k>``."""
+    return [n for n in names if n == trial_id or (n.startswith(f"{trial_id}-seed") and n[len(trial_id) + 5:].isdigit())]
+
+
+def end_trial_runs(sweep: str, outcomes: dict[str, dict]) -> int:
+    """Give the MLflow runs of the trials in ``outcomes`` ({trial_id: {"outcome", "error"?}}) the status and
+    ``end_reason`` of their trial's outcome. Runs still RUNNING are always ended. The runs of a pruned or
+    unfinished trial are set KILLED whatever their stopped process wrote last (a run cut off by Tune may
+    have marked itself FAILED with the error of its dying workers); a failed trial's runs keep their own
+    status and error. Returns how many runs were changed (0 without tracking)."""
+    tracker = _TRACKERS.get(sweep)
+    if tracker is None or tracker.run_id is None:
+        return 0
+    changed = 0
+    for child in tracker.child_runs():
+        for trial_id, rec in outcomes.items():
+            if not trial_run_names(trial_id, [child.info.run_name]):
+                continue
+            status, reason = OUTCOME_STATUS[rec["outcome"]], rec.get("error") or rec["outcome"]
+            stopped = rec["outcome"] in ("pruned", "unfinished") and (
+                child.info.status != status or child.data.tags.get(END_REASON_TAG) != reason)
+            if child.info.status == "RUNNING" or stopped:
+                tracker.end_run(child.info.run_id, status, reason=reason)
+                changed += 1
+    return changed
+
+
+def end_open_runs(sweep: str, status: str, reason: str) -> int:
+    """End every trial run of sweep ``sweep`` still RUNNING with ``status`` (the sweep itself stopped)."""
+    tracker = _TRACKERS.get(sweep)
+    if tracker is None or tracker.run_id is None:
+        return 0
+    open_runs = [c for c in tracker.child_runs() if c.info.status == "RUNNING"]
+    for child in open_runs:
+        tracker.end_run(child.info.run_id, status, reason=reason)
+    return len(open_runs)
+
+
+class TrialOutcomes(tune.Callback):
+    """Records how each trial ended in the sweep's ``trial_outcomes.json``: ``completed`` (reached the
+    horizon), ``pruned`` (stopped by the scheduler before it), ``error`` (with the error's last line); and
+    ends the trial's MLflow runs with FINISHED / KILLED / FAILED. Runs on the sweep's driver."""
+
+    def __init__(self, sweep: str, path: str, horizon: int):
+        self.sweep, self.path, self.horizon = sweep, path, horizon
+
+    def read(self) -> dict[str, dict]:
+        """{trial_id: {"outcome", "tasks_done", "error"?}} recorded so far (this and earlier attempts)."""
+        return storage.read_json(self.path) if storage.exists(self.path) else {}
+
+    def _record(self, trial, outcome: str, error: Optional[str] = None) -> None:
+        done = int((trial.last_result or {}).get("tasks_done", 0) or 0)
+        rec = {"outcome": outcome, "tasks_done": done, **({"error": error} if error else {})}
+        with _LOCK:
+            states = self.read()
+            states[trial.trial_id] = rec
+            storage.write_json(self.path, states)
+        log_event(log, "trial_end", trial=trial.trial_id, **rec)
+        try:
+            end_trial_runs(self.sweep, {trial.trial_id: rec})
+        except Exception as e:  # MLflow trouble never stops a sweep; the sweep's end tries again
+            log_event(log, "trial_runs_not_closed", level=logging.WARNING, trial=trial.trial_id, error=str(e)[:300])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        done = int((trial.last_result or {}).get("tasks_done", 0) or 0)
+        self._record(trial, "completed" if done >= self.horizon else "pruned")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._record(trial, "error", _last_line(trial.get_error()))
+
+
+def _last_line(err) -> str:
+    lines = [ln.strip() for ln in str(err or "unknown error").splitlines() if ln.strip()]
+    return (lines[-1] if lines else "unknown error")[:500]
+
+
+def optuna_searcher(seed: int, horizon: int, study_storage=None):
+    """Ray's Optuna searcher, except that a trial the scheduler stopped before the horizon is told to the
+    study as PRUNED (Ray would record its last, early, value as a completed score). ``study_storage``: an
+    ``optuna.storages`` object to keep the study in (default: in memory)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    class HorizonOptunaSearch(OptunaSearch):
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if not error and result and int(result.get("tasks_done", 0) or 0) < horizon:
+                result = None  # no value and no error: OptunaSearch tells the study PRUNED
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    return HorizonOptunaSearch(seed=seed, storage=study_storage, study_name="sweep")
