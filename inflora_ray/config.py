@@ -58,6 +58,19 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys that say where and how a run is placed, stored or watched, not what it computes.
+_PLACEMENT = ("run.", "tracking.")
+_FREE_KEYS = {"experiment.log_every_steps", "data.root", "data.shards", "data.loader_workers",
+              "data.eval_batch_size", "data.shard_cache_mb", "data.verify_hashes", "data.download",
+              "data.verify_release", "train.compile"}
+
+
+def alters_results(key: str) -> bool:
+    """False for the flat config keys that cannot change a run's numbers (placement, storage, tracking,
+    loaders, logging); a resumed run may change those freely, and runs that differ only in them compare."""
+    return not key.startswith(_PLACEMENT) and key not in _FREE_KEYS
+
+
 def _require(ok: bool, path: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{path}: {message}")

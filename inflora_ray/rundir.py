@@ -27,6 +27,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
+import yaml
+
 from . import storage
 from .config import ConfigError, check_name
 from .core.metrics import AccuracyRecord, summary
@@ -173,6 +175,16 @@ def read_checkpoint(directory: str, name: Optional[str] = None) -> dict:
     return load_state_bytes(data, shown)
 
 
+def upgrade_stored_config(data: dict) -> dict:
+    """A config stored by an earlier version, in today's keys: the test-only ``debug`` section is gone and
+    ``data.num_workers`` is ``data.loader_workers``."""
+    data.pop("debug", None)
+    section = data.get("data")
+    if isinstance(section, dict) and "num_workers" in section:
+        section.setdefault("loader_workers", section.pop("num_workers"))
+    return data
+
+
 @dataclass(frozen=True)
 class RunDir:
     """The files of one run, under ``path``."""
@@ -255,6 +267,34 @@ class RunDir:
         return sorted(out)
 
     # ------------------------------------------------------------------------------------- results I/O
+    def read_config(self) -> dict:
+        """The config the run stored (``results/config.yaml``) as a dict, in today's keys; :class:`ConfigError`
+        when the file is damaged."""
+        try:
+            data = yaml.safe_load(storage.read_bytes(self.config))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{self.config} is not valid YAML ({str(e)[:200]}); the run's stored config is "
+                              "damaged") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self.config}: expected a mapping of config sections; the run's stored config is "
+                              "damaged")
+        return upgrade_stored_config(data)
+
+    def read_metrics(self) -> dict | None:
+        """The content of ``results/metrics.json`` (written by :meth:`write_final_results`; JSON only, nothing
+        is unpickled); None while the run has not ended; :class:`ConfigError` when it is not a JSON object."""
+        if not storage.exists(self.metrics):
+            return None
+        try:
+            data = storage.read_json(self.metrics)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ConfigError(f"{self.metrics} is not valid JSON ({str(e)[:120]}); the run's results are damaged") \
+                from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self.metrics}: expected a JSON object, got {type(data).__name__}; the run's "
+                              "results are damaged")
+        return data
+
     def collect_results(self, num_tasks: int) -> tuple[list[dict], dict]:
         """The per-task records, in order up to the first missing one, and the summary of the latest."""
         tasks = []

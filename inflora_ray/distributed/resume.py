@@ -7,41 +7,19 @@ import json
 import time
 from typing import Any
 
-import yaml
-
 from .. import storage
-from ..config import Config, ConfigError, config_from_dict, flatten
+from ..config import Config, ConfigError, alters_results, config_from_dict, flatten
 from ..presets import apply_overrides
-from ..rundir import RunDir
+from ..rundir import RunDir, upgrade_stored_config
 from .preflight import PreflightError
-
-# Keys that say where and how a run is placed, stored or watched, not what it computes: they may change freely.
-_PLACEMENT = ("run.", "tracking.")
-_FREE_KEYS = {"experiment.log_every_steps", "data.root", "data.shards", "data.loader_workers",
-              "data.eval_batch_size", "data.shard_cache_mb", "data.verify_hashes", "data.download",
-              "data.verify_release", "train.compile"}
-
-
-def _upgrade_stored_config(data: dict) -> dict:
-    """A config stored by an earlier version, in today's keys: the test-only ``debug`` section is gone and
-    ``data.num_workers`` is ``data.loader_workers``."""
-    data.pop("debug", None)
-    section = data.get("data")
-    if isinstance(section, dict) and "num_workers" in section:
-        section.setdefault("loader_workers", section.pop("num_workers"))
-    return data
 
 
 def read_stored_config(run: RunDir) -> dict:
-    """The config a run stored (``results/config.yaml``) as a dict, in today's keys."""
+    """The config a run stored (``results/config.yaml``) as a dict, in today's keys (:meth:`RunDir.read_config`)."""
     try:
-        data = yaml.safe_load(storage.read_bytes(run.config))
-    except yaml.YAMLError as e:
-        raise PreflightError(f"{run.config} is not valid YAML ({str(e)[:200]}); the run's stored config is "
-                             "damaged: restore it, or start a new run with --start-from CHECKPOINT") from None
-    if not isinstance(data, dict):
-        raise PreflightError(f"{run.config}: expected a mapping of config sections; the stored config is damaged")
-    return _upgrade_stored_config(data)
+        return run.read_config()
+    except ConfigError as e:
+        raise PreflightError(f"{e}: restore it, or start a new run with --start-from CHECKPOINT") from None
 
 
 def find_run(storage_path: str, run: str) -> tuple[RunDir, str]:
@@ -72,10 +50,10 @@ def load_run_config(storage_path: str, run: str, overrides: list[str]) -> tuple[
 
 def result_changes(stored: dict, requested: Config) -> dict[str, tuple[Any, Any]]:
     """The config keys whose change alters results: ``{key: (stored value, requested value)}``."""
-    old = flatten(_upgrade_stored_config(dict(stored)))  # as stored: it need not validate here any more
+    old = flatten(upgrade_stored_config(dict(stored)))  # as stored: it need not validate here any more
     new = requested.flat()
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and not k.startswith(_PLACEMENT) and k not in _FREE_KEYS}
+            if old.get(k) != new.get(k) and alters_results(k)}
 
 
 def check_config_change(stored: dict, requested: Config, allow: bool, what: str) -> dict[str, tuple[Any, Any]]:

@@ -21,7 +21,7 @@ from ..training.state import task_metrics
 from .plots import plot_accuracy_curve, plot_accuracy_matrix
 from .redact import has_secrets, is_redacted, redact_text, redact_uri
 from .store import (TrackingUnavailable, check_server, explain_store_error, redact_config,  # noqa: F401
-                    resolve_uri)
+                    resolve_uri, store_call)
 
 __all__ = ["EXPERIMENT_KIND", "STATUSES", "Tracker", "TrackingUnavailable", "check_server", "explain_store_error", "git_commit",
            "is_redacted", "redact_config", "redact_text", "redact_uri", "resolve_uri", "start_parent"]
@@ -41,6 +41,12 @@ _STEP_PROBE = "pooled_accuracy"
 _KIND_TAG = "mlflow.experimentKind"  # MLflow 3: which view the UI opens an experiment in
 EXPERIMENT_KIND = "custom_model_development"  # the training view (not the GenAI one)
 END_REASON_TAG = "end_reason"  # why a run ended FAILED or KILLED  # a metric every task logs: its steps are the tasks already in the store
+
+
+def param_text(value: object) -> str:
+    """A config value as an MLflow param holds it: lists and dicts as JSON, anything else as ``str``."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
 
 def git_commit() -> Optional[str]:
     """The git commit of the code (working directory, else the package's checkout), if any."""
@@ -97,12 +103,7 @@ class Tracker:
 
     def _store_call(self, doing: str, fn: Callable[[], T]) -> T:
         """``fn()``; any error becomes :class:`TrackingUnavailable` saying what to fix, without credentials."""
-        try:
-            return fn()
-        except TrackingUnavailable:
-            raise
-        except Exception as e:
-            raise TrackingUnavailable(explain_store_error(self._uri, doing, e)) from None
+        return store_call(self._uri, doing, fn)
 
     def probe(self) -> None:
         """Check cheaply that the store answers (the server's health check, then a look-up of the experiment,
@@ -147,7 +148,7 @@ class Tracker:
         limit), in batches."""
         from mlflow.entities import Param
 
-        text = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in params.items()}
+        text = {k: param_text(v) for k, v in params.items()}
         items = [Param(k, self.redact(v)[:_PARAM_CHARS]) for k, v in sorted(text.items())]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, params=items[i:i + _BATCH], synchronous=True)

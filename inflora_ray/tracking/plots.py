@@ -47,3 +47,28 @@ def plot_accuracy_curve(pooled: list[float], acc: list[list[float]], path: str) 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_pooled_by_group(curves: dict[str, dict[str, tuple[list[float], list[float]]]], path: str) -> None:
+    """Pooled accuracy (%) after each task, one line per group with a +-std band, one panel per benchmark
+    (``{benchmark: {group: (means, stds)}}``, drawn in that order; PNG at ``path``)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, max(1, len(curves)), figsize=(5 * max(1, len(curves)), 3.6), squeeze=False)
+    for ax, (benchmark, groups) in zip(axes[0], curves.items()):
+        for group, (means, stds) in groups.items():
+            xs, m, s = np.arange(1, len(means) + 1), np.asarray(means), np.asarray(stds)
+            (line,) = ax.plot(xs, m, "-o", lw=1.8, ms=4, label=group)
+            ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
+            ax.set_xticks(xs)
+        ax.set_title(benchmark)
+        ax.set_xlabel("tasks learned")
+        ax.set_ylabel("pooled accuracy (%), mean +- std")
+        ax.set_ylim(0, 100)
+        ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -7,7 +7,8 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Optional
+from collections.abc import Callable
+from typing import Optional, TypeVar
 
 from ..config import Config
 from .redact import has_secrets, is_redacted, redact_text, redact_uri
@@ -23,8 +24,22 @@ _DRIVERS = {
 }
 
 
+T = TypeVar("T")
+
+
 class TrackingUnavailable(RuntimeError):
     """The tracking server cannot be used at start; the message says what to fix."""
+
+
+def store_call(uri: str, doing: str, fn: Callable[[], T]) -> T:
+    """``fn()``; any error becomes :class:`TrackingUnavailable` saying what to fix (:func:`explain_store_error`),
+    without the credentials of ``uri``."""
+    try:
+        return fn()
+    except TrackingUnavailable:
+        raise
+    except Exception as e:  # noqa: BLE001  (any store error becomes a message saying what to fix)
+        raise TrackingUnavailable(explain_store_error(uri, doing, e)) from None
 
 
 def resolve_uri(cfg: Config) -> str:
