@@ -1,5 +1,5 @@
 """Data-parallel scaling on this machine: quickstart training throughput with 1 worker x T threads vs
-N workers x T threads (Ray Train, gloo), and the bytes DDP synchronises per step.
+N workers x T threads (Ray Train, gloo), and the bytes all-reduced per step.
 
     python bench/scaling.py --workers 1 2 --threads 1
 """

@@ -6,9 +6,11 @@ vs the naive approach (dense sum of every task's B_s A_s rebuilt at each forward
 
 saved_MiB: bytes of the tensors autograd keeps for the backward pass during one step (the activation
 memory, device-independent; the naive approach also keeps its dense deltas); peak_MiB: the CUDA allocator's
-peak (GPU only). Achieved TFLOP/s counts the FLOPs of one training step (forward + backward, torch's FlopCounterMode: matmuls,
-convolutions and attention) divided by the measured step time; ``--peak-tflops`` (989 for an H100 SXM's dense
-bf16) adds the fraction of peak.
+peak (GPU only). GFLOP_counted: one training step (forward + backward) as torch's FlopCounterMode counts it
+(matmuls, convolutions, and attention only where it runs a GPU kernel); GFLOP: the same with attention
+counted in closed form on every device (``flops.py``: 12 B N^2 D per block). Achieved TFLOP/s is GFLOP
+divided by the measured step time; ``--peak-tflops`` (989 for an H100 SXM's dense bf16) adds the fraction of
+peak.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from common import build, machine, timeit
+from flops import step_flops
 
 
 def step_fn(model, trainable, images, targets, autocast):
@@ -49,13 +51,6 @@ def saved_bytes(fn) -> int:
     return sum(storages.values())
 
 
-def step_flops(fn) -> int:
-    """FLOPs of one call of ``fn`` (forward + backward), as torch's FlopCounterMode counts them."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="quickstart", choices=("quickstart", "vit-b16"))
@@ -78,7 +73,7 @@ def main():
                 else contextlib.nullcontext)
     print(f"# step cost, model={args.model} batch={args.batch} rank={args.rank} bf16={args.bf16} on {machine()}")
     print(f"# {args.repeats} interleaved rounds (every model steps once per round), median per model")
-    steps, peaks, flops, saved = {}, {}, {}, {}
+    steps, backbones, peaks, flops, counted, saved = {}, {}, {}, {}, {}, {}
     for t in args.tasks:
         for variant in ("ours", "naive"):
             model, trainable = build(args.model, variant, t, args.rank, device)
@@ -87,24 +82,26 @@ def main():
             images = torch.rand(args.batch, 3, size, size, generator=g).to(device)
             targets = torch.randint(0, 10, (args.batch,), generator=g).to(device)
             steps[(t, variant)] = step_fn(model, trainable, images, targets, autocast)
+            backbones[(t, variant)] = model.backbone
     for key, fn in steps.items():  # warm-up, and peak memory of one step per model
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timeit(fn, device, warmup=2, repeats=1)
         peaks[key] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-        flops[key] = step_flops(fn)
+        counted[key], flops[key] = step_flops(fn, backbones[key], args.batch)
         saved[key] = saved_bytes(fn) / 2**20
     samples = {key: [] for key in steps}
     for _ in range(args.repeats):
         for key, fn in steps.items():
             samples[key].append(timeit(fn, device, warmup=0, repeats=1))
     results = {key: statistics.median(v) for key, v in samples.items()}
-    print(f"{'tasks':>5} {'variant':>7} {'step_ms':>9} {'img/s':>9} {'saved_MiB':>9} {'peak_MiB':>9} {'GFLOP':>8} {'TFLOP/s':>8}"
+    print(f"{'tasks':>5} {'variant':>7} {'step_ms':>9} {'img/s':>9} {'saved_MiB':>9} {'peak_MiB':>9} "
+          f"{'GFLOP_counted':>13} {'GFLOP':>8} {'TFLOP/s':>8}"
           + (f" {'of_peak':>7}" if args.peak_tflops else ""))
     for (t, variant), sec in results.items():
         tflops = flops[(t, variant)] / sec / 1e12
         print(f"{t:>5} {variant:>7} {1000 * sec:>9.1f} {args.batch / sec:>9.1f} {saved[(t, variant)]:>9.1f} "
-              f"{peaks[(t, variant)]:>9.0f} "
+              f"{peaks[(t, variant)]:>9.0f} {counted[(t, variant)] / 1e9:>13.1f} "
               f"{flops[(t, variant)] / 1e9:>8.1f} {tflops:>8.3f}"
               + (f" {tflops / args.peak_tflops:>7.1%}" if args.peak_tflops else ""))
     first = min(args.tasks)

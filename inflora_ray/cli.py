@@ -10,7 +10,7 @@ from .config import ConfigError
 
 # Flags that are shortcuts for a config key: flag -> (config key, argparse keyword arguments).
 CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
-    "--num-workers": ("run.num_workers", dict(type=int, help="Ray Train workers (DDP ranks)")),
+    "--num-workers": ("run.num_workers", dict(type=int, help="Ray Train workers (data-parallel ranks)")),
     "--use-gpu": ("run.use_gpu", dict(action="store_true", default=None, help="one GPU per worker")),
     "--cpus-per-worker": ("run.cpus_per_worker", dict(type=float, help="CPUs per Ray Train worker")),
     "--storage-path": ("run.storage_path", dict(help="local dir, NFS path or s3:// / gs:// URI")),

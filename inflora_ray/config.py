@@ -236,7 +236,7 @@ class TrainConfig(_Model):
     step_milestones: Ints = Field(default_factory=list)
     step_gamma: Float = 0.1
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 / fp16 + grad scaler / fp32
     compile: bool = False
     deterministic: bool = True
 
@@ -249,7 +249,7 @@ class TrainConfig(_Model):
 
 class RunSection(_Model):
     """How the run is placed on Ray: workers, resources, storage, fault tolerance, checkpoints."""
-    num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP ranks)
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
     use_gpu: bool = False
     cpus_per_worker: Float = Field(1.0, gt=0)
     gpus_per_worker: Float = Field(1.0, gt=0)
@@ -262,6 +262,10 @@ class RunSection(_Model):
 
     def _check(self) -> None:
         _require(self.storage_path.strip() != "", "run.storage_path", "must not be empty")
+        _require(not (self.use_gpu and self.num_workers > 1 and self.gpus_per_worker < 1), "run.gpus_per_worker",
+                 f"{self.gpus_per_worker:g} with run.num_workers={self.num_workers} and run.use_gpu would put two "
+                 "ranks of one run on one GPU, which NCCL cannot do; use run.gpus_per_worker >= 1 (fractional "
+                 "GPUs are for 1-worker trials in sweeps)")
         if self.name is not None:
             check_name(self.name, "run.name")
 

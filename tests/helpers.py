@@ -1,9 +1,15 @@
 """Test helpers shared by the test modules: the tiny ViT every fast test uses, as config overrides and as a
-timm model. Imported as ``from helpers import ...`` (pytest puts ``tests/`` on the path)."""
+timm model, and a learner hook that snapshots a checkpoint mid-run and kills the run. Imported as
+``from helpers import ...`` (pytest puts ``tests/`` on the path)."""
 from __future__ import annotations
 
+import io
+
 import timm
+import torch
 from torch import nn
+
+from inflora_ray.training.learner import Hooks
 
 # 16 px images, patch 4 (16 tokens + CLS), 2 blocks of width 48: a forward pass takes milliseconds on a CPU.
 TINY_VIT = {"name": "vit_tiny_patch16_224", "img_size": 16,
@@ -28,3 +34,23 @@ def tiny_vit(depth: int = 2, embed_dim: int = 48) -> nn.Module:
     kw = {**TINY_VIT["kwargs"], "depth": depth, "embed_dim": embed_dim}
     return timm.create_model(TINY_VIT["name"], pretrained=False, num_classes=0, img_size=TINY_VIT["img_size"],
                              **kw).eval()
+
+
+class Interrupt(Exception):
+    """Raised by :class:`SnapshotAndStop` to kill a run."""
+
+
+class SnapshotAndStop(Hooks):
+    """A learner hook: serialise the learner's state at (task, epoch) end, like a checkpoint, into ``blob``,
+    then kill the run (raise :class:`Interrupt`)."""
+
+    def __init__(self, task: int, epoch: int):
+        self.at = (task, epoch)
+        self.blob = None
+
+    def on_epoch_end(self, learner, task, epoch):
+        if (task, epoch) == self.at:
+            buf = io.BytesIO()
+            torch.save(learner.state_dict(), buf)
+            self.blob = buf.getvalue()
+            raise Interrupt

@@ -115,10 +115,24 @@ def test_scientific_notation_and_seeded_order():
     ("run.name=a/b", r"run.name: .a/b. cannot name a folder"),
     ("run.name=..", r"run.name: .\.\.. cannot name a folder"),
     ("model.kwargs={num_classes: 3}", r"model.kwargs: must not set \['num_classes'\]"),
+    ("train.precision=fp8", r"train.precision: expected one of 'auto', 'fp32', 'bf16', 'fp16', got 'fp8'"),
 ])
 def test_strict_types_bounds_and_checks(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("quickstart", [override])
+
+
+def test_fractional_gpus_are_refused_for_multi_worker_runs_only():
+    with pytest.raises(ConfigError, match=r"run.gpus_per_worker: 0.5 with run.num_workers=2 and run.use_gpu would "
+                                          r"put two ranks of one run on one GPU, which NCCL cannot do; .*fractional "
+                                          r"GPUs are for 1-worker trials in sweeps"):
+        load_config("quickstart", ["run.use_gpu=true", "run.num_workers=2", "run.gpus_per_worker=0.5"])
+    for ok in (["run.use_gpu=true", "run.num_workers=1", "run.gpus_per_worker=0.25"],  # a sweep trial
+               ["run.use_gpu=true", "run.num_workers=4", "run.gpus_per_worker=1"],
+               ["run.use_gpu=false", "run.num_workers=2", "run.gpus_per_worker=0.5"]):  # CPUs: not used
+        load_config("quickstart", ok)
+    with pytest.raises(ConfigError, match="NCCL"):  # also when the section is built directly
+        RunSection(use_gpu=True, num_workers=3, gpus_per_worker=0.5)
 
 
 def test_numbers_accepted_as_today():

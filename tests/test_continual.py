@@ -4,30 +4,11 @@ import io
 import pytest
 import torch
 
-from helpers import tiny_overrides
+from helpers import Interrupt, SnapshotAndStop, tiny_overrides
 from inflora_ray.presets import load_config
 from inflora_ray.data.loader import global_batch_sizes, pass_batches, train_batches
-from inflora_ray.training.learner import ContinualLearner, Hooks
+from inflora_ray.training.learner import ContinualLearner
 from inflora_ray.training.optim import lr_factor
-
-
-class _Interrupt(Exception):
-    pass
-
-
-class _SnapshotAndStop(Hooks):
-    """Serialise the learner's state at (task, epoch) end, like a checkpoint, then kill the run."""
-
-    def __init__(self, task, epoch):
-        self.at = (task, epoch)
-        self.blob = None
-
-    def on_epoch_end(self, learner, task, epoch):
-        if (task, epoch) == self.at:
-            buf = io.BytesIO()
-            torch.save(learner.state_dict(), buf)
-            self.blob = buf.getvalue()
-            raise _Interrupt
 
 
 def _cfg(**extra):
@@ -89,9 +70,9 @@ def test_resume_mid_task_equals_uninterrupted(method):
     cfg = _cfg(**{"data.num_tasks": 3, "train.epochs": 2, "method.name": method})
     full = ContinualLearner(cfg)
     full.run()
-    hook = _SnapshotAndStop(task=1, epoch=0)
+    hook = SnapshotAndStop(task=1, epoch=0)
     broken = ContinualLearner(cfg, hooks=hook)
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         broken.run()
     resumed = ContinualLearner(cfg)
     resumed.load_state_dict(torch.load(io.BytesIO(hook.blob), weights_only=True))

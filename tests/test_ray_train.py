@@ -89,7 +89,7 @@ def test_two_workers_agree_with_one_worker(runs):
     assert len(one.tasks) == len(two.tasks) == 3
     assert [t["report"]["total"] for t in one.tasks] == [t["report"]["total"] for t in two.tasks]
     assert two.tasks[0]["world_size"] == 2
-    # Same global batches and augmentations; only float summation order differs (DDP's gradient average,
+    # Same global batches and augmentations; only float summation order differs (the gradient all-reduce,
     # the all-reduced covariance). That can flip a prediction sitting on a decision boundary: allow 2 test
     # samples per (task, test set) entry.
     for r1, r2 in zip(_counts(one), _counts(two)):

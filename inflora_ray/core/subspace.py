@@ -5,11 +5,12 @@ Pure PyTorch (no Ray, no MLflow). Notation follows Liang & Li, CVPR 2024 and GPM
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Optional
+from typing import Callable, Iterable, Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -33,13 +34,25 @@ Mode = Literal["remove", "retain"]
 # Covariance accumulation
 # ---------------------------------------------------------------------------------------------
 
-def _fp32_gram(x: torch.Tensor) -> torch.Tensor:
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+@contextlib.contextmanager
+def full_fp32(device_type: str) -> Iterator[None]:
+    """Full fp32 inside the block, whatever the training precision: autocast off on ``device_type``, and no
+    reduced-precision fp32 matmuls (TF32 on CUDA matmuls and cuDNN, bf16 in oneDNN on CPUs); the previous
+    settings are restored on exit, errors included.
+
+    ``torch.set_float32_matmul_precision("highest")`` is what ``torch.backends.cuda.matmul.allow_tf32 = False``
+    sets (one setting behind both names), so restoring the previous precision restores ``allow_tf32`` too.
+    """
+    matmul = torch.get_float32_matmul_precision()
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
     try:
-        return x.T @ x
+        with torch.autocast(device_type, enabled=False):
+            yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 class CovarianceRecorder:
@@ -56,9 +69,9 @@ class CovarianceRecorder:
         def hook(_module, args):
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1]).float()
-            # Full fp32 even inside a bf16 autocast region and with TF32 enabled for training matmuls.
-            with torch.autocast(x.device.type, enabled=False):
-                s = x.T @ x if x.device.type != "cuda" else _fp32_gram(x)
+            # Full fp32 even when the recorder is used inside an autocast region or with TF32 enabled.
+            with full_fp32(x.device.type):
+                s = x.T @ x
             if self.sums[index] is None:
                 self.sums[index] = s
             else:
@@ -81,14 +94,18 @@ def covariance_sums(model: nn.Module, layers: list[nn.Module], batches: Iterable
                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Run ``model`` (eval, no grad) over ``batches`` and return per-layer ``sum x x^T`` and token counts.
 
-    Returns unnormalised sums so that partial results from several processes can be all-reduced and
-    divided afterwards: ``C = sum / count`` equals the one-process covariance over all the data.
+    The whole forward runs in fp32 (:func:`full_fp32`: no autocast, no TF32) whatever the caller's precision:
+    the memory dimensions chosen at energy thresholds near 1 depend on the covariance's small eigenvalues,
+    which a bf16 forward would perturb. Returns unnormalised sums so that partial results from several
+    processes can be all-reduced and divided afterwards: ``C = sum / count`` equals the one-process
+    covariance over all the data.
     """
     forward = forward or model
     was_training = model.training
+    device_type = next(model.parameters()).device.type
     model.eval()
     try:
-        with torch.no_grad(), CovarianceRecorder(layers) as rec:
+        with torch.no_grad(), full_fp32(device_type), CovarianceRecorder(layers) as rec:
             for images in batches:
                 forward(images)
     finally:

@@ -2,11 +2,11 @@
 
 Each of W workers owns one contiguous block of every task's samples (in dataset order) and only ever reads
 those: its block. Training: one seeded permutation per (seed, task, epoch) cuts the task's data into *global*
-batches, the same for any W; each worker trains on the members of every global batch that it owns. The loss
-is scaled so that DDP's average over workers is exactly the global batch's mean gradient, so 1 and W workers
-follow the same trajectory up to float summation order. Each sample's augmentation is seeded by
-(seed, task, augmentation stream, sample index); the stream is the training epoch 0..K-1, or a negative id
-for a covariance pass (which sees the training augmentation too).
+batches, the same for any W; each worker trains on the members of every global batch that it owns (possibly
+none). The loss is scaled so that the sum of the workers' gradients is exactly the global batch's mean
+gradient, so 1 and W workers follow the same trajectory up to float summation order. Each sample's
+augmentation is seeded by (seed, task, augmentation stream, sample index); the stream is the training epoch
+0..K-1, or a negative id for a covariance pass (which sees the training augmentation too).
 """
 from __future__ import annotations
 
@@ -57,7 +57,13 @@ def block_bounds(num_samples: int, rank: int, world_size: int) -> tuple[int, int
 
 def train_batches(indices: np.ndarray, batch_size: int, seed: int, task: int, epoch: int,
                   rank: int = 0, world_size: int = 1) -> list[list[tuple[int, int]]]:
-    """This worker's (index, aug seed) members of every global batch of an epoch (possibly empty lists)."""
+    """This worker's (index, aug seed) members of every global batch of an epoch.
+
+    A list is empty when the worker owns none of that global batch's samples, which can happen in any step
+    (a random cut of the task against fixed blocks), most often with small batches or many workers; the
+    training step then skips the forward and joins the gradient all-reduce with zeros
+    (:func:`inflora_ray.training.step.train_step`).
+    """
     indices = np.asarray(indices)
     positions = epoch_permutation(np.arange(len(indices)), seed, task, epoch)
     start, end = block_bounds(len(indices), rank, world_size)
@@ -77,7 +83,8 @@ def global_batch_sizes(num_samples: int, batch_size: int) -> list[int]:
 
 def pass_batches(indices: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: Optional[int] = None, task: int = 0, aug_stream: int = 0) -> list[list[tuple[int, int]]]:
-    """This worker's block of ``indices`` in fixed-size batches (evaluation, covariance passes).
+    """This worker's block of ``indices`` in fixed-size batches (evaluation, covariance passes). No batch is
+    empty: a worker whose block is empty (fewer samples than workers) gets no batch at all.
 
     With ``seed`` set, each item carries its augmentation seed (training transform), drawn from
     ``aug_stream``: the augmentation stream, a training epoch 0..K-1 or a negative id of a covariance pass.

@@ -1,5 +1,6 @@
-"""The Ray Train worker: each worker runs :class:`ContinualLearner` as one DDP rank; checkpoints and per-task
-metrics go through ``ray.train.report``; rank 0 also writes each task's results into the run directory.
+"""The Ray Train worker: each worker runs :class:`ContinualLearner` as one data-parallel rank; checkpoints and
+per-task metrics go through ``ray.train.report``; rank 0 also writes each task's results into the run
+directory.
 
 An error that a restart cannot fix (see :data:`FATAL_AT_SETUP`, :data:`FATAL_WHILE_TRAINING`) is recorded in
 the run's fatal marker (:mod:`.errors`) and never reaches Ray Train's retries, which would otherwise repeat
@@ -167,8 +168,8 @@ def all_ranks_ready(ready: bool) -> bool:
 
 
 def train_worker(loop_config: dict) -> None:
-    """Ray Train entry point of one worker (a DDP rank). ``loop_config``: ``config`` (a Config as a dict),
-    ``run_dir``, ``stop_after_task``, ``start_from`` (a checkpoint directory) and ``fault`` (tests only).
+    """Ray Train entry point of one worker (a data-parallel rank). ``loop_config``: ``config`` (a Config as a
+    dict), ``run_dir``, ``stop_after_task``, ``start_from`` (a checkpoint directory) and ``fault`` (tests only).
 
     An error that a restart cannot fix is recorded in the run's fatal marker. During setup, every rank then
     returns without training, so Ray Train sees no failure and retries nothing; during training it

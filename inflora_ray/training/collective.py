@@ -39,3 +39,20 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             t.copy_(flat[offset:offset + n].view_as(t))
             offset += n
     return tensors
+
+
+def all_reduce_gradients(params: list[torch.Tensor]) -> bool:
+    """Sum the gradients of ``params`` over all ranks, in place (one collective per dtype). Returns whether
+    there is a gradient to apply.
+
+    A parameter without a gradient on this rank (a rank that had no sample in the step) contributes zeros,
+    so every rank reduces the same tensors in the same order and no rank is left waiting in the collective.
+    Without a process group nothing is reduced.
+    """
+    if not is_distributed():
+        return any(p.grad is not None for p in params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_sum([p.grad for p in params])
+    return True

@@ -5,14 +5,12 @@ Runs the same in a plain process and inside a Ray Train worker: every cross-work
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import collective
@@ -25,8 +23,10 @@ from ..core.metrics import AccuracyRecord, summary
 from ..core.model import ContinualViT, build_model
 from ..core.subspace import CovariancePass, covariance_sums
 from .optim import lr_factor, make_optimizer
+from .precision import Precision
 from .runtime import peak_memory_mb, resolve_device, rng_state, seed_everything, set_rng_state
 from .state import TaskProgress, TaskReport
+from .step import train_step
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,14 @@ class ContinualLearner:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (covariance, SVD inputs) on tensor cores
+            # TF32 for fp32 work outside autocast in training and evaluation; covariance passes turn it off.
+            torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         seed_everything(cfg.experiment.seed)
         self.benchmark = benchmark or build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model)
         self.method: Method = build_method(cfg.method, self.benchmark.num_tasks, cfg.experiment.seed)
         self.model = build_model(cfg.model, self.method.adapter_rank()).to(self.device)
-        self.autocast_dtype = self._autocast_dtype()
+        self.precision = Precision.for_device(cfg.train.precision, self.device)
         label_map = self.benchmark.label_map()
         self.train_set = TaskDataset(self.benchmark.train, self.benchmark.preprocess, label_map)
         self.test_set = TaskDataset(self.benchmark.test, self.benchmark.preprocess, label_map)
@@ -89,37 +90,27 @@ class ContinualLearner:
         self.in_progress: Optional[TaskProgress] = None  # the task being trained (restored mid-task on resume)
 
     # ------------------------------------------------------------------ helpers
-    def _autocast_dtype(self) -> Optional[torch.dtype]:
-        p = self.cfg.train.precision
-        if p == "bf16" or (p == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def _loader(self, dataset: TaskDataset, batches):
         return make_loader(dataset, batches, loader_workers=self.cfg.data.loader_workers,
                            pin_memory=self.device.type == "cuda")
 
     def _images(self, loader):
         for images, _ in loader:
-            yield images.to(self.device, non_blocking=True)
+            if len(images):  # pass_batches gives no empty batch; never hand the model one anyway
+                yield images.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ covariance
     def covariance(self, task: int, which: CovariancePass) -> list[torch.Tensor]:
         """Each adapted layer's input covariance ``C = sum x x^T / n`` on task ``task``'s training data
-        (training augmentation of pass ``which``), summed over all workers' blocks before dividing."""
+        (training augmentation of pass ``which``), summed over all workers' blocks before dividing. The pass
+        runs in full fp32 whatever ``train.precision`` is (see :func:`covariance_sums`)."""
         indices = self.benchmark.task_indices("train", task)
         batches = pass_batches(indices, self.cfg.data.eval_batch_size, self.rank, self.world_size,
                                seed=self.cfg.experiment.seed, task=task, aug_stream=int(which))
         t0 = time.perf_counter()
-        with self._autocast():
-            sums, counts = covariance_sums(self.model, self.model.adapters,
-                                           self._images(self._loader(self.train_set, batches)),
-                                           forward=self.model.features)
+        sums, counts = covariance_sums(self.model, self.model.adapters,
+                                       self._images(self._loader(self.train_set, batches)),
+                                       forward=self.model.features)
         collective.all_reduce_sum(sums + [counts])
         log_event(log, "covariance_pass", task=task, which=which.name.lower(), tokens=int(counts[0].item()),
                   seconds=round(time.perf_counter() - t0, 3))
@@ -141,9 +132,11 @@ class ContinualLearner:
             batches = pass_batches(self.benchmark.task_indices("test", j), self.cfg.data.eval_batch_size,
                                    self.rank, self.world_size)
             for images, labels in self._loader(self.test_set, batches):
+                if not len(labels):  # pass_batches gives no empty batch; never hand the model one anyway
+                    continue
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
-                with self._autocast():
+                with self.precision.autocast():
                     logits = self.model(images, num_heads=n_heads).float()
                 counts[0, j] += (logits.argmax(1) == labels).sum()
                 counts[1, j] += labels.numel()
@@ -153,18 +146,6 @@ class ContinualLearner:
         return c[0], c[1], c[2]
 
     # ------------------------------------------------------------------ training
-    def _wrap(self, module: nn.Module) -> nn.Module:
-        if not collective.is_distributed():
-            return module
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        kwargs = dict(broadcast_buffers=False, gradient_as_bucket_view=True)
-        if "init_sync" in inspect.signature(DDP.__init__).parameters:
-            kwargs["init_sync"] = False  # every worker already built identical weights from the same seed
-        if self.device.type == "cuda":
-            kwargs["device_ids"] = [self.device.index]
-        return DDP(module, **kwargs)
-
     def _train_task(self, task: int, head: nn.Linear, progress: TaskProgress, started: float) -> None:
         """Train the current task's adapter and head from ``progress.epochs_done`` to the last epoch
         (``started``: the task's start on this process's ``perf_counter`` clock, earlier processes included)."""
@@ -172,7 +153,12 @@ class ContinualLearner:
         optimizer = make_optimizer(cfg.train, self.method.trainable_parameters(self.model), head)
         if progress.optimizer is not None:
             optimizer.load_state_dict(progress.optimizer)
-        module = self._wrap(_CurrentTask(self.model, task))
+        scaler = self.precision.scaler()  # fp16 only; its state is checkpointed with the optimizer's
+        if progress.scaler is not None and scaler.is_enabled():
+            scaler.load_state_dict(progress.scaler)
+        # Not wrapped in DDP: train_step all-reduces the gradients itself, so that a rank without a sample in
+        # a step can skip the forward and still join the step's one collective (DDP cannot skip a forward).
+        module: nn.Module = _CurrentTask(self.model, task)
         if cfg.train.compile:
             module = torch.compile(module)
         offset = self.benchmark.task_offset(task)
@@ -191,16 +177,9 @@ class ContinualLearner:
                 self.hooks.on_step(self, task, epoch, step)
                 images = images.to(self.device, non_blocking=True)
                 targets = labels.to(self.device, non_blocking=True) - offset
-                with self._autocast():
-                    logits = module(images)
-                batch_loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-                # Sum over this worker's slice / global batch size, times W because DDP averages over W
-                # workers: the synchronised gradient is exactly the global batch's mean gradient.
-                loss = batch_loss * (self.world_size / sizes[step])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += batch_loss.detach()
+                batch_loss = train_step(module, images, targets, sizes[step], optimizer, scaler,
+                                        self.precision.autocast)
+                loss_sum += batch_loss
                 if (step + 1) % cfg.experiment.log_every_steps == 0:
                     log_event(log, "train_step", task=task, epoch=epoch, step=step + 1, steps=len(batches),
                               loss=round(float(batch_loss) / max(1, labels.numel()), 5))
@@ -212,6 +191,7 @@ class ContinualLearner:
             progress.train_images += sum(sizes)
             progress.epochs_done = epoch + 1
             progress.optimizer = optimizer.state_dict()
+            progress.scaler = scaler.state_dict() if scaler.is_enabled() else None
             progress.elapsed = time.perf_counter() - started
             log_event(log, "epoch_end", task=task, epoch=epoch, epochs=cfg.train.epochs,
                       lr=round(optimizer.param_groups[0]["lr"], 8), loss=round(epoch_loss, 5),

@@ -52,12 +52,14 @@ def task_metrics(report: dict, finite_only: bool = True) -> dict[str, float]:
 
 @dataclass
 class TaskProgress:
-    """The task being trained: epochs done, optimizer state, per-epoch losses and timings, and what
-    ``prepare_task`` reported. Saved in mid-task checkpoints (as a plain dict of tensors and plain types)."""
+    """The task being trained: epochs done, optimizer and gradient-scaler state, per-epoch losses and timings,
+    and what ``prepare_task`` reported. Saved in mid-task checkpoints (as a plain dict of tensors and plain
+    types)."""
     task: int
     info: dict = field(default_factory=dict)
     epochs_done: int = 0
     optimizer: Optional[dict] = None
+    scaler: Optional[dict] = None  # the fp16 gradient scaler's state (None for fp32 and bf16)
     losses: list[float] = field(default_factory=list)
     train_seconds: float = 0.0
     train_images: int = 0

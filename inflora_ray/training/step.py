@@ -1,0 +1,41 @@
+"""One optimisation step of one rank on its part of a global batch."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import collective
+
+
+def train_step(module: nn.Module, images: torch.Tensor, targets: torch.Tensor, global_size: int,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+    """Forward, backward, gradient all-reduce and update on this rank's ``images`` of a global batch of
+    ``global_size`` samples; returns the summed (not averaged) cross-entropy of this rank's samples, detached.
+
+    The loss is the sum over this rank's samples divided by the global batch size, and gradients are summed
+    over ranks, so every rank applies exactly the global batch's mean gradient. A rank that owns no sample
+    of this global batch (the batch is cut by a random permutation and each rank owns one block of the data,
+    so a rank's part can be empty in any step) does not run the model (some attention kernels reject a batch
+    of 0): it contributes zero gradients to the same all-reduce, so every rank takes part in every collective
+    and all ranks make the same update. With fp16 the scaler scales the loss, then unscales the reduced
+    gradients, skips the update when one of them is not finite (every rank sees the same reduced gradients,
+    so all skip alike) and adapts its scale; for fp32 and bf16 it is disabled and passes everything through.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    if targets.numel():
+        with autocast():
+            logits = module(images)
+        batch_loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        scaler.scale(batch_loss * (1.0 / global_size)).backward()
+    else:
+        batch_loss = torch.zeros((), device=targets.device)
+    if collective.all_reduce_gradients(params):
+        scaler.step(optimizer)
+        scaler.update()
+    return batch_loss.detach()
