@@ -56,10 +56,10 @@ def mean_over_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
     out = {}
     for k in keys:
         vals = [m[k] for m in per_seed if k in m and not math.isnan(m[k])]
-        out[k] = statistics.fmean(vals) if len(vals) == len(per_seed) else math.nan
+        every_seed = len(vals) == len(per_seed)
+        out[k] = statistics.fmean(vals) if every_seed else math.nan
         if k in SPREAD_METRICS:
-            out[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 and len(vals) == len(per_seed) else \
-                (0.0 if len(vals) == len(per_seed) else math.nan)
+            out[f"{k}_std"] = (statistics.stdev(vals) if len(vals) > 1 else 0.0) if every_seed else math.nan
     return out
 
 
