@@ -1,8 +1,9 @@
 """Real Ray Tune sweeps on 2 CPUs. The quickstart sweep: parent + child MLflow runs on a real server that all
 end with their trial's true status, ASHA stops trials at task boundaries, a trial stopped after its first
 task (whose early metric beats every finished trial's final one) does not win, the best-config YAML
-reproduces the winner, resume re-uses trials. An Optuna sweep of the tiny model with 2 seeds per trial: the
-stopped trial is PRUNED in the study, trials report the mean over their seeds."""
+reproduces the winner, resume re-uses trials. An Optuna sweep with 2 seeds per trial: the stopped trial is
+PRUNED in the study, trials report the mean over their seeds, a trial whose process died resumes to the
+result of an uninterrupted run."""
 from __future__ import annotations
 
 import csv
@@ -13,21 +14,20 @@ from inflora_ray.presets import load_config
 from inflora_ray.distributed.launch import run_experiment
 from inflora_ray.distributed.search_space import load_space
 from inflora_ray.distributed.sweep import run_sweep
-from helpers import tiny_overrides
 from test_tracking import _start_server, _stop
 
 pytestmark = pytest.mark.ray
 
 # The quickstart (pre-trained backbone) cut to 3 tasks x 1 epoch; trials run one at a time, in grid order, so
 # ASHA decides on each trial against the ones already recorded. lr 0.002 goes first and completes; lr LOW
-# learns task 1 a little worse (stopped after it) but still above what 0.002 averages over 3 tasks; 5.0 fails.
+# learns task 1 a little worse (stopped after it) but still above what 0.002 averages over 3 tasks.
 LOW = 0.0005
 OVERRIDES = ["data.num_tasks=3", "train.epochs=1", "experiment.name=tune-test"]
 SPACE = f"""
 metric: average_incremental_accuracy
 mode: max
 params:
-  train.lr: {{grid: [0.002, {LOW}, 5.0]}}
+  train.lr: {{grid: [0.002, {LOW}]}}
 """
 
 
@@ -53,14 +53,14 @@ def test_sweep_logs_parent_and_child_runs(sweep):
     exp = parent.info.experiment_id
     assert client.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(children) == 3
-    assert {c.data.params["train.lr"] for c in children} == {str(LOW), "0.002", "5.0"}
+    assert len(children) == 2
+    assert {c.data.params["train.lr"] for c in children} == {str(LOW), "0.002"}
     assert all(c.data.tags["sweep_id"] == "sw" for c in children)
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "trials.parquet", "best_config.yaml"} <= arts
     table = client.download_artifacts(parent.info.run_id, "trials.csv", str(sweep["tmp"] / "dl"))
     rows = list(csv.DictReader(open(table)))
-    assert len(rows) == 3 and {r["param.train.lr"] for r in rows} == {str(LOW), "0.002", "5.0"}
+    assert len(rows) == 2 and {r["param.train.lr"] for r in rows} == {str(LOW), "0.002"}
 
 
 def test_every_trial_run_ends_with_its_trials_status(sweep):
@@ -78,21 +78,14 @@ def test_every_trial_run_ends_with_its_trials_status(sweep):
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
 
 
-def test_asha_stops_the_bad_trial_before_the_last_task(sweep):
-    rows = {float(r["param.train.lr"]): r for r in sweep["out"]["rows"]}
-    bad = rows[5.0]
-    assert bad["status"] == "pruned" and bad["tasks_done"] < 3, bad
-    assert rows[0.002]["status"] == "completed" and rows[0.002]["tasks_done"] == 3
-    assert bad["average_incremental_accuracy"] < max(r["average_incremental_accuracy"] for r in rows.values())
-
-
 def test_a_trial_stopped_early_with_a_higher_early_metric_does_not_win(sweep):
     out = sweep["out"]
     rows = {float(r["param.train.lr"]): r for r in out["rows"]}
     early = rows[LOW]
     finished = [r for r in out["rows"] if r["status"] == "completed"]
     # The case this test is about: the stopped trial's last (task 1) metric beats every finished trial's final.
-    assert early["status"] == "pruned" and early["tasks_done"] == 1, early
+    assert early["status"] == "pruned" and early["tasks_done"] == 1, early  # ASHA stopped it at task 1
+    assert rows[0.002]["status"] == "completed" and rows[0.002]["tasks_done"] == 3
     assert early["average_incremental_accuracy"] > max(r["average_incremental_accuracy"] for r in finished)
     assert out["best_trial"] in {r["trial_id"] for r in finished}
     assert out["best_params"] == {"train.lr": 0.002}
@@ -115,8 +108,9 @@ def test_resume_reuses_finished_trials(sweep, capsys):
     assert again["best_params"] == sweep["out"]["best_params"]
 
 
-# Optuna on the tiny model, 2 seeds per trial, trials one at a time. With the sampler seeded by
-# experiment.seed=0 the choices come as 5.0, 0.002, 5.0: the third trial is stopped at the first rung.
+# Optuna on the quickstart cut to 2 tasks x 1 epoch, 2 seeds per trial, trials one at a time. With the sampler seeded by
+# experiment.seed=11 the choices come as 0.002, then 5.0: the second trial is stopped at the first rung.
+# The first trial's process is made to exit after task 0 (a lost node): Tune restarts it and it continues.
 OPTUNA_SPACE = """
 metric: average_incremental_accuracy
 mode: max
@@ -129,13 +123,15 @@ params:
 def optuna_sweep(ray_session, tmp_path_factory):
     pytest.importorskip("optuna")
     tmp = tmp_path_factory.mktemp("optuna")
-    cfg = load_config("quickstart", tiny_overrides(**{"data.num_tasks": 3, "experiment.seed": 0}) +
-                      [f"run.storage_path={tmp / 'runs'}", "tracking.enabled=false"])
+    cfg = load_config("quickstart", ["data.num_tasks=2", "train.epochs=1", "experiment.seed=11",
+                                     f"run.storage_path={tmp / 'runs'}", "tracking.enabled=false"])
     (tmp / "space.yaml").write_text(OPTUNA_SPACE)
     space = load_space(str(tmp / "space.yaml"), cfg)
-    out = run_sweep(cfg, space, name="opt", num_samples=3, max_concurrent=1, search="optuna", scheduler="asha",
-                    grace_period=1, reduction_factor=2, seeds_per_trial=2)
-    return {"out": out, "cfg": cfg}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INFLORA_RAY_TRIAL_FAULT", "task=0")
+        out = run_sweep(cfg, space, name="opt", num_samples=2, max_concurrent=1, search="optuna",
+                        scheduler="asha", grace_period=1, reduction_factor=2, seeds_per_trial=2, trial_retries=1)
+    return {"out": out, "cfg": cfg, "tmp": tmp}
 
 
 def test_optuna_study_records_a_stopped_trial_as_pruned(optuna_sweep):
@@ -145,7 +141,7 @@ def test_optuna_study_records_a_stopped_trial_as_pruned(optuna_sweep):
     rows = out["rows"]
     pruned = [r for r in rows if r["status"] == "pruned"]
     completed = [r for r in rows if r["status"] == "completed"]
-    assert pruned, f"the sweep was meant to stop a trial: {rows}"
+    assert pruned and completed, f"the sweep was meant to complete one trial and stop one: {rows}"
     trials = out["optuna_study"].get_trials()
     assert sum(t.state == TrialState.PRUNED for t in trials) == len(pruned)
     done = sorted(t.value for t in trials if t.state == TrialState.COMPLETE)
@@ -159,9 +155,8 @@ def test_a_trial_reports_the_mean_over_its_seeds(optuna_sweep):
     out = optuna_sweep["out"]
     best = next(r for r in out["rows"] if r["trial_id"] == out["best_trial"])
     runs_root = f"{out['sweep_dir']}/runs"
-    per_seed = [json.load(open(f"{runs_root}/{best['trial_id']}-seed{s}/results/metrics.json"))
-                for s in (0, 1)]
-    assert all(m["status"] == "finished" and m["complete"] == 3 for m in per_seed)
+    per_seed = [json.load(open(f"{runs_root}/{best['trial_id']}-seed{s}/results/metrics.json")) for s in (11, 12)]
+    assert all(m["status"] == "finished" and m["complete"] == 2 for m in per_seed)
     aia = [m["average_incremental_accuracy"] for m in per_seed]
     assert aia[0] != aia[1]  # two seeds, two runs
     assert best["seeds"] == 2
@@ -169,21 +164,15 @@ def test_a_trial_reports_the_mean_over_its_seeds(optuna_sweep):
     assert best["average_incremental_accuracy_std"] == pytest.approx(statistics.stdev(aia), abs=1e-12)
 
 
-def test_a_trial_whose_process_dies_resumes_and_ends_as_an_uninterrupted_run(ray_session, tmp_path, monkeypatch):
+def test_a_trial_whose_process_died_resumed_to_the_result_of_an_uninterrupted_run(optuna_sweep, tmp_path):
     import json
 
-    cfg = load_config("quickstart", tiny_overrides(**{"data.num_tasks": 3}) +
-                      [f"run.storage_path={tmp_path / 'runs'}", "tracking.enabled=false"])
-    (tmp_path / "space.yaml").write_text("params:\n  train.lr: {grid: [0.002]}\n")
-    space = load_space(str(tmp_path / "space.yaml"), cfg)
-    monkeypatch.setenv("INFLORA_RAY_TRIAL_FAULT", "task=0")  # the trial's process exits after task 0, once
-    out = run_sweep(cfg, space, name="lost", search="grid", scheduler="fifo", trial_retries=1)
-    (row,) = out["rows"]
-    assert row["status"] == "completed" and row["tasks_done"] == 3
-    trial_dir = f"{out['sweep_dir']}/runs/{row['trial_id']}"
-    assert (tmp_path / "runs" / "lost" / "runs" / f"{row['trial_id']}.fault").exists()  # it did die
-    monkeypatch.delenv("INFLORA_RAY_TRIAL_FAULT")
-    alone = run_experiment(cfg.with_values({"train.lr": 0.002}), "alone", quiet_table=True)
-    resumed = json.load(open(f"{trial_dir}/results/metrics.json"))
+    out, cfg = optuna_sweep["out"], optuna_sweep["cfg"]
+    assert (optuna_sweep["tmp"] / "runs" / "opt" / "runs" / "trial.fault").exists()  # a trial's process did exit
+    first = next(r for r in out["rows"] if r["status"] == "completed")
+    assert first["param.train.lr"] == 0.002
+    resumed = json.load(open(f"{out['sweep_dir']}/runs/{first['trial_id']}-seed11/results/metrics.json"))
+    alone = run_experiment(cfg.with_values({"train.lr": 0.002, "run.storage_path": str(tmp_path)}), "alone",
+                           quiet_table=True)
     assert resumed["status"] == "finished"
-    assert resumed["accuracy_matrix"] == pytest.approx(alone.summary["accuracy_matrix"], abs=1e-12)
+    assert resumed["accuracy_matrix"] == alone.summary["accuracy_matrix"]

@@ -18,7 +18,7 @@ from ..logs import log_event
 log = logging.getLogger(__name__)
 
 ENV_VAR = "INFLORA_RAY_FAULT"
-# A sweep trial's own process exits once, after every seed of the trial finished task T: ``task=T``.
+# A sweep trial's own process exits after every seed of the trial finished task T, once per sweep: ``task=T``.
 TRIAL_ENV_VAR = "INFLORA_RAY_TRIAL_FAULT"
 
 

@@ -226,9 +226,9 @@ def _tuner(sw: _Sweep, study_storage=None):
                            reduction_factor=opts.reduction_factor) if opts.scheduler == "asha" else FIFOScheduler())
     search_alg = (optuna_searcher(base.experiment.seed, sw.horizon, study_storage)
                   if opts.search == "optuna" else None)
-    trials = planned_trials(sw.space, opts.num_samples)
-    concurrency = min(opts.max_concurrent or trials, default_concurrency(base, opts.seeds_per_trial, trials)) \
-        if opts.max_concurrent is None else opts.max_concurrent
+    concurrency = default_concurrency(base, opts.seeds_per_trial, planned_trials(sw.space, opts.num_samples))
+    if opts.max_concurrent is not None:
+        concurrency = min(concurrency, opts.max_concurrent)
     return tune.Tuner(
         trainable, param_space=sw.space.to_tune(),
         tune_config=tune.TuneConfig(metric=sw.space.metric, mode=sw.space.mode, scheduler=sched, search_alg=search_alg,

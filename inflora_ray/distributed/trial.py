@@ -38,7 +38,7 @@ class TrialPlan:
     parent_run_id: Optional[str]  # the sweep's MLflow parent run
     horizon: int  # tasks each trial runs
     seeds_per_trial: int = 1
-    exit_after_task: Optional[int] = None  # tests: the trial's process exits once after this task (faults.py)
+    exit_after_task: Optional[int] = None  # tests: a trial's process exits after this task, once per sweep
 
     def seeds(self, cfg: Config) -> list[int]:
         """The trial's seeds: ``experiment.seed``, +1, ..., the same for every trial (paired comparison)."""
@@ -56,10 +56,10 @@ def mean_over_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
     out = {}
     for k in keys:
         vals = [m[k] for m in per_seed if k in m and not math.isnan(m[k])]
-        out[k] = statistics.fmean(vals) if len(vals) == len(per_seed) else math.nan
+        every_seed = len(vals) == len(per_seed)
+        out[k] = statistics.fmean(vals) if every_seed else math.nan
         if k in SPREAD_METRICS:
-            out[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 and len(vals) == len(per_seed) else \
-                (0.0 if len(vals) == len(per_seed) else math.nan)
+            out[f"{k}_std"] = (statistics.stdev(vals) if len(vals) > 1 else 0.0) if every_seed else math.nan
     return out
 
 
@@ -109,7 +109,7 @@ def run_trial(params: dict, *, plan: TrialPlan) -> None:
         t.start()
     report = ray.tune.report
     if plan.exit_after_task is not None:
-        marker = storage.join(plan.trial_storage, f"{trial_id}.fault")
+        marker = storage.join(plan.trial_storage, "trial.fault")
 
         def report(metrics: dict) -> None:
             ray.tune.report(metrics)
