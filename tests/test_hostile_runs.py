@@ -17,6 +17,7 @@ import yaml
 
 from helpers import tiny_overrides
 from inflora_ray.config import ConfigError
+from inflora_ray.distributed.launch import run_experiment
 from inflora_ray.presets import load_config
 from inflora_ray.rundir import RunClaimed, RunDir, claim_folder
 
@@ -183,15 +184,16 @@ def _metric_steps(tracking_uri: str, run_id: str, key: str) -> list[int]:
 
 
 @pytest.mark.ray
-def test_ctrl_c_saves_what_was_done_and_resume_finishes_the_same_run(tmp_path):
-    """SIGINT to the driver after task 0: exit 130 with the resume command, metrics.json marked incomplete,
-    the MLflow run KILLED; --resume then ends with the accuracy matrix of an uninterrupted run, and every
-    metric has one value per task in MLflow."""
+def test_ctrl_c_saves_what_was_done_and_resume_finishes_the_same_run(ray_session, tmp_path):
+    """SIGINT to a real driver process after task 0: exit 130 with the resume command, metrics.json marked
+    incomplete, the MLflow run KILLED; --resume then ends with the accuracy matrix of an uninterrupted run,
+    and every metric has one value per task in MLflow. (The resume and the uninterrupted run go through
+    run_experiment, the function behind --resume, on the session's Ray.)"""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    common = ["--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri,
-              *tiny_overrides(**{"data.num_tasks": 3, "train.epochs": 2})]
+    overrides = tiny_overrides(**{"data.num_tasks": 3, "train.epochs": 2})
+    common = ["--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri, *overrides]
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen([sys.executable, "-m", "inflora_ray.run", "--name", "stopped", *common], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -209,14 +211,11 @@ def test_ctrl_c_saves_what_was_done_and_resume_finishes_the_same_run(tmp_path):
     tracking = json.loads((tmp_path / "runs" / "stopped" / "results" / "tracking.json").read_text())
     assert MlflowClient(uri).get_run(tracking["run_id"]).info.status == "KILLED"
 
-    resumed = subprocess.run([sys.executable, "-m", "inflora_ray.run", "--resume", "stopped", *common[:4]],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    whole = subprocess.run([sys.executable, "-m", "inflora_ray.run", "--name", "whole", *common], cwd=tmp_path,
-                           env=env, capture_output=True, text=True, timeout=400)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    cfg = load_config("quickstart", overrides + [f"run.storage_path={tmp_path / 'runs'}", f"tracking.uri={uri}"])
+    resumed = run_experiment(cfg, "stopped", resume=True, quiet_table=True)
+    whole = run_experiment(cfg.with_values({"tracking.enabled": False}), "whole", quiet_table=True)
+    assert resumed.accuracy_matrix == whole.accuracy_matrix
     a = json.loads((tmp_path / "runs" / "stopped" / "results" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "runs" / "whole" / "results" / "metrics.json").read_text())
-    assert a["accuracy_matrix"] == b["accuracy_matrix"] and not a["incomplete"]
+    assert a["accuracy_matrix"] == whole.accuracy_matrix and not a["incomplete"]
     assert MlflowClient(uri).get_run(tracking["run_id"]).info.status == "FINISHED"
     assert _metric_steps(uri, tracking["run_id"], "pooled_accuracy") == [0, 1, 2]
