@@ -127,40 +127,42 @@ def connect_ray(address: Optional[str]) -> None:
             raise PreflightError(f"cannot connect to Ray at {address!r}: {e}") from None
 
 
-def _autoscaler_node_groups() -> list[dict[str, float]]:
-    """The resources of one node of each autoscaler node group that may have nodes ([] without autoscaler)."""
-    try:  # the autoscaler's record of its node groups (Ray Train sizes its worker groups from it too)
-        from ray._private.state import state as ray_state
-
-        config = ray_state.get_cluster_config()
-    except Exception:  # a Ray without this record
-        return []
-    if config is None:
-        return []
-    return [dict(g.resources) for g in config.node_group_configs if g.max_count != 0]
+_FETCH = object()
 
 
-def node_shapes() -> list[dict[str, float]]:
-    """The resources of each node the cluster has now, and of one node of each autoscaler node group."""
-    import ray
-
-    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")] + _autoscaler_node_groups()
-
-
-def cluster_capacity() -> dict[str, float]:
-    """The most of each resource the cluster can ever hold: what it has now, or, on an autoscaling cluster,
-    what its node groups reach at their maximum size (whichever is more)."""
-    import ray
-
-    have = dict(ray.cluster_resources())
+def _autoscaler_config():
+    """The autoscaler's record of its node groups (Ray Train sizes its worker groups from it too), or None
+    without an autoscaler."""
     try:
         from ray._private.state import state as ray_state
 
-        ceiling = ray_state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # no autoscaler, or a Ray without this record
-        ceiling = {}
-    for key, value in ceiling.items():
-        have[key] = max(float(have.get(key, 0)), float(value))
+        return ray_state.get_cluster_config()
+    except Exception:  # a Ray without this record
+        return None
+
+
+def node_shapes(autoscaler=_FETCH) -> list[dict[str, float]]:
+    """The resources of each node the cluster has now, and of one node of each autoscaler node group that may
+    have nodes (``autoscaler``: a record already fetched by :func:`_autoscaler_config`)."""
+    import ray
+
+    config = _autoscaler_config() if autoscaler is _FETCH else autoscaler
+    groups = [] if config is None else [dict(g.resources) for g in config.node_group_configs if g.max_count != 0]
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")] + groups
+
+
+def cluster_capacity(autoscaler=_FETCH) -> dict[str, float]:
+    """The most of each resource the cluster can ever hold: what it has now, or, on an autoscaling cluster,
+    what its node groups reach at their maximum size (whichever is more)."""
+    import ray
+    from ray._private.state import GlobalState
+
+    config = _autoscaler_config() if autoscaler is _FETCH else autoscaler
+    have = dict(ray.cluster_resources())
+    keys = {k for g in config.node_group_configs for k in g.resources} if config is not None else set()
+    for key in keys:
+        ceiling = GlobalState._calculate_max_resource_from_cluster_config(config, key) or 0
+        have[key] = max(float(have.get(key, 0)), float(ceiling))
     return have
 
 
@@ -170,9 +172,10 @@ def check_resources(cfg: Config) -> None:
     need = {"CPU": r.num_workers * r.cpus_per_worker}
     if r.use_gpu:
         need["GPU"] = r.num_workers * r.gpus_per_worker
-    have = cluster_capacity()
+    autoscaler = _autoscaler_config()  # fetched once for both views
+    have = cluster_capacity(autoscaler)
     fits_one = any(n.get("CPU", 0) >= r.cpus_per_worker and (not r.use_gpu or n.get("GPU", 0) >= r.gpus_per_worker)
-                   for n in node_shapes())
+                   for n in node_shapes(autoscaler))
     short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
     if (short or not fits_one) and not r.wait_for_resources:
         detail = ", ".join(f"{k}: needs {n:g}, cluster has {h:g}" for k, (n, h) in short.items()) or \

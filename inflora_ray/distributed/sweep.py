@@ -56,6 +56,7 @@ class _Sweep:
     num_tasks: int
     tracker: object = None  # the parent run's Tracker (None without tracking)
     parent_closed: bool = False  # the parent run has been given its final status
+    record: Optional[dict] = None  # the resumed sweep's sweep.json (read once)
 
     def close_parent(self, status: str, metrics: Optional[dict] = None, files: tuple[str, ...] = ()) -> None:
         """End the sweep's MLflow parent run (no-op without tracking)."""
@@ -180,8 +181,9 @@ def _check_options(space: SearchSpace, opts: SweepOptions) -> None:
 
 
 def _check_resumed(sw: _Sweep) -> None:
-    """``--resume`` must not change what the recorded sweep's trials ran (seeds per trial, horizon)."""
-    rec = storage.read_json(sw.dir.record) if storage.exists(sw.dir.record) else {}
+    """``--resume`` must not change what the recorded sweep's trials ran (seeds per trial, horizon); keeps the
+    record on ``sw`` for :func:`_open_parent`."""
+    sw.record = rec = storage.read_json(sw.dir.record) if storage.exists(sw.dir.record) else {}
     for key, now in (("seeds_per_trial", sw.opts.seeds_per_trial), ("first_tasks", sw.opts.first_tasks)):
         if key in rec and rec[key] != now:
             flag = "--" + key.replace("_", "-")
@@ -194,10 +196,9 @@ def _open_parent(sw: _Sweep) -> None:
     tracker, opts = sw.tracker, sw.opts
     if tracker is None:
         return
-    if opts.resume and storage.exists(sw.dir.record):
-        tracker.run_id = storage.read_json(sw.dir.record).get("mlflow_parent_run_id")
-        if tracker.run_id:
-            tracker.client.update_run(tracker.run_id, status="RUNNING")
+    if opts.resume and sw.record:
+        if sw.record.get("mlflow_parent_run_id"):
+            tracker.reopen(sw.record["mlflow_parent_run_id"])
         return
     tracker.create(opts.name, tags={"sweep": "parent"}, params={
         "space": json.dumps(sw.space.as_dict()), "metric": sw.space.metric, "mode": sw.space.mode,

@@ -63,16 +63,12 @@ def mean_over_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _check_not_failed_before(run: RunDir) -> None:
+def _check_not_failed_before(run: RunDir, metrics: dict | None) -> None:
     """A seed's run that ended failed in an earlier attempt of this trial is not run again: the retry could
     only repeat the failure (its own ``run.max_failures`` were spent)."""
-    if storage.exists(run.metrics) and storage.read_json(run.metrics).get("status") == "failed":
+    if metrics is not None and metrics.get("status") == "failed":
         raise NonRetryableError(f"run {run.name!r} of this trial failed in an earlier attempt (see its "
                                 f"results/metrics.json and the trial's log); a trial retry is not run again")
-
-
-def _finished(run: RunDir, horizon: int) -> bool:
-    return storage.exists(run.metrics) and storage.read_json(run.metrics).get("complete", 0) >= horizon
 
 
 def run_trial(params: dict, *, plan: TrialPlan) -> None:
@@ -93,10 +89,11 @@ def run_trial(params: dict, *, plan: TrialPlan) -> None:
         try:
             resume = storage.exists(run.config)  # Tune restarted this trial: continue from the last checkpoint
             if resume:
-                _check_not_failed_before(run)
+                metrics = run.read_metrics()  # read once: failed before? finished already?
+                _check_not_failed_before(run, metrics)
                 for t in run.finished_tasks():  # reported again: the restarted trial's Tune session starts empty
                     records.put((seed, storage.read_json(run.task_result(t))))
-                if _finished(run, plan.horizon):
+                if metrics is not None and metrics.get("complete", 0) >= plan.horizon:
                     return
             run_experiment(cfg.with_values({"experiment.seed": seed}), name, resume=resume,
                            stop_after_task=plan.horizon - 1, parent_run_id=plan.parent_run_id, quiet_table=True,

@@ -51,7 +51,9 @@ def end_trial_runs(sweep: str, outcomes: dict[str, dict]) -> int:
     if tracker is None or tracker.run_id is None:
         return 0
     changed = 0
-    for child in tracker.child_runs():
+    # One trial (as each trial ends): search only its runs; the sweep's end pass reads all children once.
+    prefix = next(iter(outcomes)) if len(outcomes) == 1 else None
+    for child in tracker.child_runs(name_prefix=prefix):
         for trial_id, rec in outcomes.items():
             if not trial_run_names(trial_id, [child.info.run_name]):
                 continue

@@ -173,7 +173,7 @@ class Tracker:
         """Create (or reopen, on resume) the MLflow run of an experiment run, with its whole config as params.
         On resume, the tasks whose metrics the run already holds are never logged again."""
         if resume_run_id:
-            return self._reopen(resume_run_id)
+            return self.reopen(resume_run_id)
         params: dict[str, object] = dict(self.cfg.flat())
         params.update({"method": self.cfg.method.name, "benchmark": self.cfg.data.benchmark,
                        "num_workers": self.cfg.run.num_workers, "class_order": json.dumps(record.get("class_order")),
@@ -181,8 +181,9 @@ class Tracker:
         params.update({f"version.{k}": v for k, v in record.get("versions", {}).items()})
         return self.create(run_name, {"run_name": run_name}, params, parent_run_id)
 
-    def _reopen(self, run_id: str) -> str:
-        """Set the MLflow run ``run_id`` RUNNING again and read which tasks it already holds metrics of."""
+    def reopen(self, run_id: str) -> str:
+        """Make ``run_id`` this tracker's run again: set it RUNNING and read which tasks it already holds
+        metrics of (a resumed run or sweep parent). Errors raise :class:`TrackingUnavailable`."""
         def do() -> set[int]:
             self.client.update_run(run_id, status="RUNNING")
             return {m.step for m in self.client.get_metric_history(run_id, _STEP_PROBE)}
@@ -283,9 +284,13 @@ class Tracker:
         self.guard("finishing the parent run", do)
 
     # ---------------------------------------------------------------- a parent's children (sweeps)
-    def child_runs(self) -> list:
-        """Every MLflow run whose parent is this tracker's run (all pages)."""
+    def child_runs(self, name_prefix: Optional[str] = None) -> list:
+        """Every MLflow run whose parent is this tracker's run (all pages); with ``name_prefix``, only those
+        whose run name starts with it (searched by the store, not filtered here)."""
         filt = f"tags.`mlflow.parentRunId` = '{self.run_id}'"
+        if name_prefix:
+            escaped = name_prefix.replace("'", "").replace("%", "")
+            filt += f" and attributes.run_name LIKE '{escaped}%'"
         runs, token = [], None
         while True:
             page = self.client.search_runs([self.experiment_id()], filt, max_results=1000, page_token=token)
