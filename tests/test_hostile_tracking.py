@@ -275,6 +275,33 @@ def test_parent_run_ends_with_the_status_given(tmp_path, sqlite_uri, kwargs, sta
     assert tracker.client.get_run(run_id).info.status == status
 
 
+def test_a_trials_runs_are_found_by_name_among_the_parents_children(tmp_path, sqlite_uri):
+    """What a sweep does as each trial ends: the store searches one trial's runs by name prefix (its seeds'
+    runs too), never another trial's or another parent's; the quote of a hostile prefix cannot widen it."""
+    from inflora_ray.distributed.tune_hooks import end_trial_runs, register_tracker
+
+    tracker = _sqlite_tracker(tmp_path, sqlite_uri)
+    parent = tracker.create("sweep", {"sweep": "parent"}, {})
+    other = _sqlite_tracker(tmp_path, sqlite_uri)
+    other.create("other-sweep", {"sweep": "parent"}, {})
+    ids = {n: tracker.client.create_run(tracker.experiment_id(), run_name=n,
+                                        tags={"mlflow.parentRunId": parent}).info.run_id
+           for n in ("t_00001", "t_00001-seed1", "t_00002", "t_000010")}
+    stranger = other.client.create_run(other.experiment_id(), run_name="t_00001",
+                                       tags={"mlflow.parentRunId": other.run_id}).info.run_id
+    assert sorted(r.info.run_name for r in tracker.child_runs(name_prefix="t_00001")) == \
+        ["t_00001", "t_00001-seed1", "t_000010"]  # the store's prefix match; exact names are picked after
+    assert tracker.child_runs(name_prefix="t_00001' or '1'='1") == []
+    register_tracker("s", tracker)
+    try:
+        assert end_trial_runs("s", {"t_00001": {"outcome": "pruned"}}) == 2
+    finally:
+        register_tracker("s", None)
+    status = {n: tracker.client.get_run(i).info.status for n, i in ids.items()}
+    assert status == {"t_00001": "KILLED", "t_00001-seed1": "KILLED", "t_00002": "RUNNING", "t_000010": "RUNNING"}
+    assert tracker.client.get_run(stranger).info.status == "RUNNING"
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda t, run: t.finish(run, {}, status="CANCELLED"), "status must be one of FINISHED, FAILED, KILLED"),
     (lambda t, run: t.finish(run, {}, status="killed"), "status must be one of"),
