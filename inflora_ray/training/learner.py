@@ -77,7 +77,8 @@ class ContinualLearner:
             torch.backends.cudnn.allow_tf32 = True
         seed_everything(cfg.experiment.seed)
         self.benchmark = benchmark or build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model)
-        self.method: Method = build_method(cfg.method, self.benchmark.num_tasks, cfg.experiment.seed)
+        self.method: Method = build_method(cfg.method, self.benchmark.num_tasks, cfg.experiment.seed,
+                                          agree=collective.agree_with_rank0)
         self.model = build_model(cfg.model, self.method.adapter_rank()).to(self.device)
         self.precision = Precision.for_device(cfg.train.precision, self.device)
         label_map = self.benchmark.label_map()
