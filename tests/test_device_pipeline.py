@@ -92,6 +92,7 @@ def test_a_resized_cache_stays_close_to_the_cpu_path():
     ds = _dataset()
     idx = np.arange(len(ds))
     assert cached_size(60, 30, 24) == (48, 24) and cached_size(20, 30, 24) == (20, 30)
+    assert cached_size(25, 37, 24) == (24, 35)  # the long side rounded down, as torchvision resize does
     pipe = DevicePipeline(ds, torch.device("cpu"), cache_bytes=1 << 30, cache_side=24)
     batches = train_batches(idx, 8, seed=1, task=0, epoch=0)
     got, want = _dev(pipe, batches), _cpu(ds, batches)
@@ -99,6 +100,10 @@ def test_a_resized_cache_stays_close_to_the_cpu_path():
     # Normalised units (std 0.2-0.3); on random-noise images, the worst case for an extra resize.
     assert 0 < float(diff.mean()) < 0.6
     assert all(torch.equal(ya, yb) for (_, ya), (_, yb) in zip(got, want))
+    # A cache at the test resize gives bitwise the CPU path's test views.
+    test = pass_batches(idx, 16)
+    _same(_dev(DevicePipeline(ds, torch.device("cpu"), cache_bytes=1 << 30, cache_side=PP.test_resize), test),
+          _cpu(ds, test))
 
 
 def test_pipeline_choice_is_validated_and_auto_means_device_on_cuda_only():

@@ -53,12 +53,13 @@ def resolve_pipeline(choice: str, device: torch.device) -> str:
 
 def cached_size(height: int, width: int, cache_side: Optional[int]) -> tuple[int, int]:
     """(h, w) an image of ``height`` x ``width`` is cached at: its own size, or with the shorter side brought
-    down to ``cache_side`` (never up), aspect ratio kept."""
+    down to ``cache_side`` (never up), aspect ratio kept. The longer side is rounded down, as torchvision's
+    ``resize(img, [side])`` does, so a cache at the test resize gives bitwise the CPU path's test views."""
     short = min(height, width)
     if cache_side is None or short <= cache_side:
         return height, width
-    scale = cache_side / short
-    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+    long = int(cache_side * max(height, width) / short)
+    return (cache_side, long) if height <= width else (long, cache_side)
 
 
 def _shrink(img: torch.Tensor, cache_side: Optional[int]) -> torch.Tensor:
