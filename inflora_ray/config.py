@@ -61,7 +61,7 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 # Keys that say where and how a run is placed, stored or watched, not what it computes.
 _PLACEMENT = ("run.", "tracking.")
 _FREE_KEYS = {"experiment.log_every_steps", "data.root", "data.shards", "data.loader_workers",
-              "data.eval_batch_size", "data.shard_cache_mb", "data.verify_hashes", "data.download",
+              "data.eval_batch_size", "data.shard_cache_mb", "data.device_cache_mb", "data.verify_hashes", "data.download",
               "data.verify_release", "train.compile"}
 
 
@@ -178,6 +178,11 @@ class DataConfig(_Model):
     verify_release: bool = True  # CIFAR-100: the files' MD5 must be the official release's (false: modified copy)
     normalize: Literal["none", "backbone", "imagenet", "inception"] = "none"
     shard_cache_mb: int = Field(1024, ge=1)
+    # Input pipeline: "cpu" decodes and augments in DataLoader processes every epoch; "device" caches each
+    # task's decoded images (uint8) and crops/flips/normalises on the training device; "auto": device on CUDA.
+    pipeline: Literal["auto", "cpu", "device"] = "auto"
+    device_cache_mb: int = Field(8192, ge=0)  # per worker; images beyond it are decoded again in every pass
+    device_cache_side: int | None = Field(None, ge=1)  # cache images with a larger shorter side resized to it
 
     @field_validator("benchmark", mode="before")
     @classmethod

@@ -4,6 +4,11 @@ A method decides how the current task's adapter is set up before training (``pre
 parameters train besides the head (``trainable_parameters``), and what happens after training
 (``finish_task``: memory update, merge). ``covariance(tag)`` is supplied by the loop and returns each adapted
 layer's input covariance on the current task's training data (already reduced over workers).
+
+Results each rank computes itself from the same reduced data (an SVD of a covariance, a memory update) go
+through ``Method.agree`` before they are used: the loop sets it to a function that returns rank 0's values
+on every rank, so that ranks whose linear algebra differs in the last bits (mixed node types) still hold the
+same ``A_t`` and memory. Without workers it is the identity. Any method with such results should use it.
 """
 from __future__ import annotations
 
@@ -19,6 +24,13 @@ from .subspace import CovariancePass, LayerMemory, design_lora_A, random_lora_A,
 log = logging.getLogger(__name__)
 
 CovarianceFn = Callable[[CovariancePass], list[torch.Tensor]]
+# agree(names, tensors) -> the tensors every rank must use (rank 0's); names say what each tensor is.
+AgreeFn = Callable[[list[str], list[torch.Tensor]], list[torch.Tensor]]
+
+
+def agree_locally(names: list[str], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The single-process ``agree``: the tensors themselves."""
+    return tensors
 
 
 class Method:
@@ -31,6 +43,8 @@ class Method:
         self.cfg = cfg
         self.num_tasks = num_tasks
         self.seed = seed
+        # Set by the loop (build_method(agree=...)): makes per-rank results equal on every rank.
+        self.agree: AgreeFn = agree_locally
         # Finished tasks' adapters (A, B_k, B_v per layer), replayed into W when a checkpoint is restored.
         self.history: list[list[dict[str, torch.Tensor]]] = []
 
@@ -126,16 +140,19 @@ class InfLoRA(Method):
     def prepare_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
         self._ensure_memory(model)
         covs = covariance(CovariancePass.BEFORE_TASK)
-        used = []
+        designs = [design_lora_A(cov, mem, layer.rank)
+                   for layer, cov, mem in zip(model.adapters, covs, self.memory)]
+        n = len(designs)
+        agreed = self.agree([f"A_t of task {task}, adapted layer {i}" for i in range(n)]
+                            + [f"used rank of task {task}"],
+                            [d.lora_A for d in designs] + [torch.tensor([d.used_rank for d in designs])])
         with torch.no_grad():
-            for layer, cov, mem in zip(model.adapters, covs, self.memory):
-                design = design_lora_A(cov, mem, layer.rank)
-                layer.lora_A.copy_(design.lora_A.to(layer.lora_A.device, layer.lora_A.dtype))
+            for layer, lora_A in zip(model.adapters, agreed[:n]):
+                layer.lora_A.copy_(lora_A.to(layer.lora_A.device, layer.lora_A.dtype))
                 layer.lora_B_k.zero_()
                 layer.lora_B_v.zero_()
-                used.append(design.used_rank)
         self.set_task_trainable(model)
-        return {"used_rank": used}
+        return {"used_rank": [int(u) for u in agreed[n]]}
 
     def set_task_trainable(self, model: ContinualViT) -> None:
         for layer in model.adapters:
@@ -150,9 +167,20 @@ class InfLoRA(Method):
         eps = threshold_schedule(self.cfg.lamb, self.cfg.lame, task, self.num_tasks)
         for cov, mem in zip(covs, self.memory):
             mem.update(cov, eps)
+        self._agree_memory(task)
         info = super().finish_task(model, task, covariance)
         info.update(threshold=eps, memory_dims=self.memory_dims(), memory_modes=[m.mode for m in self.memory])
         return info
+
+    def _agree_memory(self, task: int) -> None:
+        """Every rank keeps rank 0's memory (basis and representation) after the update of task ``task``."""
+        n = len(self.memory)
+        agreed = self.agree([f"memory basis after task {task}, adapted layer {i}" for i in range(n)]
+                            + [f"memory representation after task {task}"],
+                            [m.basis for m in self.memory]
+                            + [torch.tensor([m.mode == "retain" for m in self.memory], dtype=torch.int64)])
+        for m, basis, retain in zip(self.memory, agreed[:n], agreed[n].tolist()):
+            m.basis, m.mode = basis, ("retain" if retain else "remove")
 
     def memory_dims(self) -> list[int]:
         """Dimension of the protected space per adapted layer."""
@@ -172,9 +200,13 @@ class InfLoRA(Method):
 METHODS: dict[str, type[Method]] = {m.name: m for m in (InfLoRA, SeqLoRA, LinearProbe)}
 
 
-def build_method(cfg: MethodConfig, num_tasks: int, seed: int) -> Method:
-    """The strategy object named by ``cfg.name``."""
+def build_method(cfg: MethodConfig, num_tasks: int, seed: int, agree: Optional[AgreeFn] = None) -> Method:
+    """The strategy object named by ``cfg.name``; ``agree`` (default: the identity) makes results that each
+    rank computes itself equal on every rank (see the module docstring)."""
     try:
-        return METHODS[cfg.name](cfg, num_tasks, seed)
+        method = METHODS[cfg.name](cfg, num_tasks, seed)
     except KeyError:
         raise ValueError(f"method.name={cfg.name!r}; choose one of {sorted(METHODS)}") from None
+    if agree is not None:
+        method.agree = agree
+    return method

@@ -16,6 +16,7 @@ from torch import nn
 from . import collective
 from ..config import Config
 from ..data import Benchmark, build_benchmark
+from ..data.device_pipeline import DevicePipeline, resolve_pipeline
 from ..data.loader import (TaskDataset, global_batch_sizes, make_loader, pass_batches, train_batches)
 from ..logs import log_event
 from ..core.methods import Method, build_method
@@ -77,12 +78,19 @@ class ContinualLearner:
             torch.backends.cudnn.allow_tf32 = True
         seed_everything(cfg.experiment.seed)
         self.benchmark = benchmark or build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model)
-        self.method: Method = build_method(cfg.method, self.benchmark.num_tasks, cfg.experiment.seed)
+        self.method: Method = build_method(cfg.method, self.benchmark.num_tasks, cfg.experiment.seed,
+                                          agree=collective.agree_with_rank0)
         self.model = build_model(cfg.model, self.method.adapter_rank()).to(self.device)
         self.precision = Precision.for_device(cfg.train.precision, self.device)
         label_map = self.benchmark.label_map()
         self.train_set = TaskDataset(self.benchmark.train, self.benchmark.preprocess, label_map)
         self.test_set = TaskDataset(self.benchmark.test, self.benchmark.preprocess, label_map)
+        # data.pipeline=device: the training data's epochs and covariance passes go through a per-task uint8
+        # cache with augmentation on the device; evaluation keeps the CPU path.
+        self.device_pipeline: Optional[DevicePipeline] = None
+        if resolve_pipeline(cfg.data.pipeline, self.device) == "device":
+            self.device_pipeline = DevicePipeline(self.train_set, self.device, cfg.data.device_cache_mb << 20,
+                                                  cfg.data.loader_workers, cfg.data.device_cache_side)
         self.record = AccuracyRecord()
         self.own_head_record = AccuracyRecord()
         self.reports: list[TaskReport] = []
@@ -91,6 +99,8 @@ class ContinualLearner:
 
     # ------------------------------------------------------------------ helpers
     def _loader(self, dataset: TaskDataset, batches):
+        if dataset is self.train_set and self.device_pipeline is not None:
+            return self.device_pipeline.loader(batches)
         return make_loader(dataset, batches, loader_workers=self.cfg.data.loader_workers,
                            pin_memory=self.device.type == "cuda")
 
