@@ -61,8 +61,8 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 # Keys that say where and how a run is placed, stored or watched, not what it computes.
 _PLACEMENT = ("run.", "tracking.")
 _FREE_KEYS = {"experiment.log_every_steps", "data.root", "data.shards", "data.loader_workers",
-              "data.eval_batch_size", "data.shard_cache_mb", "data.device_cache_mb", "data.verify_hashes", "data.download",
-              "data.verify_release", "train.compile"}
+              "data.eval_batch_size", "data.shard_cache_mb", "data.device_cache_mb", "data.verify_hashes",
+              "data.download", "data.verify_release", "train.compile"}
 
 
 def alters_results(key: str) -> bool:
