@@ -264,7 +264,8 @@ class RunSection(_Model):
     name: str | None = None
     max_failures: int = Field(0, ge=-1, description="-1: unlimited")
     checkpoint_every_epochs: int = Field(0, ge=0)  # 0: only at task boundaries
-    checkpoints_to_keep: int | None = Field(None, ge=1, description="keep all")
+    # Mid-task checkpoints (checkpoint_every_epochs) kept: the latest N; task-boundary ones are always kept.
+    checkpoints_to_keep: int | None = Field(2, ge=1, description="keep all")
     wait_for_resources: bool = False
 
     def _check(self) -> None:

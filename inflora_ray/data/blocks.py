@@ -71,6 +71,11 @@ class StagedSource:
             raise KeyError(f"sample {index} is not in this worker's staged block of {self.origin}")
         return k
 
+    def holds(self, index: int) -> bool:
+        """True if sample ``index`` is in this block."""
+        k = int(np.searchsorted(self.indices, index))
+        return k < len(self.indices) and int(self.indices[k]) == index
+
     def encoded(self, index: int) -> tuple[bytes, str]:
         """(encoded image bytes, format) of sample ``index``, read from the local block file."""
         k = self._position(int(index))
@@ -99,6 +104,26 @@ class StagedSource:
             self.close()
         except Exception:  # interpreter shutdown
             pass
+
+
+class BlockSet:
+    """Several blocks of one split as one source (one loader for an evaluation over every seen task): a
+    sample comes from the staged block holding it, else from the first source that is not staged (a block
+    too large to stage, read from the store)."""
+
+    def __init__(self, sources: list):
+        self.sources = sources
+        self.labels = sources[0].labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> torch.Tensor:
+        """Sample ``index`` decoded, from the block holding it."""
+        for source in self.sources:
+            if not isinstance(source, StagedSource) or source.holds(index):
+                return source.load(index)
+        raise KeyError(f"sample {index} is in none of this worker's blocks")
 
 
 def _remove(folder: str) -> None:

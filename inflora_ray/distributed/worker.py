@@ -116,6 +116,11 @@ class RayHooks(Hooks):
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
+        # Older mid-task checkpoints go before a new one is reported, so the one Ray Train last registered
+        # (what a restart resumes from) is never among them; task-boundary checkpoints are all kept.
+        gone = self.run.prune_epoch_checkpoints(self.cfg.run.checkpoints_to_keep)
+        if gone:
+            log_event(log, "checkpoints_pruned", deleted=gone, keep=self.cfg.run.checkpoints_to_keep)
         with tempfile.TemporaryDirectory() as d:
             write_checkpoint(d, learner.state_dict(),
                              {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))})
@@ -134,7 +139,13 @@ def setup_worker(loop_config: dict, run: RunDir) -> ContinualLearner:
     if checkpoint is None and loop_config.get("start_from"):
         checkpoint, origin = Checkpoint(path=loop_config["start_from"]), "--start-from"
     state = load_checkpoint_state(checkpoint) if checkpoint is not None else None
-    learner = ContinualLearner(cfg, device=device, hooks=RayHooks(cfg, run, fault))
+    benchmark = None
+    if loop_config.get("data") is not None:  # the driver's scan of the dataset: not listed or hashed again here
+        from ..data import build_benchmark
+
+        benchmark = build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model,
+                                    scanned=ray.get(loop_config["data"]))
+    learner = ContinualLearner(cfg, device=device, benchmark=benchmark, hooks=RayHooks(cfg, run, fault))
     if checkpoint is not None:
         restore(learner, checkpoint, state, origin, run)
     log_event(log, "worker_start", rank=learner.rank, world_size=learner.world_size, device=str(device),

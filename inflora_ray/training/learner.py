@@ -16,7 +16,7 @@ from torch import nn
 from . import collective
 from ..config import Config
 from ..data import Benchmark, build_benchmark
-from ..data.blocks import BlockCache
+from ..data.blocks import BlockCache, BlockSet
 from ..data.loader import (PassLoader, TaskDataset, global_batch_sizes, pass_batches, train_batches, worker_block)
 from ..logs import log_event
 from ..core.methods import Method, build_method
@@ -148,12 +148,18 @@ class ContinualLearner:
         self.model.eval()
         n_heads = upto_task + 1
         counts = torch.zeros(3, n_heads, dtype=torch.float64, device=self.device)
-        for j in range(n_heads):
-            lo = self.benchmark.task_offset(j)
-            hi = lo + len(self.benchmark.tasks[j])
-            indices = self.benchmark.task_indices("test", j)
-            batches = pass_batches(indices, self.cfg.data.eval_batch_size, self.rank, self.world_size)
-            with self._pass_loader(self.test_set, indices) as loader:
+        indices = [self.benchmark.task_indices("test", j) for j in range(n_heads)]
+        # Each task's test block staged once (and kept for later evaluations while the cache has room); one
+        # loader, whose processes start once, serves the passes over all of them.
+        blocks = [self.blocks.stage(self.test_set.source, worker_block(idx, self.rank, self.world_size))
+                  for idx in indices]
+        dataset = TaskDataset(BlockSet(blocks), self.test_set.preprocess, self.test_set.label_map)
+        with PassLoader(dataset, loader_workers=self.cfg.data.loader_workers,
+                        pin_memory=self.device.type == "cuda") as loader:
+            for j in range(n_heads):
+                lo = self.benchmark.task_offset(j)
+                hi = lo + len(self.benchmark.tasks[j])
+                batches = pass_batches(indices[j], self.cfg.data.eval_batch_size, self.rank, self.world_size)
                 for images, labels in loader.run(batches):
                     if not len(labels):  # pass_batches gives no empty batch; never hand the model one anyway
                         continue
