@@ -19,7 +19,9 @@ index).
 The manifest carries each file's row count, row-group sizes, labels (run-length) size and sha256, so a
 reader knows every sample's label and location without opening any file; :class:`ParquetSource` opens a
 file only when asked for one of its rows and reads only the row group holding it (LRU cache of encoded
-bytes per row group, per process).
+bytes per row group, per process). Training does not read samples one by one from here: each worker stages
+its block of a task once with :meth:`ParquetSource.read_rows` (:mod:`.blocks`) and its loader processes read
+the staged copy.
 """
 from __future__ import annotations
 
