@@ -258,19 +258,6 @@ class RunDir:
         names = [n for n in storage.list_names(self.path) if n.startswith(_CHECKPOINT_PREFIX) and "_epoch" not in n]
         return storage.join(self.path, sorted(names)[-1]) if names else None
 
-    def epoch_checkpoints(self) -> list[str]:
-        """Names of the mid-task checkpoints (``checkpoint_task<TTT>_epoch<EEE>``), oldest first."""
-        return sorted(n for n in storage.list_names(self.path) if n.startswith(_CHECKPOINT_PREFIX) and "_epoch" in n)
-
-    def prune_epoch_checkpoints(self, keep: Optional[int]) -> list[str]:
-        """Delete all but the latest ``keep`` mid-task checkpoints (None: keep all); task-boundary checkpoints
-        are never deleted (a run can be branched from any of them). Returns the names deleted."""
-        names = self.epoch_checkpoints()
-        gone = names[:-keep] if keep is not None and len(names) > keep else []
-        for name in gone:
-            storage.delete_tree(storage.join(self.path, name))
-        return gone
-
     def finished_tasks(self) -> list[int]:
         """Tasks whose ``task_<TTT>.json`` has been written, in order."""
         out = []

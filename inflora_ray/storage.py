@@ -86,13 +86,6 @@ def list_names(path: str) -> list[str]:
     return sorted(posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(p)))
 
 
-def delete_tree(path: str) -> None:
-    """Delete the directory ``path`` and everything under it (nothing if it does not exist)."""
-    fs, p = filesystem(path)
-    if fs.get_file_info(p).type != pafs.FileType.NotFound:
-        fs.delete_dir(p)
-
-
 def check_writable(path: str) -> None:
     """Create ``path`` and write/delete a probe file; raise OSError saying what to fix if that fails."""
     try:

@@ -1,6 +1,6 @@
-"""On a real local Ray: the dataset is scanned once, by the driver, and its workers use that scan; mid-task
-checkpoints are pruned to the latest run.checkpoints_to_keep while every task-boundary checkpoint stays; the
-final checkpoint is Ray Train's Result's."""
+"""On a real local Ray: the dataset is scanned once, by the driver, and its workers use that scan; every
+task-boundary checkpoint is kept while mid-task ones are pruned (by Ray Train, to the latest
+run.checkpoints_to_keep once every task is done); the final checkpoint is Ray Train's Result's."""
 from __future__ import annotations
 
 import io
@@ -39,16 +39,17 @@ def test_workers_use_the_drivers_scan_of_the_dataset(ray_session, tmp_path):
 
 def test_mid_task_checkpoints_pruned_task_checkpoints_kept(ray_session, tmp_path):
     cfg = load_config("quickstart", tiny_overrides(**{
-        "data.num_tasks": 2, "train.epochs": 3, "run.checkpoint_every_epochs": 1, "run.checkpoints_to_keep": 1,
+        "data.num_tasks": 2, "train.epochs": 4, "run.checkpoint_every_epochs": 1, "run.checkpoints_to_keep": 1,
         "run.storage_path": str(tmp_path), "tracking.enabled": "false"}))
     first = run_experiment(cfg, "pruned", stop_after_task=0, quiet_table=True)
     run_dir = first.run_dir
     assert first.checkpoint == os.path.join(run_dir, "checkpoint_task000")  # Ray's Result, not a listing
+    # Ray keeps num_tasks + 1 = 3: the task checkpoint and the latest mid-task ones in the places left
     assert sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_task")) == [
-        "checkpoint_task000", "checkpoint_task000_epoch001"]
+        "checkpoint_task000", "checkpoint_task000_epoch001", "checkpoint_task000_epoch002"]
     # Ray Train resumes the run after its older checkpoints were deleted, and prunes on.
     done = run_experiment(cfg, "pruned", resume=True, quiet_table=True)
     assert done.checkpoint == os.path.join(run_dir, "checkpoint_task001")
     assert sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_task")) == [
-        "checkpoint_task000", "checkpoint_task001", "checkpoint_task001_epoch001"]
+        "checkpoint_task000", "checkpoint_task001", "checkpoint_task001_epoch002"]
     assert len(done.tasks) == 2

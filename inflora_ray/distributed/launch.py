@@ -178,8 +178,26 @@ def _open_tracking(tracker, run: RunDir, record: dict, opts: RunOptions) -> None
     tracker.logged_tasks = set(previous.get("logged_tasks", []))
 
 
-def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions, data=None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def checkpoint_config(cfg: Config, num_tasks: int):
+    """Ray Train's retention: every task-boundary checkpoint (a run's branch points) and the latest mid-task
+    ones. Ray keeps the ``num_tasks + run.checkpoints_to_keep`` checkpoints of highest retention score (and
+    always the latest): task-boundary ones score above every mid-task one, later mid-task ones above earlier,
+    so the task-boundary ones are never deleted and the mid-task ones fill the remaining places (the latest
+    ``run.checkpoints_to_keep`` of them once every task is done). Pruning is Ray's own, so its record of
+    the run's checkpoints, which a resume checks, stays true."""
+    from ray.train import CheckpointConfig
+
+    from .worker import RETENTION_SCORE
+
+    keep = cfg.run.checkpoints_to_keep
+    if keep is None or not cfg.run.checkpoint_every_epochs:
+        return CheckpointConfig(num_to_keep=None)
+    return CheckpointConfig(num_to_keep=num_tasks + keep, checkpoint_score_attribute=RETENTION_SCORE,
+                            checkpoint_score_order="max")
+
+
+def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions, num_tasks: int, data=None):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .worker import train_worker
@@ -195,10 +213,7 @@ def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions, data
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run.name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                             # Ray keeps every checkpoint: the workers prune mid-task ones themselves
-                             # (run.checkpoints_to_keep), as Ray's num_to_keep would delete task-boundary
-                             # checkpoints too, and those are a run's branch points.
-                             checkpoint_config=CheckpointConfig(num_to_keep=None),
+                             checkpoint_config=checkpoint_config(cfg, num_tasks),
                              callbacks=list(opts.train_callbacks)),
     )
 
@@ -252,7 +267,7 @@ def run_experiment(cfg: Config, name: Optional[str] = None, **options) -> RunRes
     if opts.resume:
         clear_fatal(run)
     data = shipped_data(benchmark, given, opts.data)
-    error, checkpoint = _fit(_trainer(cfg, run, storage_path, opts, data), run, benchmark.num_tasks, tracker, opts)
+    error, checkpoint = _fit(_trainer(cfg, run, storage_path, opts, benchmark.num_tasks, data), run, benchmark.num_tasks, tracker, opts)
     return _finish(cfg, run, benchmark.num_tasks, tracker, opts, error, checkpoint)
 
 
