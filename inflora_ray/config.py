@@ -61,8 +61,8 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 # Keys that say where and how a run is placed, stored or watched, not what it computes.
 _PLACEMENT = ("run.", "tracking.")
 _FREE_KEYS = {"experiment.log_every_steps", "data.root", "data.shards", "data.loader_workers",
-              "data.eval_batch_size", "data.shard_cache_mb", "data.device_cache_mb", "data.verify_hashes",
-              "data.download", "data.verify_release", "train.compile"}
+              "data.eval_batch_size", "data.shard_cache_mb", "data.device_cache_mb", "data.block_cache_mb",
+              "data.block_cache_dir", "data.verify_hashes", "data.download", "data.verify_release", "train.compile"}
 
 
 def alters_results(key: str) -> bool:
@@ -177,7 +177,10 @@ class DataConfig(_Model):
     verify_hashes: bool = False
     verify_release: bool = True  # CIFAR-100: the files' MD5 must be the official release's (false: modified copy)
     normalize: Literal["none", "backbone", "imagenet", "inception"] = "none"
-    shard_cache_mb: int = Field(1024, ge=1)
+    shard_cache_mb: int = Field(1024, ge=1)  # per-process LRU of row groups, for blocks that are not staged
+    # Local disk per Ray worker for its staged blocks of the tasks (read from the shards once per task); 0: off
+    block_cache_mb: int = Field(32768, ge=0)
+    block_cache_dir: str | None = None  # where staged blocks go (a private folder in it); null: system temp
     # Input pipeline: "cpu" decodes and augments in DataLoader processes every epoch; "device" caches each
     # task's decoded images (uint8) and crops/flips/normalises on the training device; "auto": device on CUDA.
     pipeline: Literal["auto", "cpu", "device"] = "auto"
@@ -190,7 +193,7 @@ class DataConfig(_Model):
         from .data.registry import benchmark_names  # here, not at the top: inflora_ray.data imports this module
         return _one_of(value, benchmark_names(), "data.benchmark")
 
-    @field_validator("root", "shards", "manifest")
+    @field_validator("root", "shards", "manifest", "block_cache_dir")
     @classmethod
     def _absolute(cls, value: str | None, info) -> str | None:
         """A local path with ``~`` expanded and made absolute against the working directory; URIs, the
@@ -209,6 +212,9 @@ class DataConfig(_Model):
                  "only CIFAR-100 can be downloaded; ImageNet-R and DomainNet must be on disk")
         _require(self.manifest is None or spec.split_manifest, "data.manifest", "a split manifest only applies "
                  f"to benchmark {', '.join(repr(s.name) for s in specs if s.split_manifest)}")
+        _require(self.block_cache_dir is None or ("://" not in self.block_cache_dir
+                                                  and self.block_cache_dir.strip() != ""),
+                 "data.block_cache_dir", "must be a local folder (blocks are staged on the worker's own disk)")
         _require(self.verify_release or spec.release_checksums, "data.verify_release", "false only applies to "
                  f"benchmark {', '.join(repr(s.name) for s in specs if s.release_checksums)} (the others have no "
                  "official checksums); remove the setting")
@@ -262,7 +268,8 @@ class RunSection(_Model):
     name: str | None = None
     max_failures: int = Field(0, ge=-1, description="-1: unlimited")
     checkpoint_every_epochs: int = Field(0, ge=0)  # 0: only at task boundaries
-    checkpoints_to_keep: int | None = Field(None, ge=1, description="keep all")
+    # Mid-task checkpoints (checkpoint_every_epochs) kept: the latest N; task-boundary ones are always kept.
+    checkpoints_to_keep: int | None = Field(2, ge=1, description="keep all")
     wait_for_resources: bool = False
 
     def _check(self) -> None:

@@ -117,13 +117,14 @@ def test_pipeline_choice_is_validated_and_auto_means_device_on_cuda_only():
 
 
 def test_the_loop_gives_the_same_run_with_either_pipeline():
-    from inflora_ray.training.learner import ContinualLearner
+    from inflora_ray.training.learner import ContinualLearner, _DeviceLoader
 
     runs = {}
     for pipeline in ("cpu", "device"):
         cfg = load_config("quickstart", tiny_overrides(**{"data.num_tasks": 2, "data.pipeline": pipeline}))
         learner = ContinualLearner(cfg)
-        assert (learner.device_pipeline is not None) == (pipeline == "device")
+        assert learner.use_device_pipeline == (pipeline == "device")
+        assert isinstance(learner._train_loader(0), _DeviceLoader) == (pipeline == "device")  # what task 0 uses
         learner.run()
         runs[pipeline] = (learner.record.to_dict(), [r.train_loss for r in learner.reports],
                           [r.info for r in learner.reports])

@@ -12,6 +12,7 @@ from typing import Any
 _EXPORTS = {
     "Benchmark": "base", "DataError": "base", "FileSource": "base", "ImageSource": "base", "TensorSource": "base",
     "resolve_class_order": "base", "split_tasks": "base", "build_benchmark": "build",
+    "scan_data": "build", "ScannedData": "build",
     "Preprocess": "transforms", "paper_preprocess": "transforms", "resolve_normalization": "transforms",
 }
 __all__ = list(_EXPORTS)

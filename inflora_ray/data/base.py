@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ class Benchmark:
     class_order: list[int]
     tasks: list[list[int]]  # original class ids per task
     manifest: dict  # provenance: source, split, checksums (recorded with each run)
+    scanned: Any = None  # the ScannedData it was built from (shipped to workers and trials instead of a rescan)
 
     @property
     def num_tasks(self) -> int:

@@ -1,7 +1,15 @@
 """A configured benchmark: its samples (in memory, from prepared shards or from the release), its
-preprocessing, class order and task split."""
+preprocessing, class order and task split.
+
+Finding the samples (listing the folder, reading manifests, checking every file's size and, with
+``data.verify_hashes``, its sha256) is done once per run, by the driver: :func:`scan_data` gives a
+:class:`ScannedData` (file lists, labels, class names, the verification's provenance; no image bytes) that
+the driver ships to its Ray Train workers and to a sweep's trials, and :func:`build_benchmark` turns it into
+a :class:`Benchmark` without touching the dataset again.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from .base import Benchmark, DataError, resolve_class_order, split_tasks
@@ -38,14 +46,55 @@ def _load_sources(spec: BenchmarkSpec, cfg: DataConfig, img_size: int) -> tuple:
                             verify_hashes=cfg.verify_hashes, verify_release=cfg.verify_release)
 
 
-def build_benchmark(cfg: DataConfig, img_size: int, model: Any = None) -> Benchmark:
+# The data settings that decide which samples a scan finds (the others only split or transform them).
+_SCAN_KEYS = ("benchmark", "root", "shards", "manifest", "verify_hashes", "verify_release", "download",
+              "shard_cache_mb")
+
+
+def scan_key(cfg: DataConfig, img_size: int) -> dict:
+    """What a scan depends on: the data settings that locate and verify the samples (and the image size of a
+    benchmark built in memory)."""
+    key = {k: getattr(cfg, k) for k in _SCAN_KEYS}
+    if get_benchmark(cfg.benchmark).in_memory:
+        key["img_size"] = img_size
+    return key
+
+
+@dataclass
+class ScannedData:
+    """A benchmark's samples as found and verified once: the train and test sources (file lists, labels, shard
+    manifests; picklable, no image bytes except a benchmark built in memory), class names, provenance, and
+    the settings they were scanned with."""
+    key: dict
+    train: Any
+    test: Any
+    class_names: list[str]
+    provenance: dict
+
+    def fits(self, cfg: DataConfig, img_size: int) -> bool:
+        """True if this scan is what ``cfg`` would find (same dataset, location and verification)."""
+        return self.key == scan_key(cfg, img_size)
+
+
+def scan_data(cfg: DataConfig, img_size: int) -> ScannedData:
+    """Find and verify the configured benchmark's samples (lists the dataset; hashes it with verify_hashes)."""
+    spec = get_benchmark(cfg.benchmark)
+    train, test, names, provenance = _load_sources(spec, cfg, img_size)
+    return ScannedData(scan_key(cfg, img_size), train, test, list(names), provenance)
+
+
+def build_benchmark(cfg: DataConfig, img_size: int, model: Any = None,
+                    scanned: Optional[ScannedData] = None) -> Benchmark:
     """Load the configured benchmark and split it into tasks by the configured class order.
 
-    Reads the raw dataset under ``cfg.root``, or the prepared Parquet shards at ``cfg.shards`` when set.
-    ``model`` (a ModelConfig or a timm model name) is only needed for ``cfg.normalize == "backbone"``.
+    Uses ``scanned`` (the run's one scan, from the driver) when it fits ``cfg``; otherwise scans: reads the raw
+    dataset under ``cfg.root``, or the prepared Parquet shards at ``cfg.shards`` when set. ``model`` (a
+    ModelConfig or a timm model name) is only needed for ``cfg.normalize == "backbone"``.
     """
     spec = get_benchmark(cfg.benchmark)
-    train, test, names, manifest = _load_sources(spec, cfg, img_size)
+    if scanned is None or not scanned.fits(cfg, img_size):
+        scanned = scan_data(cfg, img_size)
+    train, test, names, manifest = scanned.train, scanned.test, scanned.class_names, scanned.provenance
     mean, std = resolve_normalization(cfg.normalize, _model_name(model))
     preprocess = paper_preprocess(spec.name, img_size, mean, std)
     manifest = dict(manifest, normalize=cfg.normalize, preprocess={
@@ -55,4 +104,4 @@ def build_benchmark(cfg: DataConfig, img_size: int, model: Any = None) -> Benchm
     order = resolve_class_order(len(names), cfg.class_order, cfg.class_order_seed)
     tasks = split_tasks(order, cfg.num_tasks)
     return Benchmark(name=cfg.benchmark, train=train, test=test, class_names=names, preprocess=preprocess,
-                     class_order=order, tasks=tasks, manifest=manifest)
+                     class_order=order, tasks=tasks, manifest=manifest, scanned=scanned)

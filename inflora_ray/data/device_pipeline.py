@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from .loader import TaskDataset
+from .loader import TaskDataset, loader_context
 from .transforms import Preprocess, random_resized_crop_box
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,8 @@ class DevicePipeline:
                 yield {}
             return
         loader = DataLoader(_Decoded(self.dataset, self.cache_side, self.gpu_decode), batch_sampler=missing,
-                            num_workers=self.loader_workers, collate_fn=_as_list)
+                            num_workers=self.loader_workers, collate_fn=_as_list,
+                            multiprocessing_context=loader_context() if self.loader_workers else None)
         for items in loader:
             out = {}
             jpegs = [(i, data) for i, size, data in items if size is None]

@@ -7,10 +7,16 @@ none). The loss is scaled so that the sum of the workers' gradients is exactly t
 gradient, so 1 and W workers follow the same trajectory up to float summation order. Each sample's
 augmentation is seeded by (seed, task, augmentation stream, sample index); the stream is the training epoch
 0..K-1, or a negative id for a covariance pass (which sees the training augmentation too).
+
+Loading: a worker stages its block of a task once (:mod:`.blocks`: read from the store once, kept on local
+disk) and makes one :class:`PassLoader` over it; each pass over the block (covariance passes, epochs) is
+``PassLoader.run(batches)``. Its loader processes start once, with ``forkserver`` (never ``fork``: the
+parent may have initialised an object-store client, which is not fork-safe), and persist until ``close()``.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+import multiprocessing
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +59,12 @@ def block_bounds(num_samples: int, rank: int, world_size: int) -> tuple[int, int
     base, extra = divmod(num_samples, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+def worker_block(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """The indices of worker ``rank``'s block: what :func:`train_batches` and :func:`pass_batches` give it."""
+    start, end = block_bounds(len(indices), rank, world_size)
+    return np.asarray(indices)[start:end]
 
 
 def train_batches(indices: np.ndarray, batch_size: int, seed: int, task: int, epoch: int,
@@ -133,9 +145,76 @@ class _Collate:
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
 
 
+def loader_context():
+    """The multiprocessing context of loader processes: ``forkserver`` (``spawn`` where there is none).
+
+    ``fork`` would copy the parent's threads and client state (an object store's SDK, Ray's own threads) into
+    each child, which is not safe. The fork server preloads this module, so its children start with torch
+    already imported."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 def make_loader(dataset: TaskDataset, batches: Sequence[list[tuple[int, int]]], loader_workers: int = 0,
                 pin_memory: bool = False) -> Iterator:
-    """A DataLoader over precomputed batches (decode/augment in ``loader_workers`` processes; 0: in this one)."""
+    """A DataLoader over precomputed batches (decode/augment in ``loader_workers`` processes; 0: in this one),
+    for a single pass; :class:`PassLoader` keeps its processes for many."""
     size = dataset.preprocess.img_size
     return DataLoader(dataset, batch_sampler=list(batches), num_workers=loader_workers, pin_memory=pin_memory,
-                      persistent_workers=False, collate_fn=_Collate((3, size, size)))
+                      persistent_workers=False, collate_fn=_Collate((3, size, size)),
+                      multiprocessing_context=loader_context() if loader_workers else None)
+
+
+class _Batches:
+    """The batch sampler of a :class:`PassLoader`: the batches of the pass being run."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class PassLoader:
+    """Many passes over one dataset (a worker's staged block) with the same loader processes.
+
+    ``run(batches)`` iterates one pass (batches of (index, aug seed), possibly empty); the ``loader_workers``
+    processes start on the first pass, persist across passes and stop at ``close()`` (also on ``with``).
+    ``worker_init_fn`` runs in each loader process as it starts (diagnostics, benchmarks).
+    """
+
+    def __init__(self, dataset: TaskDataset, loader_workers: int = 0, pin_memory: bool = False,
+                 worker_init_fn: Optional[Callable[[int], None]] = None):
+        self.dataset = dataset
+        self._batches = _Batches()
+        size = dataset.preprocess.img_size
+        self._loader: Optional[DataLoader] = DataLoader(
+            dataset, batch_sampler=self._batches, num_workers=loader_workers, pin_memory=pin_memory,
+            persistent_workers=loader_workers > 0, collate_fn=_Collate((3, size, size)),
+            worker_init_fn=worker_init_fn, multiprocessing_context=loader_context() if loader_workers else None)
+
+    def run(self, batches: Sequence[list[tuple[int, int]]]) -> Iterator:
+        """One pass over ``batches``: yields (images, labels) per batch."""
+        if self._loader is None:
+            raise RuntimeError("PassLoader.run after close()")
+        self._batches.batches = list(batches)
+        return iter(self._loader)
+
+    def close(self) -> None:
+        """Stop the loader processes."""
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._loader = None
+
+    def __enter__(self) -> "PassLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

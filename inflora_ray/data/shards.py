@@ -19,7 +19,9 @@ index).
 The manifest carries each file's row count, row-group sizes, labels (run-length) size and sha256, so a
 reader knows every sample's label and location without opening any file; :class:`ParquetSource` opens a
 file only when asked for one of its rows and reads only the row group holding it (LRU cache of encoded
-bytes per row group, per process).
+bytes per row group, per process). Training does not read samples one by one from here: each worker stages
+its block of a task once with :meth:`ParquetSource.read_rows` (:mod:`.blocks`) and its loader processes read
+the staged copy.
 """
 from __future__ import annotations
 
@@ -210,6 +212,29 @@ class ParquetSource:
         data, _ = self.encoded(index)
         full = shard_path(self.uri, self.paths[self.locate(index)[0]])
         return decode_image(data, f"(sample {index} of split {self.split!r}) in {full}", _redo(self.uri))
+
+    def read_rows(self, indices):
+        """Yield (index, encoded bytes, format) for each of ``indices`` in increasing order, reading every row
+        group that holds them exactly once (not through the cache: a block is read once and kept elsewhere)."""
+        if self._pid != os.getpid():
+            self._reset()
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i in sorted({int(i) for i in indices}):
+            f, g, r = self.locate(i)
+            groups.setdefault((f, g), []).append((i, r))
+        for (f, g), rows in groups.items():  # in index order: files and their groups follow the rows
+            images, formats = self._read_group(f, g)
+            self.row_groups_read.append((self.paths[f], g))
+            for i, r in rows:
+                yield i, images[r], formats[r]
+
+    def estimated_bytes(self, indices) -> int:
+        """About how many bytes of shard files ``indices`` take (each file's size spread over its rows)."""
+        total = 0.0
+        for i in indices:
+            f = int(np.searchsorted(self.file_offsets, int(i), side="right")) - 1
+            total += self.sizes[f] / max(1, int(self.file_offsets[f + 1] - self.file_offsets[f]))
+        return int(total)
 
     def row_groups_of(self, indices) -> set[tuple[str, int]]:
         """The (file, row group) pairs holding ``indices`` (what a worker reading them must open)."""

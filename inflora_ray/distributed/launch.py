@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -42,6 +42,9 @@ class RunOptions:
     on_task: Optional[Callable[[dict], None]] = None  # called with each finished task's record
     train_callbacks: list = field(default_factory=list)  # Ray Train callbacks (Tune's report callback)
     allow_config_change: bool = False  # let --resume / --start-from change settings that alter results
+    # The run's dataset as scanned by a caller (a sweep's driver): a ScannedData or a Ray ObjectRef of one; the
+    # run then neither lists nor verifies the dataset again (unless its data settings differ).
+    data: Any = None
 
 
 class RunInterrupted(RuntimeError):
@@ -57,6 +60,7 @@ class RunResult:
     summary: dict
     mlflow_run_id: Optional[str] = None
     tracking_lost: Optional[str] = None  # why MLflow logging stopped mid-run, if it did
+    checkpoint: Optional[str] = None  # the final checkpoint (Ray Train's Result.checkpoint), when training ended
 
     @property
     def accuracy_matrix(self) -> list[list[float]]:
@@ -116,7 +120,7 @@ def _preflight(cfg: Config, run: RunDir, opts: RunOptions):
         raise PreflightError(f"run {run.name!r} already exists in {cfg.run.storage_path}; continue it with "
                              f"--resume {run.name} or choose another run.name")
     try:
-        benchmark = build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model)
+        benchmark = build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model, scanned=opts.data)
     except (OSError, ValueError) as e:
         raise PreflightError(f"data: {e}") from None
     start_config = None
@@ -125,6 +129,28 @@ def _preflight(cfg: Config, run: RunDir, opts: RunOptions):
     if opts.stop_after_task is not None and not 0 <= opts.stop_after_task < benchmark.num_tasks:
         raise PreflightError(f"--stop-after-task {opts.stop_after_task}: must be in 0..{benchmark.num_tasks - 1}")
     return benchmark, start_tracker(cfg), start_config
+
+
+def _scanned(data):
+    """A ScannedData given directly or as a Ray ObjectRef (fetched); None stays None."""
+    import ray
+
+    return ray.get(data) if isinstance(data, ray.ObjectRef) else data
+
+
+def shipped_data(benchmark, given=None, fetched=None):
+    """What the workers get instead of scanning the dataset themselves: the caller's ObjectRef ``given`` when
+    the benchmark was built from it (``fetched``, its value), else the driver's scan put in Ray's object store
+    once; None for a benchmark built in memory (nothing to scan: each worker builds it)."""
+    import ray
+
+    from ..data.registry import get_benchmark
+
+    if benchmark.scanned is None or get_benchmark(benchmark.name).in_memory:
+        return None
+    if isinstance(given, ray.ObjectRef) and benchmark.scanned is fetched:
+        return given
+    return ray.put(benchmark.scanned)
 
 
 def _stored(cfg: Config) -> Config:
@@ -152,8 +178,26 @@ def _open_tracking(tracker, run: RunDir, record: dict, opts: RunOptions) -> None
     tracker.logged_tasks = set(previous.get("logged_tasks", []))
 
 
-def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def checkpoint_config(cfg: Config, num_tasks: int):
+    """Ray Train's retention: every task-boundary checkpoint (a run's branch points) and the latest mid-task
+    ones. Ray keeps the ``num_tasks + run.checkpoints_to_keep`` checkpoints of highest retention score (and
+    always the latest): task-boundary ones score above every mid-task one, later mid-task ones above earlier,
+    so the task-boundary ones are never deleted and the mid-task ones fill the remaining places (the latest
+    ``run.checkpoints_to_keep`` of them once every task is done). Pruning is Ray's own, so its record of
+    the run's checkpoints, which a resume checks, stays true."""
+    from ray.train import CheckpointConfig
+
+    from .worker import RETENTION_SCORE
+
+    keep = cfg.run.checkpoints_to_keep
+    if keep is None or not cfg.run.checkpoint_every_epochs:
+        return CheckpointConfig(num_to_keep=None)
+    return CheckpointConfig(num_to_keep=num_tasks + keep, checkpoint_score_attribute=RETENTION_SCORE,
+                            checkpoint_score_order="max")
+
+
+def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions, num_tasks: int, data=None):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .worker import train_worker
@@ -164,12 +208,12 @@ def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions):
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": _stored(cfg).to_dict(), "run_dir": run.path, "stop_after_task": opts.stop_after_task,
-                           "start_from": opts.start_from, "fault": FaultPlan.from_env()},
+                           "start_from": opts.start_from, "fault": FaultPlan.from_env(), "data": data},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run.name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+                             checkpoint_config=checkpoint_config(cfg, num_tasks),
                              callbacks=list(opts.train_callbacks)),
     )
 
@@ -187,6 +231,8 @@ def run_experiment(cfg: Config, name: Optional[str] = None, **options) -> RunRes
         opts.start_from = storage.absolute(opts.start_from)
     storage_path = check_storage(cfg)
     run = _run_dir(cfg, name, storage_path)
+    given = opts.data
+    opts.data = _scanned(given)  # an ObjectRef from a sweep's driver is fetched once, here
     benchmark, tracker, start_config = _preflight(cfg, run, opts)
     changes, from_task, how = _continuation(cfg, run, opts, start_config)
     connect_ray(opts.address)
@@ -220,8 +266,9 @@ def run_experiment(cfg: Config, name: Optional[str] = None, **options) -> RunRes
               mlflow_run_id=tracker.run_id if tracker else None)
     if opts.resume:
         clear_fatal(run)
-    error = _fit(_trainer(cfg, run, storage_path, opts), run, benchmark.num_tasks, tracker, opts)
-    return _finish(cfg, run, benchmark.num_tasks, tracker, opts, error)
+    data = shipped_data(benchmark, given, opts.data)
+    error, checkpoint = _fit(_trainer(cfg, run, storage_path, opts, benchmark.num_tasks, data), run, benchmark.num_tasks, tracker, opts)
+    return _finish(cfg, run, benchmark.num_tasks, tracker, opts, error, checkpoint)
 
 
 class _Interrupt(Exception):
@@ -238,9 +285,18 @@ def _fatal_error(run: RunDir) -> Optional[NonRetryableError]:
     return None if record is None else NonRetryableError(f"run {run.name!r}: {fatal_message(record)}")
 
 
-def _fit(trainer, run: RunDir, num_tasks: int, tracker, opts: RunOptions) -> Optional[BaseException]:
+def final_checkpoint(result, run: RunDir) -> Optional[str]:
+    """The checkpoint of Ray Train's ``Result`` (the last one reported), as a path or URI in the run's folder."""
+    checkpoint = getattr(result, "checkpoint", None)
+    if checkpoint is None:
+        return None
+    return storage.join(run.path, checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _fit(trainer, run: RunDir, num_tasks: int, tracker,
+         opts: RunOptions) -> tuple[Optional[BaseException], Optional[str]]:
     """Fit the trainer while printing (and tracking) each task as it finishes; returns the error, if any
-    (a :class:`RunInterrupted` when the driver was stopped)."""
+    (a :class:`RunInterrupted` when the driver was stopped), and the final checkpoint of Ray's Result."""
     def task_done(rec: dict) -> None:
         if tracker is not None:
             tracker.log_task(rec, run)
@@ -256,33 +312,34 @@ def _fit(trainer, run: RunDir, num_tasks: int, tracker, opts: RunOptions) -> Opt
         signal.signal(signal.SIGTERM, _raise_interrupt)
     watcher.start()
     try:
-        trainer.fit()
+        result = trainer.fit()
     except (KeyboardInterrupt, SystemExit, _Interrupt) as e:
-        return RunInterrupted(f"interrupted ({type(e).__name__})")
+        return RunInterrupted(f"interrupted ({type(e).__name__})"), None
     except Exception as e:  # ray.train.TrainingFailedError and friends
-        return _fatal_error(run) or e
+        return _fatal_error(run) or e, None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         watcher.stop()
     fatal = _fatal_error(run)  # the workers stopped on an error no restart can fix
     if fatal is not None:
-        return fatal
+        return fatal, None
     expected = num_tasks if opts.stop_after_task is None else opts.stop_after_task + 1
     if len(run.finished_tasks()) < expected:  # Ray Train's own Ctrl-C handler aborted the workers
-        return RunInterrupted("interrupted (the training run was aborted)")
-    return None
+        return RunInterrupted("interrupted (the training run was aborted)"), None
+    return None, final_checkpoint(result, run)
 
 
 def _finish(cfg: Config, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
-            error: Optional[BaseException]) -> RunResult:
+            error: Optional[BaseException], checkpoint: Optional[str] = None) -> RunResult:
     """Write the results so far, close the MLflow run, print the table; raise if training failed or stopped."""
     interrupted = isinstance(error, RunInterrupted)
     tasks, summ = run.collect_results(num_tasks)
     run.write_final_results(tasks, summ, status="interrupted" if interrupted else "failed" if error else "finished")
     if tracker is not None:
         tracker.finish(run, summ, status="KILLED" if interrupted else "FAILED" if error else "FINISHED",
-                       error=f"{type(error).__name__}: {error}" if error is not None else None)
+                       error=f"{type(error).__name__}: {error}" if error is not None else None,
+                       checkpoint=checkpoint)
     if not opts.quiet_table:
         print_final_table(run.name, summ, num_tasks)
     if tracker is not None and tracker.lost:
@@ -302,4 +359,4 @@ def _finish(cfg: Config, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
               mlflow_run_id=tracker.run_id if tracker else None, tracking_lost=tracker.lost if tracker else None)
     return RunResult(run_dir=run.path, name=run.name, tasks=tasks, summary=summ,
                      mlflow_run_id=tracker.run_id if tracker else None,
-                     tracking_lost=tracker.lost if tracker else None)
+                     tracking_lost=tracker.lost if tracker else None, checkpoint=checkpoint)

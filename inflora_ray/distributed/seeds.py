@@ -8,6 +8,8 @@ from typing import Optional
 
 from ..config import Config
 from ..core.metrics import aggregate_over_seeds
+from ..data import scan_data
+from ..data.registry import get_benchmark
 from .launch import RunResult, default_run_name, run_experiment
 from .preflight import PreflightError, connect_ray
 
@@ -23,6 +25,11 @@ def run_seeds(cfg: Config, seeds: list[int], name: Optional[str] = None, **optio
         raise PreflightError(f"seeds {seeds}: give each seed once (each seed is one run)")
     base = name or cfg.run.name or default_run_name(cfg, with_seed=False)
     connect_ray(options.get("address"))  # once, before the seeds' threads
+    if options.get("data") is None and not get_benchmark(cfg.data.benchmark).in_memory:
+        try:  # the dataset is listed (and verified) once for every seed's run
+            options["data"] = scan_data(cfg.data, cfg.model.img_size)
+        except (OSError, ValueError) as e:
+            raise PreflightError(f"data: {e}") from None
     parent = None
     if cfg.tracking.enabled:
         from ..tracking import start_parent

@@ -57,6 +57,8 @@ class _Sweep:
     tracker: object = None  # the parent run's Tracker (None without tracking)
     parent_closed: bool = False  # the parent run has been given its final status
     record: Optional[dict] = None  # the resumed sweep's sweep.json (read once)
+    scanned: object = None  # the dataset as this driver scanned it (a ScannedData)
+    data: object = None  # the same in Ray's object store (an ObjectRef) for the trials; None: built in memory
 
     def close_parent(self, status: str, metrics: Optional[dict] = None, files: tuple[str, ...] = ()) -> None:
         """End the sweep's MLflow parent run (no-op without tracking)."""
@@ -218,7 +220,7 @@ def _tuner(sw: _Sweep, study_storage=None):
     base, opts = sw.base, sw.opts
     plan = TrialPlan(base=base.to_dict(), sweep=opts.name, trial_storage=sw.dir.trials_root,
                      parent_run_id=sw.parent_id, horizon=sw.horizon, seeds_per_trial=opts.seeds_per_trial,
-                     exit_after_task=trial_fault_from_env())
+                     exit_after_task=trial_fault_from_env(), data=sw.data)
     # The trial function only drives its runs' TorchTrainers, whose workers reserve their own resources.
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
     if opts.resume:  # errored trials stay errored: their runs' failures are final (see trial.py)
@@ -246,11 +248,13 @@ def run_sweep(cfg: Config, space: SearchSpace, **options) -> dict:
     Raises :class:`~.launch.RunInterrupted` when the sweep was interrupted before every trial ended (the
     message says how to resume it), ``RuntimeError`` when no trial completed."""
     from ..data import build_benchmark
+    from ..data.registry import get_benchmark
 
     opts = SweepOptions(**options)
     _check_options(space, opts)
     check_model(cfg)
-    num_tasks = build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model).num_tasks
+    benchmark = build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model)  # the sweep's one scan
+    num_tasks = benchmark.num_tasks
     if opts.first_tasks is not None and not 1 <= opts.first_tasks <= num_tasks:
         raise PreflightError(f"--first-tasks {opts.first_tasks}: must be in 1..{num_tasks}")
     opts.name = opts.name or f"sweep-{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -270,12 +274,16 @@ def run_sweep(cfg: Config, space: SearchSpace, **options) -> dict:
         from ..tracking.store import pin_uri, resolve_uri
 
         base = base.with_values({"tracking.uri": pin_uri(resolve_uri(base))})
-    sw = _Sweep(cfg, base, space, sweep, opts, num_tasks)
+    sw = _Sweep(cfg, base, space, sweep, opts, num_tasks, scanned=benchmark.scanned)
     if opts.resume:
         _check_resumed(sw)
     sw.tracker = start_tracker(base)
     connect_ray(opts.address)
     check_resources(base)
+    if not get_benchmark(cfg.data.benchmark).in_memory:  # trials build their runs from it, not a rescan
+        import ray
+
+        sw.data = ray.put(benchmark.scanned)
 
     if not opts.resume:
         try:
@@ -382,7 +390,7 @@ def _run_final(sw: _Sweep, best_cfg: Config) -> dict:
     cfg = best_cfg.with_values({"tracking.sweep_id": sw.opts.name, "tracking.uri": sw.base.tracking.uri})
     name = f"{sw.opts.name}-final"
     if sw.opts.seeds_per_trial == 1:
-        return run_experiment(cfg, name, parent_run_id=sw.parent_id, label="[final] ").summary
+        return run_experiment(cfg, name, parent_run_id=sw.parent_id, label="[final] ", data=sw.scanned).summary
     seeds = [cfg.experiment.seed + k for k in range(sw.opts.seeds_per_trial)]
-    agg = run_seeds(cfg, seeds, name=name)["aggregate"]
+    agg = run_seeds(cfg, seeds, name=name, data=sw.scanned)["aggregate"]
     return {k[:-5]: v for k, v in agg.items() if k.endswith("_mean")}

@@ -13,7 +13,7 @@ import queue
 import statistics
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from .. import storage
 from ..config import Config, config_from_dict
@@ -39,6 +39,7 @@ class TrialPlan:
     horizon: int  # tasks each trial runs
     seeds_per_trial: int = 1
     exit_after_task: Optional[int] = None  # tests: a trial's process exits after this task, once per sweep
+    data: Any = None  # the sweep driver's scan of the dataset (a Ray ObjectRef): trials do not rescan it
 
     def seeds(self, cfg: Config) -> list[int]:
         """The trial's seeds: ``experiment.seed``, +1, ..., the same for every trial (paired comparison)."""
@@ -97,7 +98,7 @@ def run_trial(params: dict, *, plan: TrialPlan) -> None:
                     return
             run_experiment(cfg.with_values({"experiment.seed": seed}), name, resume=resume,
                            stop_after_task=plan.horizon - 1, parent_run_id=plan.parent_run_id, quiet_table=True,
-                           label=f"[{name}] ", on_task=lambda rec: records.put((seed, rec)))
+                           label=f"[{name}] ", on_task=lambda rec: records.put((seed, rec)), data=plan.data)
         except BaseException as e:  # reported by the trial thread once every seed has ended
             errors[seed] = e
 

@@ -86,6 +86,16 @@ def write_task_record(run: RunDir, learner: ContinualLearner, task: int) -> None
         "own_head_accuracy_matrix": own.matrix(), "world_size": learner.world_size})
 
 
+# Reported with every checkpoint; Ray Train keeps the checkpoints that score highest (see launch.py): every
+# task-boundary checkpoint scores above every mid-task one, and later mid-task ones above earlier ones.
+RETENTION_SCORE = "checkpoint_retention_score"
+
+
+def retention_score(task: int, epoch: Optional[int] = None) -> int:
+    """The retention score of the checkpoint after task ``task`` (or after epoch ``epoch`` of it)."""
+    return 10**12 + task if epoch is None else task * 10**6 + epoch
+
+
 class RayHooks(Hooks):
     """Report and checkpoint through Ray Train; fire a test's injected fault when planned."""
 
@@ -102,14 +112,16 @@ class RayHooks(Hooks):
     def on_epoch_end(self, learner, task, epoch):
         k = self.cfg.run.checkpoint_every_epochs
         if k and (epoch + 1) % k == 0 and epoch + 1 < self.cfg.train.epochs:
-            self._report(learner, {"task": task, "epoch": epoch, "kind": "epoch"}, checkpoint_name(task, epoch))
+            self._report(learner, {"task": task, "epoch": epoch, "kind": "epoch",
+                                   RETENTION_SCORE: retention_score(task, epoch)}, checkpoint_name(task, epoch))
 
     def on_task_end(self, learner, report: TaskReport):
         metrics = {"task": report.task, "tasks_done": report.task + 1, "num_tasks": learner.benchmark.num_tasks,
                    **task_metrics(report.to_dict(), finite_only=False)}
         if self.rank == 0:
             write_task_record(self.run, learner, report.task)
-        self._report(learner, {**metrics, "kind": "task"}, checkpoint_name(report.task))
+        self._report(learner, {**metrics, "kind": "task", RETENTION_SCORE: retention_score(report.task)},
+                     checkpoint_name(report.task))
 
     def _report(self, learner, metrics: dict, name: str) -> None:
         # Every worker holds the same state; rank 0 writes it, the others report without a checkpoint.
@@ -134,7 +146,13 @@ def setup_worker(loop_config: dict, run: RunDir) -> ContinualLearner:
     if checkpoint is None and loop_config.get("start_from"):
         checkpoint, origin = Checkpoint(path=loop_config["start_from"]), "--start-from"
     state = load_checkpoint_state(checkpoint) if checkpoint is not None else None
-    learner = ContinualLearner(cfg, device=device, hooks=RayHooks(cfg, run, fault))
+    benchmark = None
+    if loop_config.get("data") is not None:  # the driver's scan of the dataset: not listed or hashed again here
+        from ..data import build_benchmark
+
+        benchmark = build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model,
+                                    scanned=ray.get(loop_config["data"]))
+    learner = ContinualLearner(cfg, device=device, benchmark=benchmark, hooks=RayHooks(cfg, run, fault))
     if checkpoint is not None:
         restore(learner, checkpoint, state, origin, run)
     log_event(log, "worker_start", rank=learner.rank, world_size=learner.world_size, device=str(device),

@@ -241,10 +241,12 @@ class Tracker:
         self.guard(f"logging task {task}", do)
 
     # ---------------------------------------------------------------- end
-    def finish(self, run: RunDir, summ: dict, status: str = "FINISHED", error: Optional[str] = None) -> None:
-        """Final metrics and artifacts (results, record, config and, unless KILLED, the last checkpoint) and the
-        run's status: FINISHED, FAILED or KILLED (the driver was interrupted; a resume reopens the run).
-        ``error``: why it failed or stopped, kept as the run's ``end_reason`` tag."""
+    def finish(self, run: RunDir, summ: dict, status: str = "FINISHED", error: Optional[str] = None,
+               checkpoint: Optional[str] = None) -> None:
+        """Final metrics and artifacts (results, record, config and, unless KILLED, the final checkpoint) and
+        the run's status: FINISHED, FAILED or KILLED (the driver was interrupted; a resume reopens the run).
+        ``error``: why it failed or stopped, kept as the run's ``end_reason`` tag. ``checkpoint``: the final
+        checkpoint from Ray Train's Result; a failed run has none, and its last task checkpoint is logged."""
         status = _terminal_status(status, failed=False)
 
         def do():
@@ -257,7 +259,9 @@ class Tracker:
                 self.log_metrics({k: v for k, v in final.items() if v == v})  # NaN != NaN
             self._log_files(run.results, ("metrics.json", "accuracy_matrix.parquet", "record.json", "config.yaml"),
                             "results")
-            last = run.latest_task_checkpoint() if self.cfg.tracking.log_checkpoint and status != "KILLED" else None
+            last = None
+            if self.cfg.tracking.log_checkpoint and status != "KILLED":
+                last = checkpoint if checkpoint is not None else run.latest_task_checkpoint()
             if last is not None:
                 self._log_files(last, (STATE_FILE, META_FILE), "checkpoint")
             self.client.set_terminated(self.run_id, status=status)

@@ -16,8 +16,9 @@ from torch import nn
 from . import collective
 from ..config import Config
 from ..data import Benchmark, build_benchmark
+from ..data.blocks import BlockCache, BlockSet
 from ..data.device_pipeline import DevicePipeline, resolve_pipeline
-from ..data.loader import (TaskDataset, global_batch_sizes, make_loader, pass_batches, train_batches)
+from ..data.loader import (PassLoader, TaskDataset, global_batch_sizes, pass_batches, train_batches, worker_block)
 from ..logs import log_event
 from ..core.methods import Method, build_method
 from ..core.metrics import AccuracyRecord, summary
@@ -85,12 +86,13 @@ class ContinualLearner:
         label_map = self.benchmark.label_map()
         self.train_set = TaskDataset(self.benchmark.train, self.benchmark.preprocess, label_map)
         self.test_set = TaskDataset(self.benchmark.test, self.benchmark.preprocess, label_map)
+        # This worker's blocks of the tasks, read from the store once each and kept on local disk.
+        self.blocks = BlockCache(cfg.data.block_cache_dir, cfg.data.block_cache_mb << 20)
+        self._train_pass: Optional[PassLoader] = None  # the current task's training block, while it runs
+        self._train_pass_task = -1
         # data.pipeline=device: the training data's epochs and covariance passes go through a per-task uint8
         # cache with augmentation on the device; evaluation keeps the CPU path.
-        self.device_pipeline: Optional[DevicePipeline] = None
-        if resolve_pipeline(cfg.data.pipeline, self.device) == "device":
-            self.device_pipeline = DevicePipeline(self.train_set, self.device, cfg.data.device_cache_mb << 20,
-                                                  cfg.data.loader_workers, cfg.data.device_cache_side)
+        self.use_device_pipeline = resolve_pipeline(cfg.data.pipeline, self.device) == "device"
         self.record = AccuracyRecord()
         self.own_head_record = AccuracyRecord()
         self.reports: list[TaskReport] = []
@@ -98,11 +100,32 @@ class ContinualLearner:
         self.in_progress: Optional[TaskProgress] = None  # the task being trained (restored mid-task on resume)
 
     # ------------------------------------------------------------------ helpers
-    def _loader(self, dataset: TaskDataset, batches):
-        if dataset is self.train_set and self.device_pipeline is not None:
-            return self.device_pipeline.loader(batches)
-        return make_loader(dataset, batches, loader_workers=self.cfg.data.loader_workers,
-                           pin_memory=self.device.type == "cuda")
+    def _pass_loader(self, dataset: TaskDataset, indices) -> PassLoader:
+        """A loader over this worker's block of ``indices`` (a task's samples), staged from the store once."""
+        source = self.blocks.stage(dataset.source, worker_block(indices, self.rank, self.world_size))
+        if source is not dataset.source:
+            dataset = TaskDataset(source, dataset.preprocess, dataset.label_map)
+        return PassLoader(dataset, loader_workers=self.cfg.data.loader_workers,
+                          pin_memory=self.device.type == "cuda")
+
+    def _train_loader(self, task: int):
+        """The loader of task ``task``'s training block (``.run(batches)``): the one open while the task runs,
+        else a new one; with the device pipeline, a per-task uint8 cache on the device over the staged block."""
+        if self._train_pass is None or self._train_pass_task != task:
+            self._close_train_loader()
+            loader = self._pass_loader(self.train_set, self.benchmark.task_indices("train", task))
+            if self.use_device_pipeline:  # the pass loader's processes never start: the pipeline decodes
+                loader.close()
+                loader = _DeviceLoader(DevicePipeline(loader.dataset, self.device, self.cfg.data.device_cache_mb << 20,
+                                                      self.cfg.data.loader_workers, self.cfg.data.device_cache_side))
+            self._train_pass = loader
+            self._train_pass_task = task
+        return self._train_pass
+
+    def _close_train_loader(self) -> None:
+        if self._train_pass is not None:
+            self._train_pass.close()
+            self._train_pass = None
 
     def _images(self, loader):
         for images, _ in loader:
@@ -119,7 +142,7 @@ class ContinualLearner:
                                seed=self.cfg.experiment.seed, task=task, aug_stream=int(which))
         t0 = time.perf_counter()
         sums, counts = covariance_sums(self.model, self.model.adapters,
-                                       self._images(self._loader(self.train_set, batches)),
+                                       self._images(self._train_loader(task).run(batches)),
                                        forward=self.model.features)
         collective.all_reduce_sum(sums + [counts])
         log_event(log, "covariance_pass", task=task, which=which.name.lower(), tokens=int(counts[0].item()),
@@ -136,21 +159,28 @@ class ContinualLearner:
         self.model.eval()
         n_heads = upto_task + 1
         counts = torch.zeros(3, n_heads, dtype=torch.float64, device=self.device)
-        for j in range(n_heads):
-            lo = self.benchmark.task_offset(j)
-            hi = lo + len(self.benchmark.tasks[j])
-            batches = pass_batches(self.benchmark.task_indices("test", j), self.cfg.data.eval_batch_size,
-                                   self.rank, self.world_size)
-            for images, labels in self._loader(self.test_set, batches):
-                if not len(labels):  # pass_batches gives no empty batch; never hand the model one anyway
-                    continue
-                images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
-                with self.precision.autocast():
-                    logits = self.model(images, num_heads=n_heads).float()
-                counts[0, j] += (logits.argmax(1) == labels).sum()
-                counts[1, j] += labels.numel()
-                counts[2, j] += (logits[:, lo:hi].argmax(1) == labels - lo).sum()
+        indices = [self.benchmark.task_indices("test", j) for j in range(n_heads)]
+        # Each task's test block staged once (and kept for later evaluations while the cache has room); one
+        # loader, whose processes start once, serves the passes over all of them.
+        blocks = [self.blocks.stage(self.test_set.source, worker_block(idx, self.rank, self.world_size))
+                  for idx in indices]
+        dataset = TaskDataset(BlockSet(blocks), self.test_set.preprocess, self.test_set.label_map)
+        with PassLoader(dataset, loader_workers=self.cfg.data.loader_workers,
+                        pin_memory=self.device.type == "cuda") as loader:
+            for j in range(n_heads):
+                lo = self.benchmark.task_offset(j)
+                hi = lo + len(self.benchmark.tasks[j])
+                batches = pass_batches(indices[j], self.cfg.data.eval_batch_size, self.rank, self.world_size)
+                for images, labels in loader.run(batches):
+                    if not len(labels):  # pass_batches gives no empty batch; never hand the model one anyway
+                        continue
+                    images = images.to(self.device, non_blocking=True)
+                    labels = labels.to(self.device, non_blocking=True)
+                    with self.precision.autocast():
+                        logits = self.model(images, num_heads=n_heads).float()
+                    counts[0, j] += (logits.argmax(1) == labels).sum()
+                    counts[1, j] += labels.numel()
+                    counts[2, j] += (logits[:, lo:hi].argmax(1) == labels - lo).sum()
         collective.all_reduce_sum([counts])
         c = counts.cpu().long().tolist()
         return c[0], c[1], c[2]
@@ -183,7 +213,7 @@ class ContinualLearner:
                                     self.rank, self.world_size)
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            for step, (images, labels) in enumerate(self._loader(self.train_set, batches)):
+            for step, (images, labels) in enumerate(self._train_loader(task).run(batches)):
                 self.hooks.on_step(self, task, epoch, step)
                 images = images.to(self.device, non_blocking=True)
                 targets = labels.to(self.device, non_blocking=True) - offset
@@ -229,13 +259,16 @@ class ContinualLearner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         covariance = lambda which: self.covariance(task, which)  # noqa: E731
-        head, progress = self._begin_task(task, covariance)
-        started = time.perf_counter() - progress.elapsed
-        head.requires_grad_(True)
-        self._train_task(task, head, progress, started)
-        head.requires_grad_(False)
-        info = dict(progress.info)
-        info.update(self.method.finish_task(self.model, task, covariance))
+        try:  # the task's training block is staged once and its loader processes serve every pass over it
+            head, progress = self._begin_task(task, covariance)
+            started = time.perf_counter() - progress.elapsed
+            head.requires_grad_(True)
+            self._train_task(task, head, progress, started)
+            head.requires_grad_(False)
+            info = dict(progress.info)
+            info.update(self.method.finish_task(self.model, task, covariance))
+        finally:
+            self._close_train_loader()
         correct, total, own = self.evaluate(task)
         self.record.add_row(correct, total)
         self.own_head_record.add_row(own, total)
@@ -322,3 +355,16 @@ class ContinualLearner:
             self.method.set_task_trainable(self.model)
         if state.get("rng"):
             set_rng_state(state["rng"])
+
+
+class _DeviceLoader:
+    """A :class:`DevicePipeline` behind the ``run(batches)`` / ``close()`` of a :class:`PassLoader`."""
+
+    def __init__(self, pipeline: DevicePipeline):
+        self.pipeline = pipeline
+
+    def run(self, batches):
+        return self.pipeline.loader(batches)
+
+    def close(self) -> None:
+        self.pipeline = None
