@@ -81,3 +81,34 @@ def test_sd_lora_task_0_is_plain_lora_and_old_directions_stay_fixed():
         # ... its magnitudes were learned, and task 1 was stored as a second component
         assert not torch.equal(c.magnitude[0], b["magnitude"][0])
         assert c.count == 2 and torch.count_nonzero(c.dir_B_v[:, r:2 * r])
+
+
+def test_train_step_adds_the_auxiliary_loss_before_dividing_by_the_global_batch():
+    import torch.nn.functional as F
+    from torch import nn
+
+    from inflora_ray.training.step import train_step
+
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x), (self.lin.weight ** 2).sum() * len(x)  # a per-sample term, summed
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 4, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    model = WithAux()
+    ref = WithAux()
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss = train_step(model, x, y, 8, opt, scaler, lambda: torch.autocast("cpu", enabled=False))
+    logits, aux = ref(x)
+    expected = F.cross_entropy(logits, y, reduction="sum") + aux
+    (expected / 8).backward()
+    assert torch.allclose(loss, expected.detach())
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.allclose(p, q - 0.1 * q.grad, atol=1e-6)
