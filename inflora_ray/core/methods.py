@@ -280,6 +280,9 @@ class SDLoRA(SeqLoRA):
     def load_state_dict(self, state: dict, model: ContinualViT) -> None:
         super().load_state_dict(state, model)
         self.num_components = int(state["components"])
+        if not 0 <= self.num_components <= self.num_tasks:
+            raise ValueError(f"checkpoint: sd-lora has {self.num_components} stored tasks, the run has "
+                             f"{self.num_tasks} tasks")
         for c in self.components(model):
             c.count = self.num_components
 
