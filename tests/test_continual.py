@@ -65,7 +65,7 @@ def test_run_is_deterministic_and_complete():
         assert torch.equal(la.weight, lb.weight)
 
 
-@pytest.mark.parametrize("method", ["inflora", "seq-lora", "linear-probe"])
+@pytest.mark.parametrize("method", ["inflora", "seq-lora", "linear-probe", "joint", "sd-lora"])
 def test_resume_mid_task_equals_uninterrupted(method):
     cfg = _cfg(**{"data.num_tasks": 3, "train.epochs": 2, "method.name": method})
     full = ContinualLearner(cfg)
