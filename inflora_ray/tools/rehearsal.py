@@ -1,0 +1,419 @@
+"""The processes of a cluster rehearsal on one machine, all on loopback: a multi-node Ray cluster (``ray start``
+head and worker nodes, token authentication), an S3-compatible object store (moto's server) and an MLflow
+tracking server (SQLite, artifacts in the store).
+
+Every process is started in its own session and stopped by its pid (and the pids it started, each checked
+against its start time so a reused pid is never signalled): nothing else on the machine is touched, unlike
+``ray stop``. Used by ``python -m inflora_ray.rehearse`` and by ``tests/test_cluster_rehearsal.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+LOOPBACK = "127.0.0.1"
+BUCKET = "rehearsal"
+# moto accepts any credentials; these are what the rehearsal exports, like a MinIO root user.
+ACCESS_KEY, SECRET_KEY, REGION = "rehearsal", "rehearsal-secret", "us-east-1"
+
+
+class RehearsalError(RuntimeError):
+    """A rehearsal process did not come up; the message names it and the tail of its log."""
+
+
+# ----------------------------------------------------------------------------------------- processes
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on loopback right now."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((LOOPBACK, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def port_open(port: int) -> bool:
+    """True if something accepts connections on loopback ``port``."""
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((LOOPBACK, port)) == 0
+
+
+def proc_stat(pid: int) -> Optional[tuple[int, int]]:
+    """(parent pid, start time) of a live process, from /proc; None if gone or a zombie."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def descendants(root: int) -> dict[int, int]:
+    """Live descendants of ``root``: pid -> start time."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = proc_stat(int(entry.name))
+            if st is not None:
+                children.setdefault(st[0], []).append((int(entry.name), st[1]))
+    out, todo = {}, [root]
+    while todo:
+        for pid, start in children.get(todo.pop(), []):
+            if pid not in out:
+                out[pid] = start
+                todo.append(pid)
+    return out
+
+
+def alive(procs: dict[int, int]) -> list[int]:
+    """The pids of ``procs`` (pid -> start time) still running as the same process."""
+    return [pid for pid, start in procs.items() if (st := proc_stat(pid)) is not None and st[1] == start]
+
+
+def kill_all(procs: dict[int, int]) -> list[int]:
+    """SIGKILL each process of ``procs`` still alive (same start time); returns the pids signalled."""
+    left = alive(procs)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+@dataclass
+class Service:
+    """One started process (in its own session), its log and what it started."""
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    ports: list[int] = field(default_factory=list)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def fail(self, why: str) -> RehearsalError:
+        return RehearsalError(f"{self.name}: {why} (log: {self.log})\n{self.log_tail()}")
+
+    def wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll ``ready`` until true; fail fast if the process exits, or after ``timeout`` seconds."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise self.fail(f"exited with code {self.proc.returncode} before {what}")
+            try:
+                if ready():
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise self.fail(f"no {what} after {timeout:.0f} s")
+
+    def stop(self, grace: float = 30, hard: bool = False) -> list[int]:
+        """SIGTERM (or, ``hard``, SIGKILL to the whole process group at once, like a machine that vanishes),
+        then SIGKILL to whatever it started that is still alive. Returns the pids that had to be killed."""
+        procs = descendants(self.proc.pid)
+        if hard:
+            procs[self.proc.pid] = proc_stat(self.proc.pid)[1] if proc_stat(self.proc.pid) else 0
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            killed = kill_all(procs)
+            self.proc.wait(timeout=30)
+            return killed
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        deadline = time.time() + 15
+        while time.time() < deadline and alive(procs):
+            time.sleep(0.5)
+        return kill_all(procs)
+
+
+def _start(name: str, cmd: list[str], env: dict, log: Path, cwd: Optional[Path] = None,
+           ports: Optional[list[int]] = None) -> Service:
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, cwd=cwd)
+    return Service(name, proc, log, ports or [])
+
+
+def _http_ok(url: str, token: Optional[str] = None) -> bool:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status == 200
+    except (OSError, urllib.error.HTTPError):
+        return False
+
+
+def _tool(name: str) -> str:
+    """A command installed next to this Python (the virtual environment's bin), else on PATH."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if found is None:
+        raise RehearsalError(f"`{name}` not found next to {sys.executable} or on PATH; install the test extra: "
+                             "pip install -e '.[test]'")
+    return found
+
+
+# ----------------------------------------------------------------------------------------- Ray
+class RayCluster:
+    """A Ray cluster of ``ray start --block`` nodes on loopback with token authentication: a head (by default
+    with 0 CPUs, like a CPU head that schedules no training) and worker nodes that can be added and removed.
+
+    Each worker node carries a custom resource ``rehearsal_node_<k>`` (k = 1, 2, ...) naming it in Ray's state.
+    """
+
+    def __init__(self, root: Path, env: dict, head_cpus: float = 0, object_store_mb: int = 200):
+        self.root = root
+        self.ray = _tool("ray")
+        self.token_file = root / "auth_token"
+        self.token_file.write_text(secrets.token_hex(32))
+        self.token_file.chmod(0o600)
+        self.object_store = object_store_mb * 1024 * 1024
+        base = {k: v for k, v in env.items() if not k.startswith("RAY_") or k == "RAY_USAGE_STATS_ENABLED"}
+        # Both sides of token authentication read these: the cluster's processes and the CLI / SDK clients.
+        base.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_file), RAY_USAGE_STATS_ENABLED="0")
+        self.client_env = dict(base)
+        # Entrypoints of `ray job submit` run with the cluster's PATH: this environment's bin first, as an
+        # activated virtual environment has it, so `python` in a job is this interpreter.
+        bin_dir = str(Path(sys.executable).parent)
+        base["PATH"] = f"{bin_dir}{os.pathsep}{base.get('PATH', '')}"
+        if sys.prefix != sys.base_prefix:
+            base["VIRTUAL_ENV"] = sys.prefix
+        base["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # on SIGTERM: stop now, not after a drain
+        self.node_env = base
+        self.gcs_port, self.dash_port, *head_ports = free_ports(7)
+        self.address = f"http://{LOOPBACK}:{self.dash_port}"
+        self.gcs_address = f"{LOOPBACK}:{self.gcs_port}"
+        self.head = _start("ray head", [
+            self.ray, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={self.gcs_port}",
+            f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dash_port}", "--include-dashboard=true",
+            *self._node_ports(head_ports[:5]), f"--num-cpus={head_cpus:g}", "--num-gpus=0",
+            f"--object-store-memory={self.object_store}", f"--temp-dir={root / 'ray'}", "--disable-usage-stats",
+        ], self.node_env, root / "ray-head.log", ports=[self.gcs_port, self.dash_port])
+        self.workers: dict[int, Service] = {}
+        self._next = 1
+
+    @staticmethod
+    def _node_ports(ports: list[int]) -> list[str]:
+        agent, agent_grpc, env_agent, metrics, *rest = ports
+        return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+                *(f"--node-manager-port={p}" for p in rest)]
+
+    @property
+    def token(self) -> str:
+        return self.token_file.read_text()
+
+    def wait_head(self, timeout: float = 150) -> None:
+        """Until the head's job API answers (with the token)."""
+        self.head.wait(lambda: _http_ok(f"{self.address}/api/jobs/", self.token), timeout, "job API answer")
+
+    def nodes(self) -> list[dict]:
+        """Ray's state API: every node, with ``node_id``, ``state`` (ALIVE / DEAD), ``resources_total``."""
+        req = urllib.request.Request(f"{self.address}/api/v0/nodes?detail=1&limit=1000",
+                                     headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())["data"]["result"]["result"]
+
+    def node_id(self, k: int) -> Optional[str]:
+        """The Ray node id of worker node ``k`` while it is alive."""
+        for n in self.nodes():
+            if n["state"] == "ALIVE" and f"rehearsal_node_{k}" in n.get("resources_total", {}):
+                return n["node_id"]
+        return None
+
+    def worker_of(self, node_id: str) -> Optional[int]:
+        """Which worker node ``k`` a Ray node id is (None: the head or unknown)."""
+        for n in self.nodes():
+            if n["node_id"] == node_id:
+                names = [r for r in n.get("resources_total", {}) if r.startswith("rehearsal_node_")]
+                return int(names[0].rsplit("_", 1)[1]) if names else None
+        return None
+
+    def add_node(self, num_cpus: float = 1, timeout: float = 120) -> int:
+        """Start worker node ``k`` (``ray start --address ... --block``) and wait until Ray sees it alive."""
+        k = self.start_node(num_cpus)
+        self.wait_node(k, timeout)
+        return k
+
+    def wait_node(self, k: int, timeout: float = 120) -> None:
+        """Until worker node ``k`` is alive in Ray's state."""
+        self.workers[k].wait(lambda: self.node_id(k) is not None, timeout, "node registered with the head")
+
+    def start_node(self, num_cpus: float = 1) -> int:
+        """Start worker node ``k`` without waiting for it; returns ``k``."""
+        k, self._next = self._next, self._next + 1
+        ports = free_ports(6)
+        svc = _start(f"ray worker node {k}", [
+            self.ray, "start", f"--address={self.gcs_address}", "--block", f"--node-ip-address={LOOPBACK}",
+            *self._node_ports(ports), f"--num-cpus={num_cpus:g}", "--num-gpus=0",
+            f"--resources={json.dumps({f'rehearsal_node_{k}': 1})}", f"--object-store-memory={self.object_store}",
+            "--disable-usage-stats",
+        ], self.node_env, self.root / f"ray-node-{k}.log")
+        self.workers[k] = svc
+        return k
+
+    def remove_node(self, k: int) -> list[int]:
+        """Remove worker node ``k`` as a preempted machine goes: SIGKILL to its raylet, its workers and every
+        other process it started, at once, with no drain."""
+        return self.workers.pop(k).stop(hard=True)
+
+    def wait_node_dead(self, node_id: str, timeout: float = 60) -> None:
+        """Until Ray's state reports ``node_id`` DEAD."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(n["node_id"] == node_id and n["state"] == "DEAD" for n in self.nodes()):
+                return
+            time.sleep(1)
+        raise RehearsalError(f"node {node_id} still alive {timeout:.0f} s after its processes were killed")
+
+    def cli(self, *args: str, timeout: float = 120, cwd: Optional[Path] = None,
+            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+        """Run ``ray ARGS`` as a client of this cluster (its address is not implied: pass ``--address``)."""
+        return subprocess.run([self.ray, *args], env=env or self.client_env, capture_output=True, text=True,
+                              timeout=timeout, cwd=cwd)
+
+    def stop(self) -> list[int]:
+        """Stop the worker nodes, then the head; returns pids that outlived their ``ray start`` and were killed."""
+        left = []
+        for k in list(self.workers):
+            left += self.workers.pop(k).stop()
+        return left + self.head.stop()
+
+
+# ----------------------------------------------------------------------------------------- object store
+def s3_env(endpoint: str) -> dict[str, str]:
+    """The variables every S3 client (pyarrow through :mod:`inflora_ray.storage`, boto3, MLflow, the AWS CLI)
+    reads to reach an S3-compatible store."""
+    return {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def start_object_store(root: Path, env: dict) -> tuple[Service, str]:
+    """moto's S3 server on a free loopback port; returns it and its endpoint URL."""
+    (port,) = free_ports(1)
+    svc = _start("object store (moto_server)", [_tool("moto_server"), "-H", LOOPBACK, "-p", str(port)], env,
+                 root / "object-store.log", ports=[port])
+    endpoint = f"http://{LOOPBACK}:{port}"
+    svc.wait(lambda: port_open(port), 60, "listening port")
+    return svc, endpoint
+
+
+def create_bucket(endpoint: str, bucket: str) -> None:
+    """Create ``bucket`` through pyarrow's S3 filesystem (the client the runs use)."""
+    import pyarrow.fs as pafs
+
+    host = endpoint.split("://", 1)[1]
+    pafs.S3FileSystem(endpoint_override=host, scheme="http", region=REGION, access_key=ACCESS_KEY,
+                      secret_key=SECRET_KEY, allow_bucket_creation=True).create_dir(bucket)
+
+
+# ----------------------------------------------------------------------------------------- MLflow
+def start_mlflow(root: Path, env: dict, artifacts: str) -> tuple[Service, str]:
+    """``mlflow server`` on a free loopback port, runs in SQLite, artifacts proxied to ``artifacts``; not yet
+    waited for (:func:`wait_mlflow`)."""
+    (port,) = free_ports(1)
+    svc = _start("MLflow server", [
+        _tool("mlflow"), "server", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", artifacts,
+    ], env, root / "mlflow.log", cwd=root, ports=[port])
+    return svc, f"http://{LOOPBACK}:{port}"
+
+
+def wait_mlflow(svc: Service, uri: str, timeout: float = 180) -> None:
+    """Until the MLflow server answers on /health."""
+    svc.wait(lambda: _http_ok(f"{uri}/health"), timeout, "answer on /health")
+
+
+# ----------------------------------------------------------------------------------------- all of it
+class Rehearsal:
+    """Everything a cluster user has, on loopback: object store + bucket, MLflow server, Ray head + workers.
+
+    ``env()`` gives the variables a client exports (``RAY_ADDRESS`` for ``ray job submit``, token, S3 and
+    MLflow); the cluster's nodes have the same S3 and MLflow settings in their environment, as nodes of a real
+    cluster have credentials and the tracking URI. ``stop()`` stops exactly what was started.
+    """
+
+    def __init__(self, workers: int = 2, cpus_per_node: float = 1, head_cpus: float = 0,
+                 root: Optional[Path] = None, bucket: str = BUCKET):
+        # Short: Ray puts unix sockets under its temp dir (108-byte limit on their paths).
+        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.bucket = bucket
+        self.cpus_per_node = cpus_per_node
+        self.services: list[Service] = []
+        self.cluster: Optional[RayCluster] = None
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+        try:
+            store, self.s3_endpoint = start_object_store(self.root, base)
+            self.services.append(store)
+            create_bucket(self.s3_endpoint, bucket)
+            base.update(s3_env(self.s3_endpoint))
+            mlflow_svc, self.tracking_uri = start_mlflow(self.root, base, f"s3://{bucket}/mlflow")
+            self.services.append(mlflow_svc)
+            base["MLFLOW_TRACKING_URI"] = self.tracking_uri
+            # The MLflow server and the Ray nodes come up side by side.
+            self.cluster = RayCluster(self.root, base, head_cpus=head_cpus)
+            self.cluster.wait_head()
+            for k in [self.cluster.start_node(cpus_per_node) for _ in range(workers)]:
+                self.cluster.wait_node(k)
+            wait_mlflow(mlflow_svc, self.tracking_uri)
+        except BaseException:
+            self.stop()
+            raise
+
+    def env(self) -> dict[str, str]:
+        """What a client exports to use the rehearsal (``ray job submit``, the S3 and MLflow clients)."""
+        c = self.cluster
+        return {"RAY_ADDRESS": c.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(c.token_file),
+                **s3_env(self.s3_endpoint), "MLFLOW_TRACKING_URI": self.tracking_uri}
+
+    def client_env(self) -> dict[str, str]:
+        """This process's environment with :meth:`env` applied (and no other Ray, AWS or MLflow settings)."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
+        return {**base, "RAY_USAGE_STATS_ENABLED": "0", **self.env()}
+
+    def uri(self, *parts: str) -> str:
+        """``s3://<bucket>/<parts...>``."""
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def stop(self) -> list[int]:
+        """Stop the Ray nodes, the MLflow server and the store; remove the rehearsal's folder. Returns pids
+        that had to be killed after their parent stopped."""
+        left = self.cluster.stop() if self.cluster is not None else []
+        self.cluster = None
+        for svc in reversed(self.services):
+            left += svc.stop(grace=15)
+        self.services = []
+        shutil.rmtree(self.root, ignore_errors=True)
+        return left
