@@ -60,11 +60,15 @@ def ray_working_dir() -> Optional[str]:
 
 
 def code_identity() -> dict:
-    """``git_commit`` (None without a checkout), ``code_sha256`` (:func:`code_hash`), ``package_version`` and
-    ``ray_working_dir`` (None outside ``ray job submit``)."""
+    """``git_commit`` (None without a checkout), ``code_sha256`` (:func:`code_hash`; None if the package's
+    files could not be read), ``package_version`` and ``ray_working_dir`` (None outside ``ray job submit``)."""
     from . import __version__
 
-    return {"git_commit": git_commit(), "code_sha256": code_hash(), "package_version": __version__,
+    try:
+        digest: Optional[str] = code_hash()
+    except OSError:  # recorded best effort: a run is never stopped over its provenance
+        digest = None
+    return {"git_commit": git_commit(), "code_sha256": digest, "package_version": __version__,
             "ray_working_dir": ray_working_dir()}
 
 

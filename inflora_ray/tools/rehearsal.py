@@ -240,10 +240,7 @@ class RayCluster:
 
     def nodes(self) -> list[dict]:
         """Ray's state API: every node, with ``node_id``, ``state`` (ALIVE / DEAD), ``resources_total``."""
-        req = urllib.request.Request(f"{self.address}/api/v0/nodes?detail=1&limit=1000",
-                                     headers={"Authorization": f"Bearer {self.token}"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read())["data"]["result"]["result"]
+        return self._get("/api/v0/nodes?detail=1&limit=1000")["data"]["result"]["result"]
 
     def node_id(self, k: int) -> Optional[str]:
         """The Ray node id of worker node ``k`` while it is alive."""
@@ -260,11 +257,20 @@ class RayCluster:
                 return int(names[0].rsplit("_", 1)[1]) if names else None
         return None
 
-    def add_node(self, num_cpus: float = 1, timeout: float = 120) -> int:
-        """Start worker node ``k`` (``ray start --address ... --block``) and wait until Ray sees it alive."""
-        k = self.start_node(num_cpus)
-        self.wait_node(k, timeout)
-        return k
+    def add_node(self, num_cpus: float = 1, timeout: float = 120, attempts: int = 2) -> int:
+        """Start a worker node (``ray start --address ... --block``) and wait until Ray sees it alive; returns
+        its number ``k``. ``ray start`` gives a raylet 30 s to register, which a loaded machine can miss: a
+        node that exits before registering is started again, up to ``attempts`` times in all."""
+        for attempt in range(attempts):
+            k = self.start_node(num_cpus)
+            try:
+                self.wait_node(k, timeout)
+                return k
+            except RehearsalError:
+                if self.workers[k].proc.poll() is None or attempt == attempts - 1:
+                    raise
+                self.workers.pop(k).stop()
+        raise AssertionError("unreachable")
 
     def wait_node(self, k: int, timeout: float = 120) -> None:
         """Until worker node ``k`` is alive in Ray's state."""
@@ -302,6 +308,47 @@ class RayCluster:
         """Run ``ray ARGS`` as a client of this cluster (its address is not implied: pass ``--address``)."""
         return subprocess.run([self.ray, *args], env=env or self.client_env, capture_output=True, text=True,
                               timeout=timeout, cwd=cwd)
+
+    def _get(self, path: str):
+        req = urllib.request.Request(f"{self.address}{path}", headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def submit(self, submission_id: str, entrypoint: list[str], working_dir: Optional[Path] = None,
+               excludes: tuple[str, ...] = (), env_vars: Optional[dict] = None) -> None:
+        """``ray job submit --no-wait`` of ``entrypoint``, with ``working_dir`` uploaded (minus ``excludes``)."""
+        runtime_env = {"excludes": list(excludes), "env_vars": dict(env_vars or {})} if working_dir else \
+            {"env_vars": dict(env_vars or {})}
+        wd = [f"--working-dir={working_dir}"] if working_dir else []
+        r = self.cli("job", "submit", f"--address={self.address}", f"--submission-id={submission_id}", *wd,
+                     f"--runtime-env-json={json.dumps(runtime_env)}", "--no-wait", "--", *entrypoint, cwd=working_dir)
+        if r.returncode != 0:
+            raise RehearsalError(f"ray job submit {submission_id} failed:\n{r.stdout}\n{r.stderr}")
+
+    def job(self, submission_id: str) -> dict:
+        """The job's record from the job API (``status``, ``job_id``, ``runtime_env``, ...)."""
+        return self._get(f"/api/jobs/{submission_id}")
+
+    def wait_job(self, submission_id: str, timeout: float) -> str:
+        """Until the job ends; its final status (SUCCEEDED, FAILED, STOPPED). Stops it after ``timeout``."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = self.job(submission_id)["status"]
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status
+            time.sleep(1)
+        self.cli("job", "stop", f"--address={self.address}", submission_id)
+        raise RehearsalError(f"job {submission_id} did not finish in {timeout:.0f} s:\n"
+                             f"{self.job_logs(submission_id)[-4000:]}")
+
+    def job_logs(self, submission_id: str) -> str:
+        """The job driver's output."""
+        return self._get(f"/api/jobs/{submission_id}/logs")["logs"]
+
+    def actors(self, job_id: str, class_name: str) -> list[dict]:
+        """Ray's state API: the actors of class ``class_name`` of Ray job ``job_id``, dead or alive."""
+        rows = self._get("/api/v0/actors?detail=1&limit=10000")["data"]["result"]["result"]
+        return [a for a in rows if a.get("job_id") == job_id and a.get("class_name") == class_name]
 
     def stop(self) -> list[int]:
         """Stop the worker nodes, then the head; returns pids that outlived their ``ray start`` and were killed."""
@@ -385,8 +432,8 @@ class Rehearsal:
             # The MLflow server and the Ray nodes come up side by side.
             self.cluster = RayCluster(self.root, base, head_cpus=head_cpus)
             self.cluster.wait_head()
-            for k in [self.cluster.start_node(cpus_per_node) for _ in range(workers)]:
-                self.cluster.wait_node(k)
+            for _ in range(workers):
+                self.cluster.add_node(cpus_per_node)
             wait_mlflow(mlflow_svc, self.tracking_uri)
         except BaseException:
             self.stop()
