@@ -108,6 +108,8 @@ def reference(rehearsal, shards):
     # Without a working dir (the package from PYTHONPATH, as from an image): two jobs that share one
     # working-dir package while one of them ends can lose its files (Ray removes the package).
     rehearsal.cluster.submit("bad-config", bad, env_vars={"PYTHONPATH": str(REPO)})
+    _submit(rehearsal, "python", ["python", "-c", "import sys, inflora_ray; print('prefix=' + sys.prefix); "
+                                  "print('package=' + inflora_ray.__file__)"])
     sid = _submit(rehearsal, "ref", _run_cmd(rehearsal, shards, "ref"))
     return {"sid": sid, "logs": _finish(rehearsal, sid), "job": rehearsal.cluster.job(sid)}
 
@@ -217,6 +219,13 @@ def test_bad_config_job_fails_with_the_message_and_writes_nothing(rehearsal, ref
     logs = rehearsal.cluster.job_logs(sid)
     assert "error: method.rank: must be >= 1" in logs, logs[-3000:]
     assert storage.list_names(rehearsal.uri("bad")) == []
+
+
+def test_job_python_is_this_environment_and_the_package_comes_from_the_working_dir(rehearsal, reference):
+    logs = _finish(rehearsal, "python", timeout=60)
+    assert f"prefix={sys.prefix}\n" in logs, logs
+    package = re.search(r"^package=(.*)$", logs, re.M).group(1)
+    assert "working_dir_files" in package and str(rehearsal.root) in package, package
 
 
 # ------------------------------------------------------------------------------------------------ sweep

@@ -12,176 +12,22 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-LOOPBACK = "127.0.0.1"
+from .processes import LOOPBACK, RehearsalError, Service, free_ports, http_ok, port_open, start, tool
+
 BUCKET = "rehearsal"
 # moto accepts any credentials; these are what the rehearsal exports, like a MinIO root user.
 ACCESS_KEY, SECRET_KEY, REGION = "rehearsal", "rehearsal-secret", "us-east-1"
 
-
-class RehearsalError(RuntimeError):
-    """A rehearsal process did not come up; the message names it and the tail of its log."""
-
-
-# ----------------------------------------------------------------------------------------- processes
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports free on loopback right now."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((LOOPBACK, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def port_open(port: int) -> bool:
-    """True if something accepts connections on loopback ``port``."""
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex((LOOPBACK, port)) == 0
-
-
-def proc_stat(pid: int) -> Optional[tuple[int, int]]:
-    """(parent pid, start time) of a live process, from /proc; None if gone or a zombie."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[1]), int(fields[19])
-
-
-def descendants(root: int) -> dict[int, int]:
-    """Live descendants of ``root``: pid -> start time."""
-    children: dict[int, list[tuple[int, int]]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            st = proc_stat(int(entry.name))
-            if st is not None:
-                children.setdefault(st[0], []).append((int(entry.name), st[1]))
-    out, todo = {}, [root]
-    while todo:
-        for pid, start in children.get(todo.pop(), []):
-            if pid not in out:
-                out[pid] = start
-                todo.append(pid)
-    return out
-
-
-def alive(procs: dict[int, int]) -> list[int]:
-    """The pids of ``procs`` (pid -> start time) still running as the same process."""
-    return [pid for pid, start in procs.items() if (st := proc_stat(pid)) is not None and st[1] == start]
-
-
-def kill_all(procs: dict[int, int]) -> list[int]:
-    """SIGKILL each process of ``procs`` still alive (same start time); returns the pids signalled."""
-    left = alive(procs)
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return left
-
-
-@dataclass
-class Service:
-    """One started process (in its own session), its log and what it started."""
-    name: str
-    proc: subprocess.Popen
-    log: Path
-    ports: list[int] = field(default_factory=list)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def fail(self, why: str) -> RehearsalError:
-        return RehearsalError(f"{self.name}: {why} (log: {self.log})\n{self.log_tail()}")
-
-    def wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
-        """Poll ``ready`` until true; fail fast if the process exits, or after ``timeout`` seconds."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise self.fail(f"exited with code {self.proc.returncode} before {what}")
-            try:
-                if ready():
-                    return
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.5)
-        raise self.fail(f"no {what} after {timeout:.0f} s")
-
-    def stop(self, grace: float = 30, hard: bool = False) -> list[int]:
-        """SIGTERM (or, ``hard``, SIGKILL to the whole process group at once, like a machine that vanishes),
-        then SIGKILL to whatever it started that is still alive. Returns the pids that had to be killed."""
-        procs = descendants(self.proc.pid)
-        if hard:
-            procs[self.proc.pid] = proc_stat(self.proc.pid)[1] if proc_stat(self.proc.pid) else 0
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            killed = kill_all(procs)
-            self.proc.wait(timeout=30)
-            return killed
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        deadline = time.time() + 15
-        while time.time() < deadline and alive(procs):
-            time.sleep(0.5)
-        return kill_all(procs)
-
-
-def _start(name: str, cmd: list[str], env: dict, log: Path, cwd: Optional[Path] = None,
-           ports: Optional[list[int]] = None) -> Service:
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, cwd=cwd)
-    return Service(name, proc, log, ports or [])
-
-
-def _http_ok(url: str, token: Optional[str] = None) -> bool:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status == 200
-    except (OSError, urllib.error.HTTPError):
-        return False
-
-
-def _tool(name: str) -> str:
-    """A command installed next to this Python (the virtual environment's bin), else on PATH."""
-    here = Path(sys.executable).parent / name
-    found = str(here) if here.exists() else shutil.which(name)
-    if found is None:
-        raise RehearsalError(f"`{name}` not found next to {sys.executable} or on PATH; install the test extra: "
-                             "pip install -e '.[test]'")
-    return found
+__all__ = ["BUCKET", "RayCluster", "Rehearsal", "RehearsalError", "port_open"]
 
 
 # ----------------------------------------------------------------------------------------- Ray
@@ -194,7 +40,7 @@ class RayCluster:
 
     def __init__(self, root: Path, env: dict, head_cpus: float = 0, object_store_mb: int = 200):
         self.root = root
-        self.ray = _tool("ray")
+        self.ray = tool("ray")
         self.token_file = root / "auth_token"
         self.token_file.write_text(secrets.token_hex(32))
         self.token_file.chmod(0o600)
@@ -214,7 +60,7 @@ class RayCluster:
         self.gcs_port, self.dash_port, *head_ports = free_ports(7)
         self.address = f"http://{LOOPBACK}:{self.dash_port}"
         self.gcs_address = f"{LOOPBACK}:{self.gcs_port}"
-        self.head = _start("ray head", [
+        self.head = start("ray head", [
             self.ray, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={self.gcs_port}",
             f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dash_port}", "--include-dashboard=true",
             *self._node_ports(head_ports[:5]), f"--num-cpus={head_cpus:g}", "--num-gpus=0",
@@ -236,7 +82,7 @@ class RayCluster:
 
     def wait_head(self, timeout: float = 150) -> None:
         """Until the head's job API answers (with the token)."""
-        self.head.wait(lambda: _http_ok(f"{self.address}/api/jobs/", self.token), timeout, "job API answer")
+        self.head.wait(lambda: http_ok(f"{self.address}/api/jobs/", self.token), timeout, "job API answer")
 
     def nodes(self) -> list[dict]:
         """Ray's state API: every node, with ``node_id``, ``state`` (ALIVE / DEAD), ``resources_total``."""
@@ -280,11 +126,13 @@ class RayCluster:
         """Start worker node ``k`` without waiting for it; returns ``k``."""
         k, self._next = self._next, self._next + 1
         ports = free_ports(6)
-        svc = _start(f"ray worker node {k}", [
+        svc = start(f"ray worker node {k}", [
             self.ray, "start", f"--address={self.gcs_address}", "--block", f"--node-ip-address={LOOPBACK}",
             *self._node_ports(ports), f"--num-cpus={num_cpus:g}", "--num-gpus=0",
             f"--resources={json.dumps({f'rehearsal_node_{k}': 1})}", f"--object-store-memory={self.object_store}",
-            "--disable-usage-stats",
+            # A temp dir of its own, as on a separate machine: nodes sharing one would unpack each job's
+            # working-dir package into the same folder and remove it under each other's running jobs.
+            f"--temp-dir={self.root / f'n{k}'}", "--disable-usage-stats",
         ], self.node_env, self.root / f"ray-node-{k}.log")
         self.workers[k] = svc
         return k
@@ -369,7 +217,7 @@ def s3_env(endpoint: str) -> dict[str, str]:
 def start_object_store(root: Path, env: dict) -> tuple[Service, str]:
     """moto's S3 server on a free loopback port; returns it and its endpoint URL."""
     (port,) = free_ports(1)
-    svc = _start("object store (moto_server)", [_tool("moto_server"), "-H", LOOPBACK, "-p", str(port)], env,
+    svc = start("object store (moto_server)", [tool("moto_server"), "-H", LOOPBACK, "-p", str(port)], env,
                  root / "object-store.log", ports=[port])
     endpoint = f"http://{LOOPBACK}:{port}"
     svc.wait(lambda: port_open(port), 60, "listening port")
@@ -390,8 +238,8 @@ def start_mlflow(root: Path, env: dict, artifacts: str) -> tuple[Service, str]:
     """``mlflow server`` on a free loopback port, runs in SQLite, artifacts proxied to ``artifacts``; not yet
     waited for (:func:`wait_mlflow`)."""
     (port,) = free_ports(1)
-    svc = _start("MLflow server", [
-        _tool("mlflow"), "server", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
+    svc = start("MLflow server", [
+        tool("mlflow"), "server", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", artifacts,
     ], env, root / "mlflow.log", cwd=root, ports=[port])
     return svc, f"http://{LOOPBACK}:{port}"
@@ -399,7 +247,7 @@ def start_mlflow(root: Path, env: dict, artifacts: str) -> tuple[Service, str]:
 
 def wait_mlflow(svc: Service, uri: str, timeout: float = 180) -> None:
     """Until the MLflow server answers on /health."""
-    svc.wait(lambda: _http_ok(f"{uri}/health"), timeout, "answer on /health")
+    svc.wait(lambda: http_ok(f"{uri}/health"), timeout, "answer on /health")
 
 
 # ----------------------------------------------------------------------------------------- all of it
