@@ -179,10 +179,12 @@ def test_two_worker_job_on_two_nodes_with_s3_storage_and_mlflow_server(rehearsal
     assert any(p.endswith("accuracy_matrix.csv") for p in objects), objects
 
 
-def test_node_removed_mid_task_and_replaced_gives_the_same_accuracy_matrix(rehearsal, shards, reference):
+def test_node_removed_mid_task_replaced_then_resumed_from_s3_gives_the_same_matrix(rehearsal, shards, reference):
+    """One run for two rehearsals (the suite's time): a node lost mid-task, then a stop and a --resume."""
     cluster = rehearsal.cluster
-    # Rank 0 waits at the first step of task 1 (after task 0's checkpoint) until its node is removed.
-    sid = _submit(rehearsal, "preempted", _run_cmd(rehearsal, shards, "preempted"),
+    # Rank 0 waits at the first step of task 1 (after task 0's checkpoint) until its node is removed; the
+    # run stops after task 1, to be resumed.
+    sid = _submit(rehearsal, "preempted", _run_cmd(rehearsal, shards, "preempted", "--stop-after-task", "1"),
                   {"INFLORA_RAY_FAULT": "task=1,epoch=0,step=0,rank=0,mode=hold"})
     run = RunDir(rehearsal.uri("runs", "preempted"))
     deadline = time.time() + 180
@@ -195,22 +197,16 @@ def test_node_removed_mid_task_and_replaced_gives_the_same_accuracy_matrix(rehea
     assert k in cluster.workers, f"rank 0 is on node {where['node_id']}, not a worker node"
     assert storage.exists(run.task_result(0)) and not storage.exists(run.task_result(1))
     cluster.remove_node(k)  # preempted: its raylet, the worker and every process of the node, at once
-    cluster.wait_node_dead(where["node_id"])
     replacement = cluster.add_node(1)  # what an autoscaler does next
-    logs = _finish(rehearsal, sid)
-    assert _matrix(rehearsal, "preempted") == _matrix(rehearsal, "ref"), logs[-4000:]
+    cluster.wait_node_dead(where["node_id"])
+    _finish(rehearsal, sid)
     nodes = {cluster.worker_of(a["node_id"]) for a in cluster.actors(cluster.job(sid)["job_id"], "RayTrainWorker")}
     assert replacement in nodes and k in nodes, nodes  # the restarted group used the new node
+    assert storage.exists(run.task_result(1)) and not storage.exists(run.task_result(2))
 
-
-def test_stopped_run_resumes_from_s3_to_the_same_matrix(rehearsal, shards, reference):
-    sid = _submit(rehearsal, "stopped", _run_cmd(rehearsal, shards, "halves", "--stop-after-task", "0"))
-    _finish(rehearsal, sid)
-    run = RunDir(rehearsal.uri("runs", "halves"))
-    assert storage.exists(run.task_result(0)) and not storage.exists(run.task_result(1))
-    entry = [*RUN, f"data.shards={shards['uri']}", "--storage-path", rehearsal.uri("runs"), "--resume", "halves"]
+    entry = [*RUN, f"data.shards={shards['uri']}", "--storage-path", rehearsal.uri("runs"), "--resume", "preempted"]
     logs = _finish(rehearsal, _submit(rehearsal, "resumed", entry))
-    assert _matrix(rehearsal, "halves") == _matrix(rehearsal, "ref"), logs[-4000:]
+    assert _matrix(rehearsal, "preempted") == _matrix(rehearsal, "ref"), logs[-4000:]
 
 
 def test_bad_config_job_fails_with_the_message_and_writes_nothing(rehearsal, reference):
@@ -237,12 +233,11 @@ def test_two_trial_sweep_on_the_cluster(rehearsal, shards, reference):
     # One worker per trial, 0.9 CPU: both trials fit the two 1-CPU nodes next to their trial drivers.
     entry = ["python", "-m", "inflora_ray.tune", "--config", "imagenet-r-5",
              *tiny_overrides(**{"data.num_tasks": 3, "data.batch_size": 4, "run.use_gpu": "false"}), f"data.shards={shards['uri']}",
-             "--space", str(space), "--search", "grid", "--scheduler", "fifo", "--num-workers", "1",
-             "--cpus-per-worker", "0.9", "--storage-path", rehearsal.uri("sweeps"), "--name", "rh-sweep"]
+             "run.cpus_per_worker=0.9", "--space", str(space), "--search", "grid", "--scheduler", "fifo",
+             "--num-workers", "1", "--storage-path", rehearsal.uri("sweeps"), "--name", "rh-sweep"]
     logs = _finish(rehearsal, _submit(rehearsal, "sweep", entry))
     outcomes = storage.read_json(storage.join(rehearsal.uri("sweeps", "rh-sweep"), "trial_outcomes.json"))
-    assert len(outcomes) == 2 and all(o.get("outcome", o) == "completed" for o in
-                                      (outcomes.values() if isinstance(outcomes, dict) else outcomes)), outcomes
+    assert len(outcomes) == 2 and all(o["outcome"] == "completed" for o in outcomes.values()), outcomes
     client = MlflowClient(tracking_uri=rehearsal.tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("sweep_id")]
