@@ -262,10 +262,10 @@ class Rehearsal:
     def __init__(self, workers: int = 2, cpus_per_node: float = 1, head_cpus: float = 0,
                  root: Optional[Path] = None, bucket: str = BUCKET):
         # Short: Ray puts unix sockets under its temp dir (108-byte limit on their paths).
+        self._made_root = root is None  # only a folder it made is removed at the end
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
         self.root.mkdir(parents=True, exist_ok=True)
         self.bucket = bucket
-        self.cpus_per_node = cpus_per_node
         self.services: list[Service] = []
         self.cluster: Optional[RayCluster] = None
         base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
@@ -303,12 +303,13 @@ class Rehearsal:
         return "/".join([f"s3://{self.bucket}", *parts])
 
     def stop(self) -> list[int]:
-        """Stop the Ray nodes, the MLflow server and the store; remove the rehearsal's folder. Returns pids
-        that had to be killed after their parent stopped."""
+        """Stop the Ray nodes, the MLflow server and the store; remove the rehearsal's folder if it made it.
+        Returns pids that had to be killed after their parent stopped."""
         left = self.cluster.stop() if self.cluster is not None else []
         self.cluster = None
         for svc in reversed(self.services):
             left += svc.stop(grace=15)
         self.services = []
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self._made_root:
+            shutil.rmtree(self.root, ignore_errors=True)
         return left
