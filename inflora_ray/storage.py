@@ -30,11 +30,45 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
 
 
+# The AWS SDKs' variables for an S3-compatible store (MinIO, Ceph, R2, a loopback server): boto3, the AWS CLI
+# and MLflow honour them, pyarrow's S3 filesystem does not, so s3:// paths get the endpoint from here.
+ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (None: AWS itself)."""
+    for var in ENDPOINT_VARS:
+        if os.environ.get(var, "").strip():
+            return os.environ[var].strip()
+    return None
+
+
+def _s3_with_endpoint(endpoint: str) -> pafs.S3FileSystem:
+    scheme, sep, host = endpoint.partition("://")
+    if not sep or scheme not in ("http", "https") or not host:
+        raise OSError(f"S3 endpoint {endpoint!r} (from {'/'.join(ENDPOINT_VARS)}): expected http(s)://host[:port]")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    # Path-style addressing (the default with an endpoint override): bucket names need no DNS entries.
+    return pafs.S3FileSystem(endpoint_override=host.rstrip("/"), scheme=scheme, region=region)
+
+
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem for ``path`` and the path inside it."""
+    """The pyarrow filesystem for ``path`` and the path inside it; ``s3://`` paths go to the endpoint in
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` when one is set."""
+    if path.startswith("s3://") and s3_endpoint() is not None:
+        return _s3_with_endpoint(s3_endpoint()), path[len("s3://"):].split("?", 1)[0]
     if is_uri(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), absolute(path)
+
+
+def ray_storage(path: str) -> tuple[str, pafs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for Ray's ``RunConfig``: an ``s3://`` path on a store given by
+    ``AWS_ENDPOINT_URL[_S3]`` becomes the path inside an S3 filesystem with that endpoint (Ray resolves URIs
+    with pyarrow, which ignores those variables); anything else is left to Ray."""
+    if path.startswith("s3://") and s3_endpoint() is not None:
+        return filesystem(path)[1], filesystem(path)[0]
+    return absolute(path), None
 
 
 def file_digest(path: str, algorithm: str = "sha256") -> str:

@@ -2,13 +2,17 @@
 
 The driver forwards the environment variable ``INFLORA_RAY_FAULT`` (if set) to the Ray Train workers, whose
 hook makes the worker of rank ``rank`` fail once per run, before step ``step`` of epoch ``epoch`` of task
-``task``: ``mode=exit`` kills the process (a lost node), ``mode=raise`` raises an exception (a bug).
+``task``: ``mode=exit`` kills the process (a lost node), ``mode=raise`` raises an exception (a bug),
+``mode=hold`` writes where it is (Ray node id, pid) to the marker and waits there (up to ``HOLD_SECONDS``)
+so that a test can remove that worker's node while the task is under way.
 Example: ``INFLORA_RAY_FAULT=task=1,epoch=1,step=1,rank=1,mode=exit``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -20,6 +24,8 @@ log = logging.getLogger(__name__)
 ENV_VAR = "INFLORA_RAY_FAULT"
 # A sweep trial's own process exits after every seed of the trial finished task T, once per sweep: ``task=T``.
 TRIAL_ENV_VAR = "INFLORA_RAY_TRIAL_FAULT"
+HOLD_SECONDS = 300
+MODES = ("exit", "raise", "hold")
 
 
 def trial_fault_from_env() -> Optional[int]:
@@ -43,6 +49,16 @@ def exit_trial_once(marker: str, task: int) -> None:
     os._exit(13)
 
 
+def _node_id() -> Optional[str]:
+    """The Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # only a label for the marker; never let it mask the fault itself
+        return None
+
+
 class InjectedFault(RuntimeError):
     """Raised by an injected fault in ``mode=raise``."""
 
@@ -54,7 +70,7 @@ class FaultPlan:
     epoch: int = 0
     step: int = 0
     rank: int = 0
-    mode: Literal["exit", "raise"] = "exit"
+    mode: Literal["exit", "raise", "hold"] = "exit"
 
     @classmethod
     def parse(cls, text: str) -> "FaultPlan":
@@ -65,8 +81,8 @@ class FaultPlan:
             if key not in ("task", "epoch", "step", "rank", "mode"):
                 raise ValueError(f"{ENV_VAR}: unknown field {key!r} (task, epoch, step, rank, mode)")
             fields[key] = value if key == "mode" else int(value)
-        if "task" not in fields or fields.get("mode", "exit") not in ("exit", "raise"):
-            raise ValueError(f"{ENV_VAR}={text!r}: expected task=T[,epoch=E,step=S,rank=R,mode=exit|raise]")
+        if "task" not in fields or fields.get("mode", "exit") not in MODES:
+            raise ValueError(f"{ENV_VAR}={text!r}: expected task=T[,epoch=E,step=S,rank=R,mode=exit|raise|hold]")
         return cls(**fields)
 
     @classmethod
@@ -81,9 +97,13 @@ class FaultPlan:
         """Fail now if this is the planned point and the fault has not fired in this run yet."""
         if (task, epoch, step, rank) != (self.task, self.epoch, self.step, self.rank) or storage.exists(marker):
             return
-        storage.write_bytes(marker, b"1")
+        where = {"pid": os.getpid(), "node_id": _node_id()}
+        storage.write_bytes(marker, json.dumps(where).encode())
         log_event(log, "fault_injected", level=logging.WARNING, task=task, epoch=epoch, step=step, rank=rank,
-                  mode=self.mode)
+                  mode=self.mode, **where)
+        if self.mode == "hold":
+            time.sleep(HOLD_SECONDS)
+            return
         if self.mode == "exit":
             os._exit(13)
         raise InjectedFault(f"injected fault at task {task} epoch {epoch} step {step}")

@@ -18,6 +18,7 @@ import torch
 from .. import storage
 from ..config import Config, ConfigError
 from ..logs import log_event
+from ..provenance import accelerator, code_identity
 from ..rundir import RunClaimed, RunDir
 from .faults import FaultPlan
 from .errors import NonRetryableError, clear_fatal, fatal_message, read_fatal
@@ -163,7 +164,7 @@ def _stored(cfg: Config) -> Config:
 def _record(cfg: Config, benchmark, opts: RunOptions) -> dict:
     return {"name": cfg.run.name, "class_order": benchmark.class_order, "tasks": benchmark.tasks,
             "dataset_manifest": benchmark.manifest, "versions": versions(), "start_from": opts.start_from,
-            "num_workers": cfg.run.num_workers}
+            "num_workers": cfg.run.num_workers, "code": code_identity(), "accelerator": accelerator()}
 
 
 def _open_tracking(tracker, run: RunDir, record: dict, opts: RunOptions) -> None:
@@ -203,6 +204,7 @@ def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions, num_
     from .worker import train_worker
 
     resources = {"CPU": cfg.run.cpus_per_worker}
+    ray_path, ray_fs = storage.ray_storage(storage_path)
     if cfg.run.use_gpu:
         resources["GPU"] = cfg.run.gpus_per_worker
     return TorchTrainer(
@@ -211,7 +213,7 @@ def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions, num_
                            "start_from": opts.start_from, "fault": FaultPlan.from_env(), "data": data},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=run.name, storage_path=storage_path,
+        run_config=RunConfig(name=run.name, storage_path=ray_path, storage_filesystem=ray_fs,
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                              checkpoint_config=checkpoint_config(cfg, num_tasks),
                              callbacks=list(opts.train_callbacks)),

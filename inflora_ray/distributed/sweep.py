@@ -224,7 +224,9 @@ def _tuner(sw: _Sweep, study_storage=None):
     # The trial function only drives its runs' TorchTrainers, whose workers reserve their own resources.
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
     if opts.resume:  # errored trials stay errored: their runs' failures are final (see trial.py)
-        return tune.Tuner.restore(sw.dir.path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        restore_path, restore_fs = storage.ray_storage(sw.dir.path)
+        return tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                  storage_filesystem=restore_fs)
     sched = (ASHAScheduler(time_attr="tasks_done", max_t=sw.horizon, grace_period=opts.grace_period,
                            reduction_factor=opts.reduction_factor) if opts.scheduler == "asha" else FIFOScheduler())
     search_alg = (optuna_searcher(base.experiment.seed, sw.horizon, study_storage)
@@ -232,11 +234,12 @@ def _tuner(sw: _Sweep, study_storage=None):
     concurrency = default_concurrency(base, opts.seeds_per_trial, planned_trials(sw.space, opts.num_samples))
     if opts.max_concurrent is not None:
         concurrency = min(concurrency, opts.max_concurrent)
+    ray_path, ray_fs = storage.ray_storage(base.run.storage_path)
     return tune.Tuner(
         trainable, param_space=sw.space.to_tune(),
         tune_config=tune.TuneConfig(metric=sw.space.metric, mode=sw.space.mode, scheduler=sched, search_alg=search_alg,
                                     num_samples=opts.num_samples, max_concurrent_trials=concurrency),
-        run_config=TuneRunConfig(name=opts.name, storage_path=storage.absolute(base.run.storage_path),
+        run_config=TuneRunConfig(name=opts.name, storage_path=ray_path, storage_filesystem=ray_fs,
                                  failure_config=tune.FailureConfig(max_failures=opts.trial_retries),
                                  callbacks=[TrialOutcomes(opts.name, sw.dir.outcomes, sw.horizon)]))
 

@@ -22,6 +22,7 @@ from ..config import Config, ConfigError, config_from_dict
 from ..core.metrics import AccuracyRecord, summary
 from ..data.base import DataError
 from ..logs import log_event, setup_logging
+from ..provenance import accelerator
 from ..rundir import CheckpointError, RunDir, checkpoint_name, read_checkpoint, write_checkpoint
 from ..training import collective
 from ..training.learner import ContinualLearner, Hooks
@@ -83,7 +84,8 @@ def write_task_record(run: RunDir, learner: ContinualLearner, task: int) -> None
         storage.write_bytes(run.adapters(task), buf.getvalue())
     storage.write_json(run.task_result(task), {
         "report": learner.reports[task].to_dict(), "summary": summary(record),
-        "own_head_accuracy_matrix": own.matrix(), "world_size": learner.world_size})
+        "own_head_accuracy_matrix": own.matrix(), "world_size": learner.world_size,
+        "accelerator": accelerator()})  # rank 0's GPU (the driver's may be a CPU-only head)
 
 
 # Reported with every checkpoint; Ray Train keeps the checkpoints that score highest (see launch.py): every

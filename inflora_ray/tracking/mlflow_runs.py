@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Callable, Optional, TypeVar
 from .. import storage
 from ..config import Config
 from ..logs import log_event
+from ..provenance import git_commit
 from ..rundir import META_FILE, STATE_FILE, RunDir
 from ..training.state import task_metrics
 from .plots import plot_accuracy_curve, plot_accuracy_matrix
@@ -46,18 +46,6 @@ END_REASON_TAG = "end_reason"  # why a run ended FAILED or KILLED  # a metric ev
 def param_text(value: object) -> str:
     """A config value as an MLflow param holds it: lists and dicts as JSON, anything else as ``str``."""
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-
-
-def git_commit() -> Optional[str]:
-    """The git commit of the code (working directory, else the package's checkout), if any."""
-    for cwd in (os.getcwd(), str(Path(__file__).resolve().parent)):
-        try:
-            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
-            if out.returncode == 0:
-                return out.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return None
 
 
 def _now_ms() -> int:
@@ -177,9 +165,14 @@ class Tracker:
         params: dict[str, object] = dict(self.cfg.flat())
         params.update({"method": self.cfg.method.name, "benchmark": self.cfg.data.benchmark,
                        "num_workers": self.cfg.run.num_workers, "class_order": json.dumps(record.get("class_order")),
-                       "git_commit": git_commit()})
+                       "git_commit": record.get("code", {}).get("git_commit", git_commit())})
         params.update({f"version.{k}": v for k, v in record.get("versions", {}).items()})
-        return self.create(run_name, {"run_name": run_name}, params, parent_run_id)
+        # Code identity and hardware also as tags: searchable, and shown in the runs table.
+        tags = {"run_name": run_name, **{f"code.{k}": str(v) for k, v in record.get("code", {}).items()
+                                         if v is not None}}
+        tags.update({f"accelerator.{k}": str(v) for k, v in (record.get("accelerator") or {}).items()
+                     if v is not None})
+        return self.create(run_name, tags, params, parent_run_id)
 
     def reopen(self, run_id: str) -> str:
         """Make ``run_id`` this tracker's run again: set it RUNNING and read which tasks it already holds

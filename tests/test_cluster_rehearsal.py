@@ -1,0 +1,244 @@
+"""The cluster rehearsal (``inflora_ray.tools.rehearsal``), end to end: a Ray head (0 CPUs) and two 1-CPU worker
+nodes with token authentication, moto's S3 server with a bucket, an MLflow server (SQLite, artifacts in the
+bucket), all on loopback. Everything reaches the cluster the way a cluster user does: ``python -m
+inflora_ray.data prepare`` to ``s3://``, ``ray job submit`` of runs and a sweep reading shards from ``s3://``,
+storing on ``s3://`` and tracking to the server. A worker node is removed mid-task and replaced; a stopped run
+is resumed from ``s3://``.
+
+This module never calls ``ray.init``; it is named to run before the modules that use the session Ray (two Ray
+clusters on 2 cores at once are not something to rehearse). Run it alone with
+``pytest tests/test_cluster_rehearsal.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_overrides
+from inflora_ray import storage
+from inflora_ray.data.shards import verify_shards
+from inflora_ray.provenance import code_hash
+from inflora_ray.rundir import RunDir
+from inflora_ray.tools.rehearsal import Rehearsal, port_open
+from test_data import write_imagenet_r
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+# Never uploaded with --working-dir (.gitignore already keeps most of them out; this is explicit).
+EXCLUDES = [".venv", ".venv-ci", ".git", "runs", "mlruns", "mlflow.db", ".pytest_cache", "**/__pycache__"]
+# The tiny ViT on a 6-class ImageNet-R-layout dataset in 3 tasks; 2 workers of 1 CPU, i.e. one per node.
+RUN = ["python", "-m", "inflora_ray.run", "--config", "imagenet-r-5",
+       *tiny_overrides(**{"data.num_tasks": 3, "data.batch_size": 4, "run.max_failures": 3, "run.use_gpu": "false"}),
+       "--num-workers", "2", "--cpus-per-worker", "1"]
+JOB_TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def rehearsal():
+    bin_dir = Path(sys.executable).parent
+    missing = [t for t in ("ray", "moto_server", "mlflow") if not (bin_dir / t).exists()]
+    if missing:
+        pytest.skip(f"{missing} not installed next to this Python (pip install -e '.[test]')")
+    r = Rehearsal(workers=2)
+    saved = {k: os.environ.get(k) for k in r.env()}
+    os.environ.update({k: v for k, v in r.env().items() if k.startswith(("AWS_", "MLFLOW_S3"))})
+    try:
+        yield r
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        ports = [p for s in [r.cluster.head, *r.cluster.workers.values(), *r.services] for p in s.ports]
+        left = r.stop()
+        assert not left, f"processes {left} outlived their parent and had to be killed"
+        assert not [p for p in ports if port_open(p)], "a rehearsal port is still open after stopping"
+
+
+def _data_cli(r: Rehearsal, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inflora_ray.data", *args], env=r.client_env(),
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def shards(rehearsal, tmp_path_factory):
+    """A generated ImageNet-R-layout dataset prepared into Parquet shards in the bucket."""
+    root = write_imagenet_r(tmp_path_factory.mktemp("imr") / "imagenet-r")
+    uri = rehearsal.uri("shards", "imagenet-r")
+    p = _data_cli(rehearsal, "prepare", "imagenet-r", "--source", str(root), "--out", uri, "--num-tasks", "3",
+                  "--rows-per-group", "4", "--threads", "2")
+    assert p.returncode == 0, p.stderr
+    return {"uri": uri, "summary": json.loads(p.stdout)}
+
+
+def _submit(r: Rehearsal, sid: str, entry: list[str], env_vars: dict | None = None) -> str:
+    r.cluster.submit(sid, entry, REPO, tuple(EXCLUDES), {"MLFLOW_TRACKING_URI": r.tracking_uri, **(env_vars or {})})
+    return sid
+
+
+def _finish(r: Rehearsal, sid: str, timeout: float = JOB_TIMEOUT) -> str:
+    status = r.cluster.wait_job(sid, timeout)
+    logs = r.cluster.job_logs(sid)
+    assert status == "SUCCEEDED", f"job {sid}: {status}\n{logs[-6000:]}"
+    return logs
+
+
+def _run_cmd(r: Rehearsal, shards: dict, name: str, *extra: str) -> list[str]:
+    return [*RUN, f"data.shards={shards['uri']}", "--storage-path", r.uri("runs"), "--name", name, *extra]
+
+
+def _matrix(r: Rehearsal, name: str) -> list:
+    return storage.read_json(RunDir(r.uri("runs", name)).metrics)["accuracy_matrix"]
+
+
+@pytest.fixture(scope="module")
+def reference(rehearsal, shards):
+    """The uninterrupted 2-worker run: the reference of the node-removal and resume tests. A job with a bad
+    config is submitted alongside (it fails before asking for any CPU)."""
+    bad = [*RUN[:5], *tiny_overrides(**{"method.rank": 0}), "--storage-path", rehearsal.uri("bad"), "--no-tracking"]
+    # Without a working dir (the package from PYTHONPATH, as from an image): two jobs that share one
+    # working-dir package while one of them ends can lose its files (Ray removes the package).
+    rehearsal.cluster.submit("bad-config", bad, env_vars={"PYTHONPATH": str(REPO)})
+    _submit(rehearsal, "python", ["python", "-c", "import sys, inflora_ray; print('prefix=' + sys.prefix); "
+                                  "print('package=' + inflora_ray.__file__)"])
+    sid = _submit(rehearsal, "ref", _run_cmd(rehearsal, shards, "ref"))
+    return {"sid": sid, "logs": _finish(rehearsal, sid), "job": rehearsal.cluster.job(sid)}
+
+
+# ------------------------------------------------------------------------------------------------ cluster
+def test_submit_without_the_token_is_refused(rehearsal):
+    env = {k: v for k, v in rehearsal.client_env().items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(rehearsal.root)  # no ~/.ray/auth_token either
+    r = rehearsal.cluster.cli("job", "list", f"--address={rehearsal.cluster.address}", env=env)
+    assert r.returncode != 0 and "Unauthorized" in (r.stdout + r.stderr), r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_prepare_writes_shards_to_the_bucket(rehearsal, shards):
+    s = shards["summary"]
+    assert s["out"] == shards["uri"] and s["num_classes"] == 6 and s["rows"]["train"] + s["rows"]["test"] == 30
+    names = storage.list_names(shards["uri"])
+    assert {"manifest.json", "train", "test"} <= set(names), names
+    assert verify_shards(shards["uri"])["files"] >= 6  # every file read back through the S3 path
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def test_two_worker_job_on_two_nodes_with_s3_storage_and_mlflow_server(rehearsal, reference):
+    from mlflow.tracking import MlflowClient
+
+    logs, job = reference["logs"], reference["job"]
+    for t in range(1, 4):
+        assert re.search(rf"^\[task {t}/3\] classes ", logs, re.M), f"no progress line for task {t}:\n{logs[-6000:]}"
+    assert "accuracy matrix (%)" in logs and "final accuracy A_T" in logs, logs[-6000:]
+    # The entrypoint ran this environment's python and the package uploaded with --working-dir.
+    assert job["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
+
+    # The two Ray Train workers ran on two different worker nodes.
+    workers = rehearsal.cluster.actors(job["job_id"], "RayTrainWorker")
+    nodes = {a["node_id"] for a in workers}
+    assert len(workers) == 2 and len(nodes) == 2, workers
+    assert {rehearsal.cluster.worker_of(n) for n in nodes} == {1, 2}
+
+    # Results and checkpoints in the bucket.
+    run = RunDir(rehearsal.uri("runs", "ref"))
+    metrics = storage.read_json(run.metrics)
+    assert metrics["complete"] == 3 and storage.exists(run.accuracy_matrix)
+    ray_files = storage.list_names(run.path)
+    assert any(n.startswith("checkpoint") for n in ray_files), ray_files
+
+    # Code identity: no git commit (the working dir has no .git), the hash of the code that was shipped.
+    record = storage.read_json(run.record)
+    code = record["code"]
+    assert code["git_commit"] is None and code["code_sha256"] == code_hash()
+    assert code["ray_working_dir"] == job["runtime_env"]["working_dir"] and code["package_version"]
+
+    # MLflow: the run on the server, its metrics, its artifacts in the bucket.
+    client = MlflowClient(tracking_uri=rehearsal.tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.run_name = 'ref'")
+    assert len(runs) == 1
+    mr = runs[0]
+    assert mr.info.status == "FINISHED" and mr.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert mr.data.metrics["final_accuracy"] == pytest.approx(metrics["final_accuracy"])
+    assert mr.data.tags["code.code_sha256"] == code_hash() and "code.git_commit" not in mr.data.tags
+    assert mr.data.params["git_commit"] == "None"
+    fs, root = storage.filesystem(rehearsal.uri("mlflow"))
+    import pyarrow.fs as pafs
+    objects = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+               if i.type == pafs.FileType.File and mr.info.run_id in i.path]
+    assert objects, f"no artifact of run {mr.info.run_id} under {rehearsal.uri('mlflow')}"
+    assert any(p.endswith("accuracy_matrix.csv") for p in objects), objects
+
+
+def test_node_removed_mid_task_replaced_then_resumed_from_s3_gives_the_same_matrix(rehearsal, shards, reference):
+    """One run for two rehearsals (the suite's time): a node lost mid-task, then a stop and a --resume."""
+    cluster = rehearsal.cluster
+    # Rank 0 waits at the first step of task 1 (after task 0's checkpoint) until its node is removed; the
+    # run stops after task 1, to be resumed.
+    sid = _submit(rehearsal, "preempted", _run_cmd(rehearsal, shards, "preempted", "--stop-after-task", "1"),
+                  {"INFLORA_RAY_FAULT": "task=1,epoch=0,step=0,rank=0,mode=hold"})
+    run = RunDir(rehearsal.uri("runs", "preempted"))
+    deadline = time.time() + 180
+    while not storage.exists(run.fault_marker):
+        assert cluster.job(sid)["status"] in ("PENDING", "RUNNING"), cluster.job_logs(sid)[-4000:]
+        assert time.time() < deadline, "rank 0 never reached task 1"
+        time.sleep(1)
+    where = storage.read_json(run.fault_marker)
+    k = cluster.worker_of(where["node_id"])
+    assert k in cluster.workers, f"rank 0 is on node {where['node_id']}, not a worker node"
+    assert storage.exists(run.task_result(0)) and not storage.exists(run.task_result(1))
+    cluster.remove_node(k)  # preempted: its raylet, the worker and every process of the node, at once
+    replacement = cluster.add_node(1)  # what an autoscaler does next
+    cluster.wait_node_dead(where["node_id"])
+    _finish(rehearsal, sid)
+    nodes = {cluster.worker_of(a["node_id"]) for a in cluster.actors(cluster.job(sid)["job_id"], "RayTrainWorker")}
+    assert replacement in nodes and k in nodes, nodes  # the restarted group used the new node
+    assert storage.exists(run.task_result(1)) and not storage.exists(run.task_result(2))
+
+    entry = [*RUN, f"data.shards={shards['uri']}", "--storage-path", rehearsal.uri("runs"), "--resume", "preempted"]
+    logs = _finish(rehearsal, _submit(rehearsal, "resumed", entry))
+    assert _matrix(rehearsal, "preempted") == _matrix(rehearsal, "ref"), logs[-4000:]
+
+
+def test_bad_config_job_fails_with_the_message_and_writes_nothing(rehearsal, reference):
+    sid = "bad-config"
+    assert rehearsal.cluster.wait_job(sid, 120) == "FAILED"
+    logs = rehearsal.cluster.job_logs(sid)
+    assert "error: method.rank: must be >= 1" in logs, logs[-3000:]
+    assert storage.list_names(rehearsal.uri("bad")) == []
+
+
+def test_job_python_is_this_environment_and_the_package_comes_from_the_working_dir(rehearsal, reference):
+    logs = _finish(rehearsal, "python", timeout=60)
+    assert f"prefix={sys.prefix}\n" in logs, logs
+    package = re.search(r"^package=(.*)$", logs, re.M).group(1)
+    assert "working_dir_files" in package and str(rehearsal.root) in package, package
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+def test_two_trial_sweep_on_the_cluster(rehearsal, shards, reference):
+    from mlflow.tracking import MlflowClient
+
+    space = rehearsal.root / "space.yaml"  # read by the job's driver, on this machine
+    space.write_text("metric: average_incremental_accuracy\nmode: max\nparams:\n  method.rank: {grid: [2, 4]}\n")
+    # One worker per trial, 0.9 CPU: both trials fit the two 1-CPU nodes next to their trial drivers.
+    entry = ["python", "-m", "inflora_ray.tune", "--config", "imagenet-r-5",
+             *tiny_overrides(**{"data.num_tasks": 3, "data.batch_size": 4, "run.use_gpu": "false"}), f"data.shards={shards['uri']}",
+             "run.cpus_per_worker=0.9", "--space", str(space), "--search", "grid", "--scheduler", "fifo",
+             "--num-workers", "1", "--storage-path", rehearsal.uri("sweeps"), "--name", "rh-sweep"]
+    logs = _finish(rehearsal, _submit(rehearsal, "sweep", entry))
+    outcomes = storage.read_json(storage.join(rehearsal.uri("sweeps", "rh-sweep"), "trial_outcomes.json"))
+    assert len(outcomes) == 2 and all(o["outcome"] == "completed" for o in outcomes.values()), outcomes
+    client = MlflowClient(tracking_uri=rehearsal.tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("sweep_id")]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children), logs[-4000:]
