@@ -1,6 +1,8 @@
 """InfLoRA and the baselines as small strategy objects around the task loop.
 
-A method decides how the current task's adapter is set up before training (``prepare_task``), which
+A method registers its own modules on the model (``build``), computes the features the heads read
+(``features``, with an optional auxiliary loss), names whose training data trains a task
+(``training_tasks``), decides how the current task's adapter is set up before training (``prepare_task``), which
 parameters train besides the head (``trainable_parameters``), and what happens after training
 (``finish_task``: memory update, merge). ``covariance(tag)`` is supplied by the loop and returns each adapted
 layer's input covariance on the current task's training data (already reduced over workers).
@@ -37,6 +39,19 @@ class Method:
     def adapter_rank(self) -> Optional[int]:
         """Rank of the adapters to build, or None for none."""
         return self.cfg.rank if self.uses_adapters else None
+
+    def build(self, model: ContinualViT) -> None:
+        """Register the method's own modules under ``model.extras`` (called once, right after the model is
+        built, before it moves to the device and before a checkpoint is restored)."""
+
+    def features(self, model: ContinualViT, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The (B, embed_dim) features the heads read, and an auxiliary loss summed over the batch's samples
+        (a scalar) or None. Used in training and evaluation (evaluation ignores the auxiliary loss)."""
+        return model.features(images), None
+
+    def training_tasks(self, task: int) -> list[int]:
+        """The tasks whose training data (and heads) train task ``task``: consecutive, ending at ``task``."""
+        return [task]
 
     def prepare_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
         """Set up the current task's adapter before training; returns figures worth logging."""

@@ -83,6 +83,9 @@ class ContinualViT(nn.Module):
             p.requires_grad_(False)
         self.adapters: list[KVLoRAQKV] = adapt_vit_qkv(backbone, rank) if rank else []
         self.heads = nn.ModuleList()
+        # A method's own modules (prompt pools, SD-LoRA magnitudes...), registered by ``Method.build`` so that
+        # they move with ``.to(device)``; empty for InfLoRA, seq-lora and the linear probe.
+        self.extras = nn.ModuleDict()
         self.embed_dim = int(backbone.embed_dim)
 
     @property
@@ -104,11 +107,14 @@ class ContinualViT(nn.Module):
         """CLS token after the final LayerNorm."""
         return self.backbone(images)
 
-    def forward(self, images: torch.Tensor, num_heads: Optional[int] = None) -> torch.Tensor:
-        """Concatenated logits of the first ``num_heads`` heads (default all): class-incremental inference."""
-        feats = self.features(images)
+    def logits(self, feats: torch.Tensor, num_heads: Optional[int] = None) -> torch.Tensor:
+        """Concatenated logits of the first ``num_heads`` heads (default all) on features ``feats``."""
         heads = self.heads if num_heads is None else self.heads[:num_heads]
         return torch.cat([h(feats) for h in heads], dim=1)
+
+    def forward(self, images: torch.Tensor, num_heads: Optional[int] = None) -> torch.Tensor:
+        """Concatenated logits of the first ``num_heads`` heads (default all): class-incremental inference."""
+        return self.logits(self.features(images), num_heads)
 
 
 def build_model(cfg: ModelConfig, rank: Optional[int]) -> ContinualViT:

@@ -10,6 +10,7 @@ import os
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,15 +48,20 @@ class Hooks:
 
 
 class _CurrentTask(nn.Module):
-    """Forward through the backbone and the current task's head only (what training optimises)."""
+    """Forward through the method's features and the trained heads only (what training optimises): the
+    current task's head, or heads ``head_indices`` concatenated (joint). Returns ``(logits, aux loss)``."""
 
-    def __init__(self, model: ContinualViT, head_index: int):
+    def __init__(self, model: ContinualViT, method: Method, head_indices: list[int]):
         super().__init__()
         self.model = model
-        self.head_index = head_index
+        self.method = method
+        self.head_indices = head_indices
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.heads[self.head_index](self.model.features(images))
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        feats, aux = self.method.features(self.model, images)
+        heads = [self.model.heads[i] for i in self.head_indices]
+        logits = heads[0](feats) if len(heads) == 1 else torch.cat([h(feats) for h in heads], dim=1)
+        return logits, aux
 
 
 class ContinualLearner:
@@ -78,7 +84,9 @@ class ContinualLearner:
         seed_everything(cfg.experiment.seed)
         self.benchmark = benchmark or build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model)
         self.method: Method = build_method(cfg.method, self.benchmark.num_tasks, cfg.experiment.seed)
-        self.model = build_model(cfg.model, self.method.adapter_rank()).to(self.device)
+        self.model = build_model(cfg.model, self.method.adapter_rank())
+        self.method.build(self.model)  # the method's own modules, before the move to the device
+        self.model = self.model.to(self.device)
         self.precision = Precision.for_device(cfg.train.precision, self.device)
         label_map = self.benchmark.label_map()
         self.train_set = TaskDataset(self.benchmark.train, self.benchmark.preprocess, label_map)
@@ -137,7 +145,8 @@ class ContinualLearner:
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
                 with self.precision.autocast():
-                    logits = self.model(images, num_heads=n_heads).float()
+                    feats, _ = self.method.features(self.model, images)
+                    logits = self.model.logits(feats, n_heads).float()
                 counts[0, j] += (logits.argmax(1) == labels).sum()
                 counts[1, j] += labels.numel()
                 counts[2, j] += (logits[:, lo:hi].argmax(1) == labels - lo).sum()
@@ -148,9 +157,13 @@ class ContinualLearner:
     # ------------------------------------------------------------------ training
     def _train_task(self, task: int, head: nn.Linear, progress: TaskProgress, started: float) -> None:
         """Train the current task's adapter and head from ``progress.epochs_done`` to the last epoch
-        (``started``: the task's start on this process's ``perf_counter`` clock, earlier processes included)."""
+        (``started``: the task's start on this process's ``perf_counter`` clock, earlier processes included).
+        With several training tasks (joint) the union of their training data trains all their heads."""
         cfg = self.cfg
-        optimizer = make_optimizer(cfg.train, self.method.trainable_parameters(self.model), head)
+        tasks = self.method.training_tasks(task)
+        heads = [self.model.heads[j] for j in tasks]
+        optimizer = make_optimizer(cfg.train, self.method.trainable_parameters(self.model),
+                                   head if tasks == [task] else heads)
         if progress.optimizer is not None:
             optimizer.load_state_dict(progress.optimizer)
         scaler = self.precision.scaler()  # fp16 only; its state is checkpointed with the optimizer's
@@ -158,11 +171,11 @@ class ContinualLearner:
             scaler.load_state_dict(progress.scaler)
         # Not wrapped in DDP: train_step all-reduces the gradients itself, so that a rank without a sample in
         # a step can skip the forward and still join the step's one collective (DDP cannot skip a forward).
-        module: nn.Module = _CurrentTask(self.model, task)
+        module: nn.Module = _CurrentTask(self.model, self.method, tasks)
         if cfg.train.compile:
             module = torch.compile(module)
-        offset = self.benchmark.task_offset(task)
-        indices = self.benchmark.task_indices("train", task)
+        offset = self.benchmark.task_offset(tasks[0])
+        indices = _union_indices([self.benchmark.task_indices("train", j) for j in tasks])
         sizes = global_batch_sizes(len(indices), cfg.data.batch_size)
         self.model.eval()  # backbone in eval mode while training (no dropout), as in the paper
         for epoch in range(progress.epochs_done, cfg.train.epochs):
@@ -221,9 +234,12 @@ class ContinualLearner:
         covariance = lambda which: self.covariance(task, which)  # noqa: E731
         head, progress = self._begin_task(task, covariance)
         started = time.perf_counter() - progress.elapsed
-        head.requires_grad_(True)
+        trained_heads = [self.model.heads[j] for j in self.method.training_tasks(task)]
+        for h in trained_heads:
+            h.requires_grad_(True)
         self._train_task(task, head, progress, started)
-        head.requires_grad_(False)
+        for h in trained_heads:
+            h.requires_grad_(False)
         info = dict(progress.info)
         info.update(self.method.finish_task(self.model, task, covariance))
         correct, total, own = self.evaluate(task)
@@ -277,6 +293,7 @@ class ContinualLearner:
             "next_task": self.next_task,
             "heads": [{k: v.detach().cpu().clone() for k, v in h.state_dict().items()} for h in self.model.heads],
             "method": self.method.state_dict(),
+            "extras": {k: v.detach().cpu().clone() for k, v in self.model.extras.state_dict().items()},
             "record": self.record.to_dict(),
             "own_head_record": self.own_head_record.to_dict(),
             "reports": [r.to_dict() for r in self.reports],
@@ -293,6 +310,8 @@ class ContinualLearner:
         if list(state["class_order"]) != list(self.benchmark.class_order):
             raise ValueError("checkpoint class order differs from the config's; resume with the same data config")
         self.method.load_state_dict(state["method"], self.model)
+        if state.get("extras"):
+            self.model.extras.load_state_dict(state["extras"])
         for h in state["heads"]:
             head = self.model.add_head(int(h["weight"].shape[0]))
             head.load_state_dict(h)
@@ -312,3 +331,8 @@ class ContinualLearner:
             self.method.set_task_trainable(self.model)
         if state.get("rng"):
             set_rng_state(state["rng"])
+
+
+def _union_indices(parts: list) -> "np.ndarray":
+    """The training indices of several tasks, concatenated in task order (each sample once)."""
+    return parts[0] if len(parts) == 1 else np.concatenate([np.asarray(p) for p in parts])

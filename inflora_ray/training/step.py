@@ -16,6 +16,9 @@ def train_step(module: nn.Module, images: torch.Tensor, targets: torch.Tensor, g
                autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
     """Forward, backward, gradient all-reduce and update on this rank's ``images`` of a global batch of
     ``global_size`` samples; returns the summed (not averaged) cross-entropy of this rank's samples, detached.
+    ``module`` returns logits, or ``(logits, aux)`` where ``aux`` is a method's auxiliary loss summed over
+    this rank's samples (or None): it is added to the cross-entropy sum before the division by
+    ``global_size``, so the gradients stay exact under data parallelism, and is included in the returned sum.
 
     The loss is the sum over this rank's samples divided by the global batch size, and gradients are summed
     over ranks, so every rank applies exactly the global batch's mean gradient. A rank that owns no sample
@@ -30,8 +33,11 @@ def train_step(module: nn.Module, images: torch.Tensor, targets: torch.Tensor, g
     optimizer.zero_grad(set_to_none=True)
     if targets.numel():
         with autocast():
-            logits = module(images)
+            out = module(images)
+        logits, aux = out if isinstance(out, tuple) else (out, None)
         batch_loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        if aux is not None:
+            batch_loss = batch_loss + aux.float()
         scaler.scale(batch_loss * (1.0 / global_size)).backward()
     else:
         batch_loss = torch.zeros((), device=targets.device)
