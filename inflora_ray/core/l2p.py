@@ -23,23 +23,23 @@ class L2P(PromptMethod):
 
     def init_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
         c, d = self.cfg, model.embed_dim
-        return {"keys": uniform_((c.l2p_pool_size, d), self.generator(0)),
-                "prompts": uniform_((c.l2p_pool_size, c.l2p_length, d), self.generator(1))}
+        return {"pool_keys": uniform_((c.l2p_pool_size, d), self.generator(0)),
+                "pool_prompts": uniform_((c.l2p_pool_size, c.l2p_length, d), self.generator(1))}
 
     def task_parameter_names(self, task: Optional[int]) -> list[str]:
-        return ["keys", "prompts"]
+        return ["pool_keys", "pool_prompts"]
 
     def select(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices ``(B, N)`` of the top-N keys for each image and their cosine similarities ``(B, N)``
         (differentiable in the keys only; the query comes from a forward without gradients)."""
-        sim = cosine(frozen_query(model, images), self.params["keys"])
+        sim = cosine(frozen_query(model, images), self.params["pool_keys"])
         idx = sim.detach().topk(self.cfg.l2p_top_k, dim=1).indices
         return idx, sim.gather(1, idx)
 
     def features(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Mean output of the selected prompt tokens, and the key-query surrogate loss summed over the batch."""
         idx, sim = self.select(model, images)
-        prompts = self.params["prompts"][idx].flatten(1, 2)  # (B, N*L, D)
+        prompts = self.params["pool_prompts"][idx].flatten(1, 2)  # (B, N*L, D)
         tokens = prompted_tokens(model.backbone, images, prompts=prompts)
         start = model.backbone.num_prefix_tokens
         feats = tokens[:, start:start + prompts.shape[1]].mean(dim=1)
