@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inflora_ray.config import ModelConfig
+from inflora_ray.config import MethodConfig, ModelConfig
+from inflora_ray.core.methods import build_method
 from inflora_ray.presets import load_config
 from inflora_ray.core.model import ContinualViT, create_backbone
 
@@ -94,6 +95,44 @@ def build(name: str, variant: str, tasks: int, rank: int, device: torch.device, 
     for p in trainable:
         p.requires_grad_(True)
     return model.to(device).eval(), trainable
+
+
+def build_variant(name: str, variant: str, tasks: int, rank: int, device: torch.device,
+                  classes_per_task: int = 10):
+    """A model at task ``tasks`` (1-based) and its training forward: ``ours`` / ``naive`` as :func:`build`,
+    or any other method of ``METHODS`` (``sd-lora``, ``joint``, ...) set up through its own hooks, with
+    tasks-1 finished tasks (random adapters). Returns (model, trainable params, forward: images -> logits)."""
+    if variant in ("ours", "naive"):
+        model, trainable = build(name, variant, tasks, rank, device, classes_per_task)
+        return model, trainable, lambda images: model.heads[-1](model.features(images))
+    torch.manual_seed(0)
+    method = build_method(MethodConfig(name=variant, rank=rank), num_tasks=max(tasks, 1), seed=0)
+    model = ContinualViT(create_backbone(model_config(name)), method.adapter_rank())
+    method.build(model)
+
+    def random_adapters():
+        with torch.no_grad():
+            for layer in model.adapters:
+                for p in layer.adapter_params().values():
+                    p.normal_(0, 0.01)
+    for t in range(tasks - 1):
+        model.add_head(classes_per_task).requires_grad_(False)
+        random_adapters()
+        method.finish_task(model, t, covariance=None)  # methods that need a covariance (inflora): use ours
+    model.add_head(classes_per_task)
+    random_adapters()
+    method.set_task_trainable(model)
+    heads = [model.heads[j] for j in method.training_tasks(tasks - 1)]
+    trainable = method.trainable_parameters(model) + [p for h in heads for p in h.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    model = model.to(device).eval()
+
+    def forward(images):
+        feats, aux = method.features(model, images)
+        logits = torch.cat([h(feats) for h in heads], dim=1)
+        return logits if aux is None else (logits, aux)
+    return model, trainable, forward
 
 
 def timeit(fn: Callable[[], None], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:

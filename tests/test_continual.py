@@ -72,7 +72,8 @@ _PROMPT_SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("method", ["inflora", "seq-lora", "linear-probe", "l2p", "dualprompt", "coda-prompt"])
+@pytest.mark.parametrize("method", ["inflora", "seq-lora", "linear-probe", "joint", "sd-lora",
+                                    "l2p", "dualprompt", "coda-prompt"])
 def test_resume_mid_task_equals_uninterrupted(method):
     cfg = _cfg(**{"data.num_tasks": 3, "train.epochs": 2, "method.name": method,
                   **_PROMPT_SETTINGS.get(method, {})})

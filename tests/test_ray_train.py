@@ -15,6 +15,7 @@ from inflora_ray.core.subspace import CovariancePass
 from inflora_ray.distributed.faults import ENV_VAR
 from inflora_ray.distributed.launch import run_experiment
 from inflora_ray.distributed.preflight import PreflightError
+from inflora_ray.training.learner import ContinualLearner
 
 pytestmark = pytest.mark.ray
 
@@ -97,6 +98,57 @@ def test_two_workers_agree_with_one_worker(runs):
     a1, a2 = one.summary["final_accuracy"], two.summary["final_accuracy"]
     assert abs(a1 - a2) <= 0.02
     assert a1 > 0.6  # the runs really learn (pre-trained backbone), so agreement is not trivial
+
+
+# Methods besides InfLoRA: one 2-worker Ray Train job runs each method (2 tasks x 1 epoch of the quickstart)
+# and is compared with the same run in one process (one worker), with the tolerance used for InfLoRA above.
+OTHER_METHODS = ("joint", "sd-lora")
+
+
+def _methods_probe(config):
+    """Worker function: every rank runs each method's learner; rank 0 saves the counts and trained tensors."""
+    import ray.train
+
+    from inflora_ray.config import config_from_dict
+
+    out = {}
+    for method, cfg in config["cfgs"].items():
+        learner = ContinualLearner(config_from_dict(cfg), device=torch.device("cpu"))
+        learner.run()
+        out[method] = {"correct": learner.record.to_dict(), "world": learner.world_size,
+                       "heads": [h.weight.detach().clone() for h in learner.model.heads],
+                       "extras": {k: v.clone() for k, v in learner.model.extras.state_dict().items()}}
+    if ray.train.get_context().get_world_rank() == 0:
+        torch.save(out, config["out"])
+
+
+def test_two_workers_agree_with_one_worker_for_every_method(ray_session, tmp_path):
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfgs = {m: _cfg(tmp_path, **{"method.name": m, "data.num_tasks": 2, "train.epochs": 1}) for m in OTHER_METHODS}
+    out = tmp_path / "methods.pt"
+    TorchTrainer(_methods_probe, train_loop_config={"cfgs": {m: c.to_dict() for m, c in cfgs.items()},
+                                                    "out": str(out)},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                 run_config=RunConfig(name="methods", storage_path=str(tmp_path))).fit()
+    got = torch.load(out, weights_only=True)
+    for method, cfg in cfgs.items():
+        two = got[method]
+        assert two["world"] == 2
+        one = ContinualLearner(cfg, device=torch.device("cpu"))
+        one.run()
+        rec = one.record.to_dict()
+        assert rec["total"] == two["correct"]["total"]
+        for r1, r2 in zip(rec["correct"], two["correct"]["correct"]):
+            assert all(abs(a - b) <= 2 for a, b in zip(r1, r2)), (method, rec, two["correct"])
+        assert sum(rec["correct"][-1]) > 0.6 * sum(rec["total"][-1]), method  # the runs really learn
+        for h1, h2 in zip(one.model.heads, two["heads"]):
+            torch.testing.assert_close(h1.weight.detach(), h2, atol=2e-3, rtol=1e-3)
+        for k, v in one.model.extras.state_dict().items():  # SD-LoRA's directions and magnitudes
+            torch.testing.assert_close(v, two["extras"][k], atol=2e-3, rtol=1e-3)
 
 
 def test_worker_killed_mid_task_resumes_to_the_same_result(runs, tmp_path, monkeypatch):

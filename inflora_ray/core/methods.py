@@ -13,9 +13,11 @@ import logging
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from ..config import MethodConfig
 from .model import ContinualViT
+from .sd_lora import SDLoRAComponents, attach
 from .subspace import CovariancePass, LayerMemory, design_lora_A, random_lora_A, threshold_schedule
 
 log = logging.getLogger(__name__)
@@ -183,13 +185,113 @@ class InfLoRA(Method):
         self.memory = [LayerMemory.from_state_dict(m) for m in state["memory"]]
 
 
+class Joint(SeqLoRA):
+    """Joint training, the upper bound: at task t a fresh LoRA adapter (random A, zero B, both trained, as
+    seq-lora) on the pre-trained backbone and all heads 0..t, re-initialised, train on the union of tasks
+    0..t's training data; the model after task t is the model trained jointly on everything seen so far.
+    The adapter is not merged (the next task starts again from the pre-trained weights)."""
+    name = "joint"
+
+    def __init__(self, cfg: MethodConfig, num_tasks: int, seed: int):
+        super().__init__(cfg, num_tasks, seed)
+        self.adapter: list[dict[str, torch.Tensor]] = []  # the finished joint model's adapter
+
+    def training_tasks(self, task: int) -> list[int]:
+        return list(range(task + 1))
+
+    def prepare_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
+        with torch.no_grad():
+            for j, head in enumerate(model.heads[:task]):
+                # The loop's own initialisation of head j (ContinualViT.add_head with the task's generator).
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
+                bound = 1.0 / model.embed_dim ** 0.5
+                for p in (head.weight, head.bias):
+                    p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+        return super().prepare_task(model, task, covariance)
+
+    def finish_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
+        self.adapter = [{k: v.detach().cpu().clone() for k, v in layer.adapter_params().items()}
+                        for layer in model.adapters]
+        for layer in model.adapters:
+            _set_trainable(layer, a=False, b=False)
+        return {}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "adapter": self.adapter}
+
+    def load_state_dict(self, state: dict, model: ContinualViT) -> None:
+        super().load_state_dict(state, model)
+        self.adapter = state["adapter"]
+        with torch.no_grad():
+            for layer, tensors in zip(model.adapters, self.adapter):
+                for k, v in tensors.items():
+                    getattr(layer, k).copy_(v)
+
+
+class SDLoRA(SeqLoRA):
+    """SD-LoRA (Wu et al., ICLR 2025): each task trains a new LoRA (random A_t, zero B_t, both trained, as
+    seq-lora) on the k/v projections; when it finishes, its update is kept as a fixed, normalised direction
+    with a learned magnitude (:mod:`inflora_ray.core.sd_lora`), and later tasks train all earlier
+    magnitudes together with their own A_t, B_t. Nothing is merged into W."""
+    name = "sd-lora"
+
+    def __init__(self, cfg: MethodConfig, num_tasks: int, seed: int):
+        super().__init__(cfg, num_tasks, seed)
+        self.num_components = 0  # finished tasks stored as components (the same on every layer)
+
+    def build(self, model: ContinualViT) -> None:
+        comps = nn.ModuleList(SDLoRAComponents(self.num_tasks, layer.rank, layer.in_features, layer.dim)
+                              for layer in model.adapters)
+        model.extras["sd_lora"] = comps
+        for layer, c in zip(model.adapters, comps):
+            attach(layer, c)
+
+    @staticmethod
+    def components(model: ContinualViT) -> list[SDLoRAComponents]:
+        """Each adapted layer's stored components."""
+        return list(model.extras["sd_lora"])
+
+    def set_task_trainable(self, model: ContinualViT) -> None:
+        super().set_task_trainable(model)
+        for c in self.components(model):
+            c.magnitude.requires_grad_(True)
+
+    def trainable_parameters(self, model: ContinualViT) -> list[torch.nn.Parameter]:
+        comps = self.components(model)
+        # Task 0 has no stored component: its magnitudes take no part in the forward (plain LoRA).
+        return super().trainable_parameters(model) + ([c.magnitude for c in comps] if comps[0].count else [])
+
+    def finish_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
+        with torch.no_grad():
+            for layer, c in zip(model.adapters, self.components(model)):
+                c.add(layer.lora_A, layer.lora_B_k, layer.lora_B_v)
+                c.magnitude.requires_grad_(False)
+                for p in layer.adapter_params().values():
+                    p.zero_()
+                _set_trainable(layer, a=False, b=False)
+        self.num_components += 1
+        mags = torch.stack([c.magnitude[:task + 1].detach().cpu() for c in self.components(model)])
+        return {"magnitude_mean": [round(float(m), 5) for m in mags.mean(dim=(0, 2))]}
+
+    def state_dict(self) -> dict:
+        # The directions and magnitudes are model.extras tensors, saved by the loop with the model.
+        return {**super().state_dict(), "components": self.num_components}
+
+    def load_state_dict(self, state: dict, model: ContinualViT) -> None:
+        super().load_state_dict(state, model)
+        self.num_components = int(state["components"])
+        for c in self.components(model):
+            c.count = self.num_components
+
+
 # The prompt-based methods live in their own modules, which subclass Method (hence imported here, below it).
 from .coda_prompt import CodaPrompt  # noqa: E402
 from .dualprompt import DualPrompt  # noqa: E402
 from .l2p import L2P  # noqa: E402
 
 # The registry of methods: config validation and the CLI read the names from here.
-METHODS: dict[str, type[Method]] = {m.name: m for m in (InfLoRA, SeqLoRA, LinearProbe, L2P, DualPrompt, CodaPrompt)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (InfLoRA, SeqLoRA, LinearProbe, Joint, SDLoRA, L2P, DualPrompt,
+                                                        CodaPrompt)}
 
 
 def build_method(cfg: MethodConfig, num_tasks: int, seed: int) -> Method:

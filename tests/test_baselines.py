@@ -1,0 +1,83 @@
+"""The comparison methods' defining invariants (pure PyTorch): joint trains on the union of the tasks seen
+so far with all their heads; SD-LoRA keeps finished directions bit for bit and learns their magnitudes."""
+from collections import Counter
+
+import torch
+from helpers import tiny_overrides
+
+from inflora_ray.core.sd_lora import SDLoRAComponents
+from inflora_ray.presets import load_config
+from inflora_ray.data.loader import train_batches
+from inflora_ray.training import learner as learner_module
+from inflora_ray.training.learner import ContinualLearner
+
+
+def _cfg(method, **extra):
+    return load_config("quickstart", tiny_overrides(**{"method.name": method, "data.num_tasks": 3,
+                                                       "train.lr": 0.01, **extra}))
+
+
+def test_joint_trains_every_seen_sample_once_per_epoch_and_all_heads(monkeypatch):
+    planned = {}
+
+    def recording(indices, batch_size, seed, task, epoch, *args):
+        batches = train_batches(indices, batch_size, seed, task, epoch, *args)
+        planned[(task, epoch)] = [i for b in batches for i, _ in b]
+        return batches
+
+    monkeypatch.setattr(learner_module, "train_batches", recording)
+    learner = ContinualLearner(_cfg("joint", **{"train.epochs": 2}))
+    learner.run(stop_after_task=0)
+    head0 = [p.detach().clone() for p in learner.model.heads[0].parameters()]
+    learner.run(stop_after_task=1)
+    for task in (0, 1):
+        union = Counter(int(i) for t in range(task + 1) for i in learner.benchmark.task_indices("train", t))
+        for epoch in (0, 1):
+            assert Counter(planned[(task, epoch)]) == union, (task, epoch)
+    # head 0 was trained again at task 1, and the adapter is kept unmerged
+    assert any(not torch.equal(a, b) for a, b in zip(head0, learner.model.heads[0].parameters()))
+    assert all(torch.count_nonzero(layer.lora_B_k) for layer in learner.model.adapters)
+
+
+def test_sd_lora_components_forward_is_the_dense_normalised_sum():
+    gen = torch.Generator().manual_seed(0)
+    comps = SDLoRAComponents(max_tasks=3, rank=2, in_features=6, dim=4)
+    adapters = [(torch.randn(2, 6, generator=gen), torch.randn(4, 2, generator=gen), torch.randn(4, 2, generator=gen))
+                for _ in range(2)]
+    for a, bk, bv in adapters:
+        comps.add(a, bk, bv)
+    with torch.no_grad():
+        comps.magnitude[:2] = torch.tensor([[0.5, 2.0], [1.5, -1.0]])
+    x = torch.randn(5, 6, generator=gen)
+    dense = torch.zeros(12, 6)
+    for t, (a, bk, bv) in enumerate(adapters):
+        for j, b in enumerate((bk, bv)):
+            d = b @ a
+            assert torch.allclose(comps.direction(t, j), d / d.norm(), atol=1e-6)
+            dense[4 * (j + 1):4 * (j + 2)] += comps.magnitude[t, j] * d / d.norm()
+    assert torch.allclose(comps(x), x @ dense.T, atol=1e-5)
+
+
+def test_sd_lora_task_0_is_plain_lora_and_old_directions_stay_fixed():
+    seq = ContinualLearner(_cfg("seq-lora"))
+    seq.run(stop_after_task=0)
+    sd = ContinualLearner(_cfg("sd-lora"))
+    sd.run(stop_after_task=0)
+    # task 0: the same training as seq-lora, bit for bit; its adapter is stored as magnitude x direction
+    assert sd.reports[0].train_loss == seq.reports[0].train_loss
+    comps = list(sd.model.extras["sd_lora"])
+    for c, hist in zip(comps, seq.method.history[0]):
+        assert torch.equal(c.lora_A[:c.rank], hist["lora_A"])
+        assert torch.allclose(c.dir_B_k[:, :c.rank] * c.magnitude[0, 0], hist["lora_B_k"], atol=1e-6)
+    before = [{k: v.clone() for k, v in c.state_dict().items()} for c in comps]
+    sd.run(stop_after_task=1)
+    for c, b in zip(comps, before):
+        r = c.rank
+        # the finished task's direction is unchanged bit for bit (and still of unit norm) ...
+        for name in ("lora_A", "dir_B_k", "dir_B_v"):
+            assert torch.equal(c.state_dict()[name][..., :r] if name != "lora_A" else c.lora_A[:r],
+                               b[name][..., :r] if name != "lora_A" else b[name][:r]), name
+        assert abs(float(c.direction(0, 1).norm()) - 1) < 1e-5
+        # ... its magnitudes were learned, and task 1 was stored as a second component
+        assert not torch.equal(c.magnitude[0], b["magnitude"][0])
+        assert c.count == 2 and torch.count_nonzero(c.dir_B_v[:, r:2 * r])
