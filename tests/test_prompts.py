@@ -218,3 +218,6 @@ def test_prompt_layers_must_exist_and_coda_pool_must_cover_the_tasks():
     model, method = ContinualViT(tiny_vit(), rank=None), build_method(cfg.method, 5, 0)
     with pytest.raises(ValueError, match="do not fit in the embedding width 48"):
         method.build(model)
+    cfg = load_config("quickstart", ["method.name=dualprompt", "method.dualprompt_e_layers=[2, 3]"])
+    with pytest.raises(ValueError, match=r"method.dualprompt_e_layers: blocks \[2, 3\] do not exist"):
+        build_method(cfg.method, 5, 0).build(ContinualViT(tiny_vit(), rank=None))

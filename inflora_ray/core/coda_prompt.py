@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .prompting import PromptMethod, cls_feature, frozen_query, split_prefix
+from .prompting import PromptMethod, check_layers, cls_feature, frozen_query, split_prefix
 
 _KINDS = ("p", "k", "a")  # prompt components, keys, attention vectors
 
@@ -56,10 +56,7 @@ class CodaPrompt(PromptMethod):
         if self.per_task * self.num_tasks > d:
             raise ValueError(f"method.coda_pool_size={c.coda_pool_size}: {self.per_task * self.num_tasks} "
                              f"orthogonal keys do not fit in the embedding width {d}; use at most {d}")
-        bad = [i for i in c.coda_layers if i >= len(model.backbone.blocks)]
-        if bad:
-            raise ValueError(f"method.coda_layers: blocks {bad} do not exist (the backbone has "
-                             f"{len(model.backbone.blocks)})")
+        check_layers(model.backbone, c.coda_layers, "coda_layers")
         shapes = {"p": (self.per_task, c.coda_length, d), "k": (self.per_task, d), "a": (self.per_task, d)}
         # Filled by prepare_task when the task starts (Gram-Schmidt against the earlier tasks' components).
         return {f"{kind}_{layer}_{t}": torch.zeros(shapes[kind]) for layer in c.coda_layers

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .prompting import Prefix, PromptMethod, cls_feature, cosine, frozen_query, split_prefix, uniform_
+from .prompting import Prefix, PromptMethod, check_layers, cls_feature, cosine, frozen_query, split_prefix, uniform_
 
 
 class DualPrompt(PromptMethod):
@@ -23,6 +23,8 @@ class DualPrompt(PromptMethod):
 
     def init_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
         c, d = self.cfg, model.embed_dim
+        check_layers(model.backbone, c.dualprompt_g_layers, "dualprompt_g_layers")
+        check_layers(model.backbone, c.dualprompt_e_layers, "dualprompt_e_layers")
         params = {}
         if c.dualprompt_g_layers:
             params["g"] = uniform_((len(c.dualprompt_g_layers), c.dualprompt_g_length, d), self.generator(0))

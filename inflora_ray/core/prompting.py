@@ -92,6 +92,14 @@ def frozen_query(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.features(images).detach()
 
 
+def check_layers(vit: nn.Module, layers: list[int], key: str) -> None:
+    """Raise ``ValueError`` naming the config key ``key`` if a prompt block index is not a block of ``vit``."""
+    bad = [i for i in layers if not 0 <= i < len(vit.blocks)]
+    if bad:
+        raise ValueError(f"method.{key}: blocks {bad} do not exist (the backbone has {len(vit.blocks)} blocks, "
+                         "counted from 0)")
+
+
 def uniform_(shape: tuple[int, ...], gen: torch.Generator, low: float = -1.0, high: float = 1.0) -> torch.Tensor:
     """A tensor drawn uniformly from ``[low, high)`` with ``gen`` (prompt and key initialisation of the L2P and
     DualPrompt reference implementations)."""
