@@ -65,8 +65,10 @@ def test_run_is_deterministic_and_complete():
         assert torch.equal(la.weight, lb.weight)
 
 
-# Prompt methods on the tiny ViT (2 blocks of width 48): layers that exist, a CODA pool whose keys fit.
+# Prompt methods on the tiny ViT (2 blocks of width 48): layers that exist, a CODA pool whose keys fit, a short
+# L2P prompt (4 tokens) to keep the test cheap.
 _PROMPT_SETTINGS = {
+    "l2p": {"method.l2p_length": 2, "method.l2p_top_k": 2},
     "dualprompt": {"method.dualprompt_g_layers": "[0]", "method.dualprompt_e_layers": "[1]"},
     "coda-prompt": {"method.coda_pool_size": 12, "method.coda_layers": "[0, 1]", "method.coda_ortho_mu": 0.1},
 }
