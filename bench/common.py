@@ -12,7 +12,7 @@ from torch import nn
 
 from inflora_ray.config import MethodConfig, ModelConfig
 from inflora_ray.core.methods import build_method
-from inflora_ray.presets import load_config
+from inflora_ray.presets import list_presets, load_config
 from inflora_ray.core.model import ContinualViT, create_backbone
 
 MODELS = {
@@ -97,6 +97,15 @@ def build(name: str, variant: str, tasks: int, rank: int, device: torch.device, 
     return model.to(device).eval(), trainable
 
 
+def method_config(name: str, variant: str, rank: int) -> MethodConfig:
+    """The method section for ``variant`` on model ``name``: on the quickstart model, the method's quickstart
+    preset when there is one (prompt layers cut to its 4 blocks), else the defaults (the papers' settings
+    for ViT-B/16); ``rank`` for the adapter methods."""
+    if name == "quickstart" and f"{variant}-quickstart" in list_presets():
+        return load_config(f"{variant}-quickstart", [f"method.rank={rank}"]).method
+    return MethodConfig(name=variant, rank=rank)
+
+
 def build_variant(name: str, variant: str, tasks: int, rank: int, device: torch.device,
                   classes_per_task: int = 10):
     """A model at task ``tasks`` (1-based) and its training forward: ``ours`` / ``naive`` as :func:`build`,
@@ -106,7 +115,7 @@ def build_variant(name: str, variant: str, tasks: int, rank: int, device: torch.
         model, trainable = build(name, variant, tasks, rank, device, classes_per_task)
         return model, trainable, lambda images: model.heads[-1](model.features(images))
     torch.manual_seed(0)
-    method = build_method(MethodConfig(name=variant, rank=rank), num_tasks=max(tasks, 1), seed=0)
+    method = build_method(method_config(name, variant, rank), num_tasks=max(tasks, 1), seed=0)
     model = ContinualViT(create_backbone(model_config(name)), method.adapter_rank())
     method.build(model)
 
@@ -117,9 +126,11 @@ def build_variant(name: str, variant: str, tasks: int, rank: int, device: torch.
                     p.normal_(0, 0.01)
     for t in range(tasks - 1):
         model.add_head(classes_per_task).requires_grad_(False)
+        method.prepare_task(model, t, covariance=None)  # methods that need a covariance (inflora): use ours
         random_adapters()
-        method.finish_task(model, t, covariance=None)  # methods that need a covariance (inflora): use ours
+        method.finish_task(model, t, covariance=None)
     model.add_head(classes_per_task)
+    method.prepare_task(model, tasks - 1, covariance=None)
     random_adapters()
     method.set_task_trainable(model)
     heads = [model.heads[j] for j in method.training_tasks(tasks - 1)]

@@ -128,6 +128,22 @@ class MethodConfig(_Model):
     lamb: Float = Field(0.95, gt=0, le=1)
     lame: Float = Field(1.0, gt=0, le=1)
     memory_representation: Literal["auto", "remove", "retain"] = "auto"  # DualGPM: auto switches past d/2
+    # L2P (prompt pool at the input, docs/baselines.md#l2p); read only when name is l2p.
+    l2p_pool_size: int = Field(10, ge=1)
+    l2p_length: int = Field(5, ge=1)
+    l2p_top_k: int = Field(5, ge=1)
+    l2p_pull_coef: Float = Field(0.1, ge=0)
+    # DualPrompt (G-/E-prefixes, docs/baselines.md#dualprompt); read only when name is dualprompt.
+    dualprompt_g_length: int = Field(6, ge=2)
+    dualprompt_g_layers: Ints = Field(default_factory=lambda: [0, 1])
+    dualprompt_e_length: int = Field(20, ge=2)
+    dualprompt_e_layers: Ints = Field(default_factory=lambda: [2, 3, 4])
+    dualprompt_pull_coef: Float = Field(1.0, ge=0)
+    # CODA-Prompt (attention-weighted components, docs/baselines.md#coda-prompt); read only when name is coda-prompt.
+    coda_pool_size: int = Field(100, ge=1)
+    coda_length: int = Field(8, ge=2)
+    coda_layers: Ints = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    coda_ortho_mu: Float = Field(0.0, ge=0)
 
     @field_validator("name", mode="before")
     @classmethod
@@ -137,6 +153,17 @@ class MethodConfig(_Model):
 
     def _check(self) -> None:
         _require(self.lamb <= self.lame, "method.lamb", f"must be <= method.lame ({self.lame})")
+        _require(self.l2p_top_k <= self.l2p_pool_size, "method.l2p_top_k",
+                 f"must be <= method.l2p_pool_size ({self.l2p_pool_size}): top-N prompts are chosen from the pool")
+        for key in ("dualprompt_g_length", "dualprompt_e_length", "coda_length"):
+            _require(getattr(self, key) % 2 == 0, f"method.{key}",
+                     f"must be even (a prefix of length L is split into L/2 keys and L/2 values), got {getattr(self, key)}")
+        for key in ("dualprompt_g_layers", "dualprompt_e_layers", "coda_layers"):
+            layers = getattr(self, key)
+            _require(all(i >= 0 for i in layers) and len(set(layers)) == len(layers), f"method.{key}",
+                     f"must be distinct block indices >= 0 (counted from 0), got {layers}")
+        _require(bool(self.coda_layers), "method.coda_layers", "must name at least one block")
+        _require(bool(self.dualprompt_e_layers), "method.dualprompt_e_layers", "must name at least one block")
 
 
 class ModelConfig(_Model):
@@ -304,6 +331,18 @@ class Config(_Model):
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunSection = Field(default_factory=RunSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    def _check(self) -> None:
+        m, depth = self.method, self.model.kwargs.get("depth")
+        if m.name == "coda-prompt":
+            _require(m.coda_pool_size >= self.data.num_tasks, "method.coda_pool_size",
+                     f"must be >= data.num_tasks ({self.data.num_tasks}): each task gets "
+                     "coda_pool_size // num_tasks components")
+        layers = {"dualprompt": ("dualprompt_g_layers", "dualprompt_e_layers"), "coda-prompt": ("coda_layers",)}
+        for key in layers.get(m.name, ()) if isinstance(depth, int) else ():
+            bad = [i for i in getattr(m, key) if i >= depth]
+            _require(not bad, f"method.{key}", f"blocks {bad} do not exist: model.kwargs.depth is {depth} "
+                     f"(blocks 0..{depth - 1})")
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON-serialisable) of the resolved config."""

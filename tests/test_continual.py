@@ -65,9 +65,20 @@ def test_run_is_deterministic_and_complete():
         assert torch.equal(la.weight, lb.weight)
 
 
-@pytest.mark.parametrize("method", ["inflora", "seq-lora", "linear-probe", "joint", "sd-lora"])
+# Prompt methods on the tiny ViT (2 blocks of width 48): layers that exist, a CODA pool whose keys fit, a short
+# L2P prompt (4 tokens) to keep the test cheap.
+_PROMPT_SETTINGS = {
+    "l2p": {"method.l2p_length": 2, "method.l2p_top_k": 2},
+    "dualprompt": {"method.dualprompt_g_layers": "[0]", "method.dualprompt_e_layers": "[1]"},
+    "coda-prompt": {"method.coda_pool_size": 12, "method.coda_layers": "[0, 1]", "method.coda_ortho_mu": 0.1},
+}
+
+
+@pytest.mark.parametrize("method", ["inflora", "seq-lora", "linear-probe", "joint", "sd-lora",
+                                    "l2p", "dualprompt", "coda-prompt"])
 def test_resume_mid_task_equals_uninterrupted(method):
-    cfg = _cfg(**{"data.num_tasks": 3, "train.epochs": 2, "method.name": method})
+    cfg = _cfg(**{"data.num_tasks": 3, "train.epochs": 2, "method.name": method,
+                  **_PROMPT_SETTINGS.get(method, {})})
     full = ContinualLearner(cfg)
     full.run()
     hook = SnapshotAndStop(task=1, epoch=0)
@@ -81,6 +92,8 @@ def test_resume_mid_task_equals_uninterrupted(method):
     assert resumed.record.to_dict() == full.record.to_dict()
     for lr, lf in zip(resumed.model.adapters, full.model.adapters):
         assert torch.equal(lr.weight, lf.weight)
+    extras_r, extras_f = resumed.model.extras.state_dict(), full.model.extras.state_dict()
+    assert extras_r.keys() == extras_f.keys() and all(torch.equal(extras_r[k], extras_f[k]) for k in extras_f)
     if method == "inflora":
         for mr, mf in zip(resumed.method.memory, full.method.memory):
             assert torch.equal(mr.basis, mf.basis)

@@ -315,8 +315,14 @@ class SDLoRA(SeqLoRA):
             c.count = self.num_components
 
 
+# The prompt-based methods live in their own modules, which subclass Method (hence imported here, below it).
+from .coda_prompt import CodaPrompt  # noqa: E402
+from .dualprompt import DualPrompt  # noqa: E402
+from .l2p import L2P  # noqa: E402
+
 # The registry of methods: config validation and the CLI read the names from here.
-METHODS: dict[str, type[Method]] = {m.name: m for m in (InfLoRA, SeqLoRA, LinearProbe, Joint, SDLoRA)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (InfLoRA, SeqLoRA, LinearProbe, Joint, SDLoRA, L2P, DualPrompt,
+                                                        CodaPrompt)}
 
 
 def build_method(cfg: MethodConfig, num_tasks: int, seed: int, agree: Optional[AgreeFn] = None) -> Method:
