@@ -64,6 +64,10 @@ class RunClaimed(ConfigError):
     """Another run already holds this run's folder."""
 
 
+# How long a claim on an object store waits before it checks a second time that it is the earliest one.
+CLAIM_SETTLE_SECONDS = 2.0
+
+
 def claim_folder(path: str, what: str) -> None:
     """Create the folder ``path`` for this process only: atomically on a file system (``mkdir``), and on an
     object store by a claim object per contender, where the first claim by name wins (best effort: it
@@ -79,9 +83,14 @@ def claim_folder(path: str, what: str) -> None:
         raise RunClaimed(f"{what} {path!r} already exists; another run holds it")
     mine = f".claim-{time.time_ns():020d}-{uuid.uuid4().hex}"
     storage.write_bytes(storage.join(path, mine), b"")
-    claims = sorted(n for n in storage.list_names(path) if n.startswith(".claim-"))
-    if claims[0] != mine:
-        raise RunClaimed(f"{what} {path!r} was claimed by another run at the same time")
+    # The earliest claim wins. A contender that read its clock before us but whose claim became visible only
+    # after our listing would see itself first too: list once more after a pause longer than a write takes,
+    # so that of two near-simultaneous contenders at most one still sees itself first.
+    for pause in (0.0, CLAIM_SETTLE_SECONDS):
+        time.sleep(pause)
+        claims = sorted(n for n in storage.list_names(path) if n.startswith(".claim-"))
+        if claims[0] != mine:
+            raise RunClaimed(f"{what} {path!r} was claimed by another run at the same time")
 
 
 def release_folder(path: str) -> None:
