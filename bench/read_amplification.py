@@ -29,57 +29,15 @@ import numpy as np
 from PIL import Image
 
 from common import machine
+from read_counter import bytes_logged
 
 # Imported by every Python process started while the benchmark runs (loader processes, a fork server): it
 # wraps inflora_ray.storage.filesystem so that every byte read from a .parquet file is appended to a log.
 SITECUSTOMIZE = textwrap.dedent('''
     import os
     if os.environ.get("INFLORA_READ_LOG"):
-        import pyarrow as pa
-        import inflora_ray.storage as _storage
-
-        def _count(n):
-            fd = os.open(os.environ["INFLORA_READ_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, f"{n}\\n".encode())
-            finally:
-                os.close(fd)
-
-        class _CountingFile:
-            def __init__(self, f):
-                self._f = f
-            def read(self, n=-1):
-                data = self._f.read(n) if n is not None and n >= 0 else self._f.read()
-                _count(len(data))
-                return data
-            def seek(self, pos, whence=0):
-                return self._f.seek(pos, whence)
-            def tell(self):
-                return self._f.tell()
-            def close(self):
-                self._f.close()
-            @property
-            def closed(self):
-                return self._f.closed
-            def readable(self):
-                return True
-            def seekable(self):
-                return True
-
-        class _CountingFS:
-            def __init__(self, fs):
-                self._fs = fs
-            def open_input_file(self, path):
-                f = self._fs.open_input_file(path)
-                return pa.PythonFile(_CountingFile(f), mode="r") if path.endswith(".parquet") else f
-            def __getattr__(self, name):
-                return getattr(self._fs, name)
-
-        _plain = _storage.filesystem
-        def _filesystem(path):
-            fs, p = _plain(path)
-            return _CountingFS(fs), p
-        _storage.filesystem = _filesystem
+        import read_counter
+        read_counter.install()
 ''')
 
 
@@ -102,13 +60,6 @@ def make_dataset(root: str, classes: int, per_class: int, side: tuple[int, int])
         for i in range(per_class):
             with open(os.path.join(folder, f"img_{i}.jpg"), "wb") as f:
                 f.write(synthetic_jpeg(rng, side))
-
-
-def read_log_bytes(path: str) -> int:
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return sum(int(line) for line in f if line.strip())
 
 
 def block_bytes(shards: str, source, block) -> int:
@@ -189,7 +140,7 @@ def main() -> None:
     if staged:
         loader.close()
         cache.close()
-    read = read_log_bytes(log_path)
+    read = bytes_logged(log_path)
     cores = max(1, args.loader_workers)
     first = len(block) / seconds[0] / cores
     later = [len(block) / s / cores for s in seconds[1:]]

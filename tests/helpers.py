@@ -4,6 +4,8 @@ timm model, and a learner hook that snapshots a checkpoint mid-run and kills the
 from __future__ import annotations
 
 import io
+import sys
+from pathlib import Path
 
 import timm
 import torch
@@ -57,86 +59,7 @@ class SnapshotAndStop(Hooks):
 
 
 # ------------------------------------------------------------------------------ counting reads from the store
-READ_LOG_ENV = "INFLORA_TEST_READ_LOG"  # file to which every byte count read from a .parquet file is appended
-
-
-def _log_read(n: int) -> None:
-    import os
-
-    fd = os.open(os.environ[READ_LOG_ENV], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, f"{n}\n".encode())
-    finally:
-        os.close(fd)
-
-
-class _CountingFile:
-    """A file object that logs the size of each read (wrapped in pyarrow.PythonFile)."""
-
-    def __init__(self, f):
-        self._f = f
-
-    def read(self, n=-1):
-        data = self._f.read(n) if n is not None and n >= 0 else self._f.read()
-        _log_read(len(data))
-        return data
-
-    def seek(self, pos, whence=0):
-        return self._f.seek(pos, whence)
-
-    def tell(self):
-        return self._f.tell()
-
-    def close(self):
-        self._f.close()
-
-    @property
-    def closed(self):
-        return self._f.closed
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-
-class _CountingFS:
-    """A pyarrow filesystem whose .parquet input files log every byte read."""
-
-    def __init__(self, fs):
-        self._fs = fs
-
-    def open_input_file(self, path):
-        import pyarrow as pa
-
-        f = self._fs.open_input_file(path)
-        return pa.PythonFile(_CountingFile(f), mode="r") if path.endswith(".parquet") else f
-
-    def __getattr__(self, name):
-        return getattr(self._fs, name)
-
-
-def counting_filesystem(plain):
-    """``inflora_ray.storage.filesystem`` wrapped: the bytes read from .parquet files go to $READ_LOG_ENV."""
-    def filesystem(path):
-        fs, p = plain(path)
-        return _CountingFS(fs), p
-    return filesystem
-
-
-def count_reads_in_loader_process(worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``: count this loader process's reads from the store too."""
-    from inflora_ray import storage
-
-    storage.filesystem = counting_filesystem(storage.filesystem)
-
-
-def bytes_logged(path) -> int:
-    """The bytes counted in the read log ``path`` (0 when nothing was read)."""
-    import os
-
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return sum(int(line) for line in f if line.strip())
+# Counting the bytes read from the store: one implementation, shared with bench/read_amplification.py.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from read_counter import LOG_ENV as READ_LOG_ENV, bytes_logged, counting_filesystem  # noqa: E402,F401
+from read_counter import install as count_reads_in_loader_process  # noqa: E402,F401
