@@ -63,3 +63,25 @@ class SnapshotAndStop(Hooks):
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from read_counter import LOG_ENV as READ_LOG_ENV, bytes_logged, counting_filesystem  # noqa: E402,F401
 from read_counter import install as count_reads_in_loader_process  # noqa: E402,F401
+
+
+# ------------------------------------------------------------------------------ two gloo ranks, without Ray
+def run_two_ranks(target, tmp_path, stuck_in: str, name: str = "result") -> str:
+    """Run ``target(rank, store_path, out)`` for ranks 0 and 1 in two spawned processes (they form a gloo group
+    through a file store), fail if one hangs in ``stuck_in`` or exits non-zero; returns ``out``, the prefix of
+    the files ``<out>.<rank>`` the ranks wrote."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = str(tmp_path / name)
+    procs = [ctx.Process(target=target, args=(r, str(tmp_path / "store"), out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, f"a rank is stuck in {stuck_in}"
+    assert [p.exitcode for p in procs] == [0, 0]
+    return out

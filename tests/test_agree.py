@@ -2,12 +2,12 @@
 (torch.multiprocessing, no Ray), with the same covariances (bit-identical, nothing logged) and with
 deliberately different ones (rank 0's results everywhere, and a warning naming what differed)."""
 import logging
-import multiprocessing
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
+from helpers import run_two_ranks
 from inflora_ray.config import MethodConfig
 from inflora_ray.core.lora import KVLoRAQKV
 from inflora_ray.core.methods import build_method
@@ -71,18 +71,7 @@ def _assert_equal(a: dict, b: dict) -> None:
 
 
 def test_two_ranks_end_with_rank0s_A_t_and_memory(tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    out = str(tmp_path / "result")
-    procs = [ctx.Process(target=_rank_main, args=(r, str(tmp_path / "store"), out)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a rank is stuck in a broadcast"
-    assert [p.exitcode for p in procs] == [0, 0]
+    out = run_two_ranks(_rank_main, tmp_path, "a broadcast", name="result")
     r0, r1 = (torch.load(f"{out}.{r}") for r in (0, 1))
     alone = _run(_covariances(0))
     # Same data: bit-identical on both ranks and to one process, and nothing to warn about.

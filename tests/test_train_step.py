@@ -1,12 +1,12 @@
 """Empty per-rank batches never reach the model: where they occur, the training step's skip path alone and
 with two real gloo ranks (no Ray), and the passes that cannot produce them."""
-import multiprocessing
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from helpers import run_two_ranks
 from inflora_ray.data.loader import global_batch_sizes, pass_batches, train_batches
 from inflora_ray.training.step import train_step
 
@@ -72,18 +72,7 @@ def _rank_main(rank: int, store: str, out: str) -> None:
 
 def test_a_rank_without_samples_joins_the_all_reduce_and_makes_the_same_update(tmp_path):
     """Two gloo ranks, one with an empty part: no hang, and both ranks end where one process does."""
-    ctx = multiprocessing.get_context("spawn")
-    out = str(tmp_path / "params")
-    procs = [ctx.Process(target=_rank_main, args=(r, str(tmp_path / "store"), out)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a rank is stuck in the gradient all-reduce"
-    assert [p.exitcode for p in procs] == [0, 0]
+    out = run_two_ranks(_rank_main, tmp_path, "the gradient all-reduce", name="params")
     _, single = _step(_NoEmptyBatch(), X, Y, global_size=len(X))
     for rank in (0, 1):
         for got, want in zip(torch.load(f"{out}.{rank}"), single):
