@@ -28,10 +28,11 @@ from inflora_ray.data.loader import TaskDataset, make_loader, pass_batches, trai
 from inflora_ray.data.shard_writer import prepare_shards
 
 
-def synthetic_jpeg(rng: np.random.Generator) -> bytes:
-    """A photograph-like JPEG: a smooth random field upsampled to 300-600 px a side, plus mild noise."""
-    w, h = (int(v) for v in rng.integers(300, 601, size=2))
-    coarse = rng.integers(0, 256, (h // 32 + 1, w // 32 + 1, 3), dtype=np.uint8)
+def synthetic_jpeg(rng: np.random.Generator, side: tuple[int, int] = (300, 600), cell: int = 32) -> bytes:
+    """A photograph-like JPEG: a smooth random field (one random colour per ``cell`` px, upsampled) of
+    ``side`` px a side (a range), plus mild noise."""
+    w, h = (int(v) for v in rng.integers(side[0], side[1] + 1, size=2))
+    coarse = rng.integers(0, 256, (h // cell + 1, w // cell + 1, 3), dtype=np.uint8)
     img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.int16)
     img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
     buf = io.BytesIO()

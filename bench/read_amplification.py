@@ -18,7 +18,6 @@ and of the later ones (cores: the loader processes, or 1 with ``--loader-workers
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tempfile
@@ -26,9 +25,9 @@ import textwrap
 import time
 
 import numpy as np
-from PIL import Image
 
 from common import machine
+from loader import synthetic_jpeg
 from read_counter import bytes_logged
 
 # Imported by every Python process started while the benchmark runs (loader processes, a fork server): it
@@ -41,17 +40,6 @@ SITECUSTOMIZE = textwrap.dedent('''
 ''')
 
 
-def synthetic_jpeg(rng: np.random.Generator, side: tuple[int, int]) -> bytes:
-    """A photograph-like JPEG: a smooth random field plus mild noise, ``side`` px on each side (a range)."""
-    w, h = (int(v) for v in rng.integers(side[0], side[1] + 1, size=2))
-    coarse = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.int16)
-    img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def make_dataset(root: str, classes: int, per_class: int, side: tuple[int, int]) -> None:
     rng = np.random.default_rng(0)
     for c in range(classes):
@@ -59,7 +47,7 @@ def make_dataset(root: str, classes: int, per_class: int, side: tuple[int, int])
         os.makedirs(folder)
         for i in range(per_class):
             with open(os.path.join(folder, f"img_{i}.jpg"), "wb") as f:
-                f.write(synthetic_jpeg(rng, side))
+                f.write(synthetic_jpeg(rng, side, cell=16))
 
 
 def block_bytes(shards: str, source, block) -> int:
