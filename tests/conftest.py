@@ -1,7 +1,7 @@
-"""Session-wide test setup: the thread budget and one local Ray for the whole session.
+"""Session-wide test setup: the thread budget, one local Ray and one MLflow server for the whole session.
 
-Shared helpers (the tiny ViT, config overrides) live in ``helpers.py``; fixtures for MLflow servers and Ray
-clusters live in the test modules that use them.
+Shared helpers (the tiny ViT, config overrides, MLflow servers of a test's own) live in ``helpers.py``;
+fixtures for other servers and Ray clusters live in the test modules that use them.
 
 Fault injection: the Ray Train worker reads ``INFLORA_RAY_FAULT`` (forwarded by the driver, never part of the
 config), e.g. ``task=1,epoch=1,step=1,rank=1,mode=exit``; see ``inflora_ray/distributed/faults.py``.
@@ -16,6 +16,24 @@ import torch
 # Keep the two cores for the test process (and Ray workers where used).
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Ray Train's controller polls its workers every 2 s by default, so each of the suite's many short runs spent
+# up to 2 s noticing that training had ended (and as long again at each restart). A quarter second is
+# ample on a local cluster. Set before Ray starts (its processes inherit it; Ray Train forwards RAY_TRAIN_*
+# variables to its controller), and inherited by the runs that tests start as subprocesses.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One ``mlflow server`` on loopback (sqlite store) shared by the modules that only need a server to log to
+    (each uses experiments of its own); its URI. Tests that stop, break or configure a server start their own
+    with ``helpers.start_mlflow_server``."""
+    from helpers import start_mlflow_server, stop_server
+
+    proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield uri
+    stop_server(proc)
+
 
 @pytest.fixture(scope="session")
 def ray_session():
@@ -23,6 +41,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        # The dashboard serves Ray's state API, by which Ray Train's placement-group cleaner sees that a
+        # controller died (a trial process lost): without it the dead run's CPUs are never given back.
         ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -85,3 +85,73 @@ def run_two_ranks(target, tmp_path, stuck_in: str, name: str = "result") -> str:
     assert not alive, f"a rank is stuck in {stuck_in}"
     assert [p.exitcode for p in procs] == [0, 0]
     return out
+
+
+# ------------------------------------------------------------------------------ a run's reference, in process
+def run_in_process(cfg) -> dict:
+    """The summary (``inflora_ray.core.metrics.summary``: accuracy matrix, final accuracy, ...) of the run that
+    ``cfg`` describes, trained here as one Ray Train worker of ``run.cpus_per_worker`` CPUs trains it: with that
+    many threads. Bit for bit what a 1-worker run gives (``test_ray_train.py`` checks it), in a fraction of the
+    time: the reference of the tests that compare a resumed, restarted or reproduced run with an
+    uninterrupted one."""
+    from inflora_ray.core.metrics import summary
+    from inflora_ray.training.learner import ContinualLearner
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
+    try:
+        learner = ContinualLearner(cfg, device=torch.device("cpu"))
+        learner.run()
+    finally:
+        torch.set_num_threads(threads)
+    return summary(learner.record)
+
+
+# ------------------------------------------------------------------------------ MLflow servers on loopback
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(root: Path, *args: str, env: dict | None = None, timeout: float = 240):
+    """A real ``mlflow server`` on loopback with a sqlite store under ``root``, in a session of its own
+    (:func:`stop_server` kills the group), with extra flags and environment; returns (process, URI) once it
+    answers on /health."""
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    with open(root / "server.log", "w") as server_log:  # the server keeps its own copy of the handle
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "art"),
+             *args],
+            cwd=root, env={**os.environ, **(env or {})}, stdout=server_log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2):
+                return proc, uri
+        except OSError:
+            time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+
+
+def stop_server(proc) -> None:
+    """Kill a server started by :func:`start_mlflow_server` and everything in its process group."""
+    import os
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

@@ -81,7 +81,9 @@ def shards(rehearsal, tmp_path_factory):
 
 
 def _submit(r: Rehearsal, sid: str, entry: list[str], env_vars: dict | None = None) -> str:
-    r.cluster.submit(sid, entry, REPO, tuple(EXCLUDES), {"MLFLOW_TRACKING_URI": r.tracking_uri, **(env_vars or {})})
+    poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}  # conftest.py
+    r.cluster.submit(sid, entry, REPO, tuple(EXCLUDES),
+                     {"MLFLOW_TRACKING_URI": r.tracking_uri, **poll, **(env_vars or {})})
     return sid
 
 

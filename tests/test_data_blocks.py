@@ -117,3 +117,26 @@ def test_learner_with_loader_processes_equals_in_process(shards, tmp_path):
         assert learner.blocks.store_reads == 4  # each task's train and test block once (2 tasks)
         learner.blocks.close()
     assert results[0] == results[1]
+
+
+def test_loader_processes_find_the_main_scripts_imports_done(tmp_path):
+    """A forkserver child runs the main script again before anything else; the fork server preloads what
+    that script imported, so the child imports none of it itself (in a Ray worker, Ray's own imports: about a
+    second of CPU per loader process). ``probe_mod`` records the pid of each process that imports it."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "imported_by.txt"
+    (tmp_path / "probe_mod.py").write_text(f"import os\nopen({str(log)!r}, 'a').write(f'{{os.getpid()}}\\n')\n")
+    (tmp_path / "main.py").write_text(
+        "import os\nimport probe_mod\nfrom inflora_ray.data.loader import loader_context\n\n"
+        "def child(q):\n    q.put(os.getpid())\n\n"
+        "if __name__ == '__main__':\n    ctx = loader_context()\n    q = ctx.Queue()\n"
+        "    p = ctx.Process(target=child, args=(q,))\n    p.start()\n    print(q.get())\n    p.join()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    out = subprocess.run([sys.executable, str(tmp_path / "main.py")], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    child = out.stdout.split()[-1]
+    importers = log.read_text().split()
+    assert len(importers) == 2 and child not in importers, (child, importers)  # the main script, the fork server

@@ -10,7 +10,6 @@ import logging
 import pathlib
 import re
 import shutil
-import sys
 import time
 
 import pytest
@@ -399,35 +398,12 @@ def _ray_cfg(tmp_path):
 
 
 @pytest.mark.ray
-def test_truncated_start_checkpoint_is_not_retried_by_ray_train(ray_session, ckpt, tmp_path):
-    """The Train layer alone (as launch.py runs it), 2 ranks: both record the error and stop after agreeing,
-    so fit() ends at once although max_failures=-1."""
-    from ray import cloudpickle
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from inflora_ray.distributed.worker import train_worker
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    _truncate(ckpt)
-    cfg = _ray_cfg(tmp_path)
-    run = RunDir(str(tmp_path / "trunc"))
-    t0 = time.time()
-    TorchTrainer(train_worker,
-                 train_loop_config={"config": cfg.to_dict(), "run_dir": run.path, "start_from": str(ckpt)},
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                 run_config=RunConfig(name="trunc", storage_path=str(tmp_path),
-                                      failure_config=FailureConfig(max_failures=-1))).fit()
-    assert time.time() - t0 < 60
-    with pytest.raises(NonRetryableError, match=re.escape(str(ckpt / STATE_FILE))):
-        raise_if_fatal(run)
-
-
-@pytest.mark.ray
 def test_truncated_start_checkpoint_fails_within_a_minute_through_run_experiment(ray_session, ckpt, tmp_path,
                                                                                  monkeypatch):
-    """Through the driver: the checkpoint is cut short after the driver's preflight passed it (between the
-    preflight and connecting to Ray), so the workers meet it; max_failures=-1 must not restart forever."""
+    """Through the driver, 2 ranks: the checkpoint is cut short after the driver's preflight passed it (between
+    the preflight and connecting to Ray), so the workers meet it. Both ranks record the error and stop after
+    agreeing, so Ray Train sees no failure to retry: max_failures=-1 must not restart forever, and the driver
+    raises the recorded error."""
     from inflora_ray.distributed import launch
 
     connect = launch.connect_ray
@@ -439,5 +415,6 @@ def test_truncated_start_checkpoint_fails_within_a_minute_through_run_experiment
     monkeypatch.setattr(launch, "connect_ray", truncate_then_connect)
     t0 = time.time()
     with pytest.raises(NonRetryableError, match=re.escape(str(ckpt / STATE_FILE))):
-        launch.run_experiment(_ray_cfg(tmp_path), "trunc", start_from=str(ckpt), quiet_table=True)
+        launch.run_experiment(_ray_cfg(tmp_path).with_values({"run.num_workers": 2}), "trunc", start_from=str(ckpt),
+                              quiet_table=True)
     assert time.time() - t0 < 60

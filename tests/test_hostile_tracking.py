@@ -10,21 +10,17 @@ import importlib.util
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from helpers import tiny_overrides
+from helpers import free_port, start_mlflow_server, stop_server, tiny_overrides
 from inflora_ray.core.metrics import AccuracyRecord, summary
 from inflora_ray.distributed.preflight import PreflightError, start_tracker
 from inflora_ray.presets import load_config
 from inflora_ray.rundir import RunDir
 from inflora_ray.tracking import Tracker, is_redacted, redact_config, redact_text, redact_uri
-from test_tracking import _free_port, _stop  # the loopback MLflow server helpers of the tracking tests
 
 SECRET = "S3cret-Pw-771"  # appears nowhere but in the URIs under test
 TOKEN = "Tok-9f8e7d"
@@ -32,37 +28,6 @@ EXPERIMENT = "hostile-tracking"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _serve(root, *args: str, env: dict | None = None):
-    """A real ``mlflow server`` on loopback with a sqlite store under ``root``, started in a session of its
-    own (``_stop`` kills the group), with extra flags and environment; returns (process, URI)."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    with open(root / "server.log", "w") as server_log:  # the server keeps its own copy of the handle
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "art"),
-             *args],
-            cwd=root, env={**os.environ, **(env or {})}, stdout=server_log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2):
-                return proc, uri
-        except OSError:
-            time.sleep(0.5)
-    _stop(proc)
-    raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc, uri = _serve(tmp_path_factory.mktemp("mlflow"))
-    yield uri
-    _stop(proc)
-
-
 def _with_password(uri: str, user: str = "alice", password: str = SECRET) -> str:
     return uri.replace("://", f"://{user}:{password}@", 1)
 
@@ -162,7 +127,7 @@ def test_unusable_store_fails_at_start_with_what_to_fix(tmp_path, monkeypatch, u
         pytest.skip(f"{driver} is installed here")
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = uri.format(tmp=tmp_path, port=_free_port())
+    uri = uri.format(tmp=tmp_path, port=free_port())
     t0 = time.time()
     with pytest.raises(PreflightError) as err:
         start_tracker(_cfg(tmp_path / "runs", uri))
@@ -179,11 +144,11 @@ def test_file_store_is_used_when_the_user_allows_it(tmp_path, monkeypatch):
     assert tracker.start("r", _RECORD)
 
 
-def test_redacted_uri_gives_way_to_the_one_in_the_environment(tmp_path, monkeypatch, server):
+def test_redacted_uri_gives_way_to_the_one_in_the_environment(tmp_path, monkeypatch, mlflow_server):
     """--resume of a run whose stored config holds ``user:***@``: MLFLOW_TRACKING_URI gives it back."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", _with_password(server))
-    tracker = start_tracker(_cfg(tmp_path, redact_uri(_with_password(server))))
-    assert tracker.uri == redact_uri(_with_password(server))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _with_password(mlflow_server))
+    tracker = start_tracker(_cfg(tmp_path, redact_uri(_with_password(mlflow_server))))
+    assert tracker.uri == redact_uri(_with_password(mlflow_server))
     assert tracker.start("r", _RECORD)
 
 
@@ -194,9 +159,9 @@ def _capture_all_logs(caplog):
     logging.getLogger("inflora_ray").addHandler(caplog.handler)
 
 
-def test_password_and_tokens_reach_no_param_tag_file_log_or_console(tmp_path, server, caplog, capfd):
+def test_password_and_tokens_reach_no_param_tag_file_log_or_console(tmp_path, mlflow_server, caplog, capfd):
     _capture_all_logs(caplog)
-    uri = _with_password(server)
+    uri = _with_password(mlflow_server)
     cfg = _cfg(tmp_path, uri, **{"tracking.tags": f"{{source: 'https://git.example.org/x?private_token={TOKEN}'}}"})
     run = _run_dir(tmp_path)
     tracker = start_tracker(cfg)
@@ -207,7 +172,7 @@ def test_password_and_tokens_reach_no_param_tag_file_log_or_console(tmp_path, se
     assert tracker.lost is None
 
     from mlflow import MlflowClient
-    stored = MlflowClient(server).get_run(run_id)
+    stored = MlflowClient(mlflow_server).get_run(run_id)
     assert stored.info.status == "FINISHED"
     assert stored.data.params["tracking.uri"] == redact_uri(uri)
     assert stored.data.tags["source"] == "https://git.example.org/x?private_token=***"
@@ -218,13 +183,13 @@ def test_password_and_tokens_reach_no_param_tag_file_log_or_console(tmp_path, se
         assert SECRET not in where and TOKEN not in where
 
 
-def test_lost_server_message_and_log_line_hold_no_password(tmp_path, server, caplog):
+def test_lost_server_message_and_log_line_hold_no_password(tmp_path, mlflow_server, caplog):
     """A server that dies mid-run: MLflow's error quotes the URL it called, password included."""
     _capture_all_logs(caplog)
     run = _run_dir(tmp_path)
-    live = start_tracker(_cfg(tmp_path, _with_password(server)))
+    live = start_tracker(_cfg(tmp_path, _with_password(mlflow_server)))
     live.start("r", _RECORD)
-    dead = Tracker(_cfg(tmp_path, _with_password(f"http://127.0.0.1:{_free_port()}")))
+    dead = Tracker(_cfg(tmp_path, _with_password(f"http://127.0.0.1:{free_port()}")))
     dead.run_id = live.run_id  # the same run, through a server that is gone
     dead.log_task(_record(0), run)
     assert dead.lost is not None and "logging task 0" in dead.lost
@@ -370,7 +335,7 @@ def test_basic_auth_server(tmp_path, monkeypatch):
     root.mkdir()
     (root / "auth.ini").write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root}/users.db\n"
                                    "admin_username = admin\n")
-    proc, uri = _serve(root, "--app-name", "basic-auth", env={
+    proc, uri = start_mlflow_server(root, "--app-name", "basic-auth", env={
         "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": admin,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-key"})
     try:
@@ -389,4 +354,4 @@ def test_basic_auth_server(tmp_path, monkeypatch):
         run_id = tracker.start("r", _RECORD)
         assert SECRET not in json.dumps(tracker.client.get_run(run_id).data.params)
     finally:
-        _stop(proc)
+        stop_server(proc)

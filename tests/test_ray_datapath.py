@@ -1,6 +1,7 @@
 """On a real local Ray: the dataset is scanned once, by the driver, and its workers use that scan; every
 task-boundary checkpoint is kept while mid-task ones are pruned (by Ray Train, to the latest
-run.checkpoints_to_keep once every task is done); the final checkpoint is Ray Train's Result's."""
+run.checkpoints_to_keep once every task is done), through --stop-after-task and --resume, which end with the
+uninterrupted run's result; the final checkpoint is Ray Train's Result's."""
 from __future__ import annotations
 
 import io
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import tiny_overrides
+from helpers import run_in_process, tiny_overrides
 from inflora_ray.data import build_benchmark, scan_data
 from inflora_ray.distributed.launch import run_experiment
 from inflora_ray.presets import load_config
@@ -53,3 +54,4 @@ def test_mid_task_checkpoints_pruned_task_checkpoints_kept(ray_session, tmp_path
     assert sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_task")) == [
         "checkpoint_task000", "checkpoint_task001", "checkpoint_task001_epoch002"]
     assert len(done.tasks) == 2
+    assert done.accuracy_matrix == run_in_process(cfg)["accuracy_matrix"]  # stopped and resumed = uninterrupted

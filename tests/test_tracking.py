@@ -1,19 +1,15 @@
-"""MLflow tracking against a real `mlflow server` on loopback (sqlite backend, local artifact root), the local
-default store, and a server that is down at start or dies mid-run. No mocks."""
+"""MLflow tracking against a real `mlflow server` on loopback (sqlite backend, local artifact root; the session's
+shared one), the local default store, and a server that is down at start or dies mid-run. No mocks."""
 from __future__ import annotations
 
 import csv
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
-from helpers import tiny_overrides
+from helpers import free_port, start_mlflow_server, stop_server, tiny_overrides
 from inflora_ray.presets import load_config
 from inflora_ray.distributed.launch import run_experiment
 from inflora_ray.distributed.preflight import PreflightError
@@ -22,58 +18,17 @@ from inflora_ray.distributed.seeds import run_seeds
 pytestmark = pytest.mark.ray
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(tmp_path, name="srv"):
-    port = _free_port()
-    root = tmp_path / name
-    root.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "artifacts")],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    import urllib.request
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, uri
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
-
-
-def _stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc, uri = _start_server(tmp_path_factory.mktemp("mlflow"))
-    yield uri
-    _stop(proc)
-
-
 def _cfg(tmp_path, **extra):
     o = {"data.num_tasks": 2, "run.storage_path": str(tmp_path), "experiment.name": "tracking-test", **extra}
     return load_config("quickstart", tiny_overrides(**o))
 
 
-def test_seeds_log_parent_children_params_metrics_and_artifacts(ray_session, server, tmp_path):
+def test_seeds_log_parent_children_params_metrics_and_artifacts(ray_session, mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
-    cfg = _cfg(tmp_path, **{"tracking.uri": server, "tracking.sweep_id": "sw1"})
+    cfg = _cfg(tmp_path, **{"tracking.uri": mlflow_server, "tracking.sweep_id": "sw1"})
     out = run_seeds(cfg, [0, 1], "multi")
-    client = MlflowClient(server)
+    client = MlflowClient(mlflow_server)
     parent = client.get_run(out["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["seed"] == "parent"
     finals = []
@@ -114,33 +69,44 @@ def test_seeds_log_parent_children_params_metrics_and_artifacts(ray_session, ser
     assert parent.data.metrics["final_accuracy_std"] == pytest.approx(statistics.stdev(finals))
 
 
-def test_local_default_store_with_no_environment(ray_session, tmp_path, monkeypatch):
+def test_local_default_store_with_no_environment(tmp_path, monkeypatch):
+    """No tracking URI anywhere: the driver's tracker (no Ray involved) logs to MLflow's default store, in the
+    working directory."""
     from mlflow import MlflowClient
+
+    from inflora_ray.rundir import RunDir
+    from inflora_ray.distributed.preflight import start_tracker
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    res = run_experiment(_cfg(tmp_path / "runs", **{"data.num_tasks": 1}), "local", quiet_table=True)
+    cfg = _cfg(tmp_path / "runs", **{"data.num_tasks": 1})
+    assert cfg.tracking.uri is None
+    tracker = start_tracker(cfg)
+    run_id = tracker.start("local", {"class_order": list(range(10))})
+    (tmp_path / "runs" / "local" / "results").mkdir(parents=True)
+    tracker.finish(RunDir(str(tmp_path / "runs" / "local")), {}, status="FINISHED")
     import mlflow
     uri = mlflow.get_tracking_uri()
     assert str(tmp_path) in uri  # MLflow's default store lives in the working directory
-    run = MlflowClient(uri).get_run(res.mlflow_run_id)
+    run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["method"] == "inflora"
 
 
 def test_server_down_at_start_fails_fast(tmp_path):
     t0 = time.time()
     with pytest.raises(PreflightError, match=r"MLflow tracking server at http://127.0.0.1:\d+ is unreachable"):
-        run_experiment(_cfg(tmp_path, **{"tracking.uri": f"http://127.0.0.1:{_free_port()}"}), "down")
+        run_experiment(_cfg(tmp_path, **{"tracking.uri": f"http://127.0.0.1:{free_port()}"}), "down")
     assert time.time() - t0 < 15
     assert not (tmp_path / "down").exists()
 
 
 def test_server_killed_mid_run_does_not_stop_training(ray_session, tmp_path, capsys):
-    proc, uri = _start_server(tmp_path, "dying")
+    proc, uri = start_mlflow_server(tmp_path / "dying")
     killed = []
 
     def kill_after_first_task(rec):
         if rec["report"]["task"] == 0 and not killed:
-            _stop(proc)
+            stop_server(proc)
             killed.append(True)
 
     res = run_experiment(_cfg(tmp_path / "runs", **{"tracking.uri": uri, "data.num_tasks": 3}), "dying",

@@ -10,11 +10,10 @@ import csv
 
 import pytest
 
+from helpers import run_in_process
 from inflora_ray.presets import load_config
-from inflora_ray.distributed.launch import run_experiment
 from inflora_ray.distributed.search_space import load_space
 from inflora_ray.distributed.sweep import run_sweep
-from test_tracking import _start_server, _stop
 
 pytestmark = pytest.mark.ray
 
@@ -32,16 +31,14 @@ params:
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_session, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tune")
-    proc, uri = _start_server(tmp, "srv")
+def sweep(ray_session, mlflow_server, tmp_path_factory):
+    tmp, uri = tmp_path_factory.mktemp("tune"), mlflow_server
     cfg = load_config("quickstart", OVERRIDES + [f"run.storage_path={tmp / 'runs'}", f"tracking.uri={uri}"])
     (tmp / "space.yaml").write_text(SPACE)
     space = load_space(str(tmp / "space.yaml"), cfg)
     out = run_sweep(cfg, space, name="sw", max_concurrent=1, scheduler="asha", search="grid", grace_period=1,
                     reduction_factor=2)
-    yield {"out": out, "uri": uri, "cfg": cfg, "space": space, "tmp": tmp}
-    _stop(proc)
+    return {"out": out, "uri": uri, "cfg": cfg, "space": space, "tmp": tmp}
 
 
 def test_sweep_logs_parent_and_child_runs(sweep):
@@ -96,9 +93,9 @@ def test_best_config_yaml_reproduces_the_best_trial(sweep, tmp_path):
     best_yaml = out["sweep_dir"] + "/best_config.yaml"
     cfg = load_config(best_yaml, [f"run.storage_path={tmp_path}", "tracking.enabled=false"])
     assert cfg.train.lr == out["best_params"]["train.lr"]
-    alone = run_experiment(cfg, "alone", quiet_table=True)
+    alone = run_in_process(cfg)  # bit for bit the 1-worker run `inflora-run --config best_config.yaml` makes
     metric = sweep["space"].metric
-    assert alone.summary[metric] == pytest.approx(out["best_metrics"][metric], abs=1e-12)
+    assert alone[metric] == pytest.approx(out["best_metrics"][metric], abs=1e-12)
 
 
 def test_resume_reuses_finished_trials(sweep, capsys):
@@ -164,7 +161,7 @@ def test_a_trial_reports_the_mean_over_its_seeds(optuna_sweep):
     assert best["average_incremental_accuracy_std"] == pytest.approx(statistics.stdev(aia), abs=1e-12)
 
 
-def test_a_trial_whose_process_died_resumed_to_the_result_of_an_uninterrupted_run(optuna_sweep, tmp_path):
+def test_a_trial_whose_process_died_resumed_to_the_result_of_an_uninterrupted_run(optuna_sweep):
     import json
 
     out, cfg = optuna_sweep["out"], optuna_sweep["cfg"]
@@ -172,7 +169,6 @@ def test_a_trial_whose_process_died_resumed_to_the_result_of_an_uninterrupted_ru
     first = next(r for r in out["rows"] if r["status"] == "completed")
     assert first["param.train.lr"] == 0.002
     resumed = json.load(open(f"{out['sweep_dir']}/runs/{first['trial_id']}-seed11/results/metrics.json"))
-    alone = run_experiment(cfg.with_values({"train.lr": 0.002, "run.storage_path": str(tmp_path)}), "alone",
-                           quiet_table=True)
+    alone = run_in_process(cfg.with_values({"train.lr": 0.002}))  # the uninterrupted run
     assert resumed["status"] == "finished"
-    assert resumed["accuracy_matrix"] == alone.summary["accuracy_matrix"]
+    assert resumed["accuracy_matrix"] == alone["accuracy_matrix"]

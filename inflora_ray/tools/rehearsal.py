@@ -60,12 +60,16 @@ class RayCluster:
         self.gcs_port, self.dash_port, *head_ports = free_ports(7)
         self.address = f"http://{LOOPBACK}:{self.dash_port}"
         self.gcs_address = f"{LOOPBACK}:{self.gcs_port}"
+        # The head declares a node that stops answering dead after five missed checks 1 s apart (Ray's
+        # defaults: 3 s apart, ~15 s), so a rehearsed node loss is noticed in seconds; a node that is alive
+        # but slow still has a 10 s timeout per check.
+        head_env = {**self.node_env, "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
         self.head = start("ray head", [
             self.ray, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={self.gcs_port}",
             f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dash_port}", "--include-dashboard=true",
             *self._node_ports(head_ports[:5]), f"--num-cpus={head_cpus:g}", "--num-gpus=0",
             f"--object-store-memory={self.object_store}", f"--temp-dir={root / 'ray'}", "--disable-usage-stats",
-        ], self.node_env, root / "ray-head.log", ports=[self.gcs_port, self.dash_port])
+        ], head_env, root / "ray-head.log", ports=[self.gcs_port, self.dash_port])
         self.workers: dict[int, Service] = {}
         self._next = 1
 
@@ -184,7 +188,7 @@ class RayCluster:
             status = self.job(submission_id)["status"]
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 return status
-            time.sleep(1)
+            time.sleep(0.5)
         self.cli("job", "stop", f"--address={self.address}", submission_id)
         raise RehearsalError(f"job {submission_id} did not finish in {timeout:.0f} s:\n"
                              f"{self.job_logs(submission_id)[-4000:]}")
