@@ -15,7 +15,7 @@ from inflora_ray.presets import load_config
 from inflora_ray.distributed.search_space import load_space
 from inflora_ray.distributed.sweep import run_sweep
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 # The quickstart (pre-trained backbone) cut to 3 tasks x 1 epoch; trials run one at a time, in grid order, so
 # ASHA decides on each trial against the ones already recorded. lr 0.002 goes first and completes; lr LOW
