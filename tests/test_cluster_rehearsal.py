@@ -1,9 +1,11 @@
 """The cluster rehearsal (``inflora_ray.tools.rehearsal``), end to end: a Ray head (0 CPUs) and two 1-CPU worker
 nodes with token authentication, moto's S3 server with a bucket, an MLflow server (SQLite, artifacts in the
 bucket), all on loopback. Everything reaches the cluster the way a cluster user does: ``python -m
-inflora_ray.data prepare`` to ``s3://``, ``ray job submit`` of runs and a sweep reading shards from ``s3://``,
-storing on ``s3://`` and tracking to the server. A worker node is removed mid-task and replaced; a stopped run
-is resumed from ``s3://``.
+inflora_ray.data prepare`` to ``s3://``, ``ray job submit`` of a sweep and a run reading shards from ``s3://``,
+storing on ``s3://`` and tracking to the server, each run on 2 workers, one per node. The run loses a worker
+node mid-task (replaced, as an autoscaler would), is stopped, resumed from ``s3://``, and ends with the
+accuracy matrix of the sweep's uninterrupted run of the same config (each job costs a Ray Train start on the
+nodes: the suite's time).
 
 This module never calls ``ray.init``; it is named to run before the modules that use the session Ray (two Ray
 clusters on 2 cores at once are not something to rehearse). Run it alone with
@@ -103,17 +105,56 @@ def _matrix(r: Rehearsal, name: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference(rehearsal, shards):
-    """The uninterrupted 2-worker run: the reference of the node-removal and resume tests. A job with a bad
-    config is submitted alongside (it fails before asking for any CPU)."""
+def sweep(rehearsal, shards):
+    """A 2-trial grid sweep over method.rank whose trials are 2-worker runs, side by side (0.45 CPU per worker:
+    the four workers and the two trials' drivers fit the two 1-CPU nodes; one thread each, as with 1 CPU); its
+    rank-4 trial is the uninterrupted reference of the node-removal run.
+    A job with a bad config is submitted alongside (it fails before asking for any CPU)."""
     bad = [*RUN[:5], *tiny_overrides(**{"method.rank": 0}), "--storage-path", rehearsal.uri("bad"), "--no-tracking"]
     # Without a working dir (the package from PYTHONPATH, as from an image): two jobs that share one
     # working-dir package while one of them ends can lose its files (Ray removes the package).
     rehearsal.cluster.submit("bad-config", bad, env_vars={"PYTHONPATH": str(REPO)})
     _submit(rehearsal, "python", ["python", "-c", "import sys, inflora_ray; print('prefix=' + sys.prefix); "
                                   "print('package=' + inflora_ray.__file__)"])
-    sid = _submit(rehearsal, "ref", _run_cmd(rehearsal, shards, "ref"))
-    return {"sid": sid, "logs": _finish(rehearsal, sid), "job": rehearsal.cluster.job(sid)}
+    space = rehearsal.root / "space.yaml"  # read by the job's driver, on this machine
+    space.write_text("metric: average_incremental_accuracy\nmode: max\nparams:\n  method.rank: {grid: [2, 4]}\n")
+    entry = ["python", "-m", "inflora_ray.tune", "--config", "imagenet-r-5",
+             *tiny_overrides(**{"data.num_tasks": 3, "data.batch_size": 4, "run.use_gpu": "false"}),
+             f"data.shards={shards['uri']}", "run.cpus_per_worker=0.45", "--space", str(space), "--search", "grid",
+             "--scheduler", "fifo", "--num-workers", "2", "--max-concurrent", "2",
+             "--storage-path", rehearsal.uri("sweeps"), "--name", "rh-sweep"]
+    sid = _submit(rehearsal, "sweep", entry)
+    return {"logs": _finish(rehearsal, sid), "dir": rehearsal.uri("sweeps", "rh-sweep")}
+
+
+@pytest.fixture(scope="module")
+def preempted(rehearsal, shards, sweep):
+    """A 2-worker run that loses the node of rank 0 mid-task (a replacement node joins), stops after task 1 and
+    is resumed with --resume from ``s3://``; the two jobs' records and logs."""
+    cluster = rehearsal.cluster
+    # Rank 0 waits at the first step of task 1 (after task 0's checkpoint) until its node is removed; the
+    # run stops after task 1, to be resumed.
+    sid = _submit(rehearsal, "preempted", _run_cmd(rehearsal, shards, "preempted", "--stop-after-task", "1"),
+                  {"INFLORA_RAY_FAULT": "task=1,epoch=0,step=0,rank=0,mode=hold"})
+    run = RunDir(rehearsal.uri("runs", "preempted"))
+    deadline = time.time() + 180
+    while not storage.exists(run.fault_marker):
+        assert cluster.job(sid)["status"] in ("PENDING", "RUNNING"), cluster.job_logs(sid)[-4000:]
+        assert time.time() < deadline, "rank 0 never reached task 1"
+        time.sleep(0.5)
+    where = storage.read_json(run.fault_marker)
+    k = cluster.worker_of(where["node_id"])
+    assert k in cluster.workers, f"rank 0 is on node {where['node_id']}, not a worker node"
+    assert storage.exists(run.task_result(0)) and not storage.exists(run.task_result(1))
+    cluster.remove_node(k)  # preempted: its raylet, the worker and every process of the node, at once
+    replacement = cluster.add_node(1)  # what an autoscaler does next
+    cluster.wait_node_dead(where["node_id"])
+    logs = _finish(rehearsal, sid)
+    stopped = {"task_1_done": storage.exists(run.task_result(1)), "task_2_done": storage.exists(run.task_result(2))}
+    entry = [*RUN, f"data.shards={shards['uri']}", "--storage-path", rehearsal.uri("runs"), "--resume", "preempted"]
+    resumed = _submit(rehearsal, "resumed", entry)
+    return {"removed": k, "replacement": replacement, "job": cluster.job(sid), "logs": logs, "stopped": stopped,
+            "resumed_logs": _finish(rehearsal, resumed), "resumed_job": cluster.job(resumed)}
 
 
 # ------------------------------------------------------------------------------------------------ cluster
@@ -134,24 +175,41 @@ def test_prepare_writes_shards_to_the_bucket(rehearsal, shards):
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def test_two_worker_job_on_two_nodes_with_s3_storage_and_mlflow_server(rehearsal, reference):
+def _reference_matrix(r: Rehearsal, sweep: dict) -> list:
+    """The accuracy matrix of the sweep's trial whose config is the node-removal run's (method.rank 4)."""
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(storage.join(sweep["dir"], "trials.csv")).decode())))
+    (trial,) = [row["trial_id"] for row in rows if int(float(row["param.method.rank"])) == 4]
+    return storage.read_json(RunDir(storage.join(sweep["dir"], "runs", trial)).metrics)["accuracy_matrix"]
+
+
+def test_node_removed_mid_task_replaced_then_resumed_from_s3_gives_the_same_matrix(rehearsal, sweep, preempted):
+    cluster = rehearsal.cluster
+    nodes = {cluster.worker_of(a["node_id"]) for a in cluster.actors(preempted["job"]["job_id"], "RayTrainWorker")}
+    assert preempted["replacement"] in nodes and preempted["removed"] in nodes, nodes  # the restarted group used the new node
+    assert preempted["stopped"] == {"task_1_done": True, "task_2_done": False}  # --stop-after-task 1
+    assert _matrix(rehearsal, "preempted") == _reference_matrix(rehearsal, sweep), preempted["resumed_logs"][-4000:]
+
+
+def test_two_worker_jobs_on_two_nodes_with_s3_storage_and_mlflow_server(rehearsal, preempted):
     from mlflow.tracking import MlflowClient
 
-    logs, job = reference["logs"], reference["job"]
+    logs = preempted["logs"] + preempted["resumed_logs"]
     for t in range(1, 4):
         assert re.search(rf"^\[task {t}/3\] classes ", logs, re.M), f"no progress line for task {t}:\n{logs[-6000:]}"
-    assert "accuracy matrix (%)" in logs and "final accuracy A_T" in logs, logs[-6000:]
+    assert "accuracy matrix (%)" in preempted["resumed_logs"] and "final accuracy A_T" in preempted["resumed_logs"]
     # The entrypoint ran this environment's python and the package uploaded with --working-dir.
+    job = preempted["job"]
     assert job["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
 
-    # The two Ray Train workers ran on two different worker nodes.
-    workers = rehearsal.cluster.actors(job["job_id"], "RayTrainWorker")
-    nodes = {a["node_id"] for a in workers}
-    assert len(workers) == 2 and len(nodes) == 2, workers
-    assert {rehearsal.cluster.worker_of(n) for n in nodes} == {1, 2}
+    # Each worker group of the resumed run had its two Ray Train workers on two different worker nodes.
+    workers = rehearsal.cluster.actors(preempted["resumed_job"]["job_id"], "RayTrainWorker")
+    assert len(workers) == 2 and len({a["node_id"] for a in workers}) == 2, workers
 
     # Results and checkpoints in the bucket.
-    run = RunDir(rehearsal.uri("runs", "ref"))
+    run = RunDir(rehearsal.uri("runs", "preempted"))
     metrics = storage.read_json(run.metrics)
     assert metrics["complete"] == 3 and storage.exists(run.accuracy_matrix)
     ray_files = storage.list_names(run.path)
@@ -163,10 +221,11 @@ def test_two_worker_job_on_two_nodes_with_s3_storage_and_mlflow_server(rehearsal
     assert code["git_commit"] is None and code["code_sha256"] == code_hash()
     assert code["ray_working_dir"] == job["runtime_env"]["working_dir"] and code["package_version"]
 
-    # MLflow: the run on the server, its metrics, its artifacts in the bucket.
+    # MLflow: the run on the server (one run through the stop and the resume), its metrics, its artifacts in
+    # the bucket.
     client = MlflowClient(tracking_uri=rehearsal.tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string="tags.run_name = 'ref'")
+                              filter_string="tags.run_name = 'preempted'")
     assert len(runs) == 1
     mr = runs[0]
     assert mr.info.status == "FINISHED" and mr.info.artifact_uri.startswith("mlflow-artifacts:")
@@ -181,37 +240,7 @@ def test_two_worker_job_on_two_nodes_with_s3_storage_and_mlflow_server(rehearsal
     assert any(p.endswith("accuracy_matrix.csv") for p in objects), objects
 
 
-def test_node_removed_mid_task_replaced_then_resumed_from_s3_gives_the_same_matrix(rehearsal, shards, reference):
-    """One run for two rehearsals (the suite's time): a node lost mid-task, then a stop and a --resume."""
-    cluster = rehearsal.cluster
-    # Rank 0 waits at the first step of task 1 (after task 0's checkpoint) until its node is removed; the
-    # run stops after task 1, to be resumed.
-    sid = _submit(rehearsal, "preempted", _run_cmd(rehearsal, shards, "preempted", "--stop-after-task", "1"),
-                  {"INFLORA_RAY_FAULT": "task=1,epoch=0,step=0,rank=0,mode=hold"})
-    run = RunDir(rehearsal.uri("runs", "preempted"))
-    deadline = time.time() + 180
-    while not storage.exists(run.fault_marker):
-        assert cluster.job(sid)["status"] in ("PENDING", "RUNNING"), cluster.job_logs(sid)[-4000:]
-        assert time.time() < deadline, "rank 0 never reached task 1"
-        time.sleep(1)
-    where = storage.read_json(run.fault_marker)
-    k = cluster.worker_of(where["node_id"])
-    assert k in cluster.workers, f"rank 0 is on node {where['node_id']}, not a worker node"
-    assert storage.exists(run.task_result(0)) and not storage.exists(run.task_result(1))
-    cluster.remove_node(k)  # preempted: its raylet, the worker and every process of the node, at once
-    replacement = cluster.add_node(1)  # what an autoscaler does next
-    cluster.wait_node_dead(where["node_id"])
-    _finish(rehearsal, sid)
-    nodes = {cluster.worker_of(a["node_id"]) for a in cluster.actors(cluster.job(sid)["job_id"], "RayTrainWorker")}
-    assert replacement in nodes and k in nodes, nodes  # the restarted group used the new node
-    assert storage.exists(run.task_result(1)) and not storage.exists(run.task_result(2))
-
-    entry = [*RUN, f"data.shards={shards['uri']}", "--storage-path", rehearsal.uri("runs"), "--resume", "preempted"]
-    logs = _finish(rehearsal, _submit(rehearsal, "resumed", entry))
-    assert _matrix(rehearsal, "preempted") == _matrix(rehearsal, "ref"), logs[-4000:]
-
-
-def test_bad_config_job_fails_with_the_message_and_writes_nothing(rehearsal, reference):
+def test_bad_config_job_fails_with_the_message_and_writes_nothing(rehearsal, sweep):
     sid = "bad-config"
     assert rehearsal.cluster.wait_job(sid, 120) == "FAILED"
     logs = rehearsal.cluster.job_logs(sid)
@@ -219,7 +248,7 @@ def test_bad_config_job_fails_with_the_message_and_writes_nothing(rehearsal, ref
     assert storage.list_names(rehearsal.uri("bad")) == []
 
 
-def test_job_python_is_this_environment_and_the_package_comes_from_the_working_dir(rehearsal, reference):
+def test_job_python_is_this_environment_and_the_package_comes_from_the_working_dir(rehearsal, sweep):
     logs = _finish(rehearsal, "python", timeout=60)
     assert f"prefix={sys.prefix}\n" in logs, logs
     package = re.search(r"^package=(.*)$", logs, re.M).group(1)
@@ -227,20 +256,15 @@ def test_job_python_is_this_environment_and_the_package_comes_from_the_working_d
 
 
 # ------------------------------------------------------------------------------------------------ sweep
-def test_two_trial_sweep_on_the_cluster(rehearsal, shards, reference):
+def test_two_trial_sweep_on_the_cluster(rehearsal, sweep):
     from mlflow.tracking import MlflowClient
 
-    space = rehearsal.root / "space.yaml"  # read by the job's driver, on this machine
-    space.write_text("metric: average_incremental_accuracy\nmode: max\nparams:\n  method.rank: {grid: [2, 4]}\n")
-    # One worker per trial, 0.9 CPU: both trials fit the two 1-CPU nodes next to their trial drivers.
-    entry = ["python", "-m", "inflora_ray.tune", "--config", "imagenet-r-5",
-             *tiny_overrides(**{"data.num_tasks": 3, "data.batch_size": 4, "run.use_gpu": "false"}), f"data.shards={shards['uri']}",
-             "run.cpus_per_worker=0.9", "--space", str(space), "--search", "grid", "--scheduler", "fifo",
-             "--num-workers", "1", "--storage-path", rehearsal.uri("sweeps"), "--name", "rh-sweep"]
-    logs = _finish(rehearsal, _submit(rehearsal, "sweep", entry))
-    outcomes = storage.read_json(storage.join(rehearsal.uri("sweeps", "rh-sweep"), "trial_outcomes.json"))
+    outcomes = storage.read_json(storage.join(sweep["dir"], "trial_outcomes.json"))
     assert len(outcomes) == 2 and all(o["outcome"] == "completed" for o in outcomes.values()), outcomes
     client = MlflowClient(tracking_uri=rehearsal.tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("sweep_id")]
-    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children), logs[-4000:]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children), sweep["logs"][-4000:]
+    # The two trials' four Ray Train workers ran on the two worker nodes.
+    trial_workers = rehearsal.cluster.actors(rehearsal.cluster.job("sweep")["job_id"], "RayTrainWorker")
+    assert len(trial_workers) == 4 and len({a["node_id"] for a in trial_workers}) == 2, trial_workers

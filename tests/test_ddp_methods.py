@@ -1,7 +1,6 @@
 """Ray Train data parallelism (2 workers of 1 CPU, gloo) against one process, for every method, from ONE Ray
 Train job (starting a worker group costs more than the training here): the all-reduced covariance of task 0
-and the A_0 designed from it; then each method besides InfLoRA trained on both workers (InfLoRA's own runs are
-in test_ray_train.py). Only float summation order may differ (the gradient all-reduce): predictions agree
+and the A_0 designed from it; then each method, InfLoRA included, trained on both workers. Only float summation order may differ (the gradient all-reduce): predictions agree
 within 2 test samples per entry and the trained tensors closely. The prompt methods' pull/orthogonality
 losses are summed per sample and divided by the global batch size, so the gradients of prompts and keys are
 the global batch's mean however the batch is split."""
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.ray
 BASE = ["train.device=cpu", "tracking.enabled=false"]
 # Each method on 2 tasks x 1 epoch; CODA's pool cut to 20 components (10 per task) to keep it cheap.
 METHOD_RUN = BASE + ["data.num_tasks=2", "train.epochs=1", "method.coda_pool_size=20"]
-WEIGHTED = ("joint", "sd-lora")  # compared on the classifier heads and SD-LoRA's directions/magnitudes
+WEIGHTED = ("inflora", "joint", "sd-lora")  # compared on the classifier heads and SD-LoRA's directions/magnitudes
 PROMPTS = ("l2p", "dualprompt", "coda-prompt")  # compared on prompts and keys, relative to how far they moved
 
 
@@ -66,14 +65,15 @@ def two_workers(ray_session, tmp_path_factory):
     """What rank 0 of the 2-worker job ended with: the covariance probe and each method's state."""
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+
+    from inflora_ray.distributed.trainer import RunTrainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     tmp = tmp_path_factory.mktemp("ddp")
     out = tmp / "two.pt"
     loop = {"covariance": _covariance_cfg().to_dict(), "out": str(out),
             "methods": {m: _method_cfg(m).to_dict() for m in WEIGHTED + PROMPTS}}
-    TorchTrainer(_probe, train_loop_config=loop,
+    RunTrainer(_probe, train_loop_config=loop,
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                  run_config=RunConfig(name="ddp-methods", storage_path=str(tmp))).fit()
     return torch.load(out, weights_only=True)

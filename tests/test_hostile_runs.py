@@ -1,6 +1,7 @@
 """Hostile or broken inputs around a run: names that would escape the storage path, two runs in one folder,
 settings that would silently change on resume. Each row: the input -> the message, the exit code, and proof
-that nothing was written outside the expected place. The Ctrl-C test runs a real driver process."""
+that nothing was written outside the expected place. The Ctrl-C test runs a real driver process (and, on the
+same run, checks the driver's scan of the dataset and checkpoint pruning on Ray)."""
 from __future__ import annotations
 
 import json
@@ -185,38 +186,68 @@ def _metric_steps(tracking_uri: str, run_id: str, key: str) -> list[int]:
 
 @pytest.mark.ray
 def test_ctrl_c_saves_what_was_done_and_resume_finishes_the_same_run(ray_session, tmp_path):
-    """SIGINT to a real driver process after task 0: exit 130 with the resume command, metrics.json marked
-    incomplete, the MLflow run KILLED; --resume then ends with the accuracy matrix of an uninterrupted run,
-    and every metric has one value per task in MLflow. (The resume goes through run_experiment, the function
-    behind --resume, on the session's Ray; the uninterrupted run is trained in process.)"""
+    """SIGINT to a real driver process mid-task: exit 130 with the resume command, metrics.json marked
+    incomplete, the MLflow run KILLED; --resume then ends with the accuracy matrix of an uninterrupted run, and
+    every metric has one value per task in MLflow. The same run (each Ray Train start costs more than the checks)
+    shows the data path and the checkpoints on Ray: the resumed tasks train on the driver's scan of a folder
+    that changed after it (a rescan on the worker would find more images), every task-boundary checkpoint is
+    kept while mid-task ones are pruned to ``run.checkpoints_to_keep``, and the final checkpoint is Ray Train's
+    Result's. (The resume goes through run_experiment, the function behind --resume, on the session's Ray; the
+    uninterrupted run is trained in process.)"""
     from mlflow import MlflowClient
 
+    from inflora_ray.data import build_benchmark, scan_data
+    from test_data import WNIDS, write_imagenet_r
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    overrides = tiny_overrides(**{"data.num_tasks": 3, "train.epochs": 2})
+    root = write_imagenet_r(tmp_path / "imagenet-r")
+    overrides = tiny_overrides(**{"data.benchmark": "imagenet-r", "data.root": str(root), "data.num_tasks": 3,
+                                  "train.epochs": 2, "run.checkpoint_every_epochs": 1, "run.checkpoints_to_keep": 1})
     common = ["--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri, *overrides]
-    # The driver joins the session's Ray, as `python -m inflora_ray.run` joins a running cluster.
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    # The driver joins the session's Ray, as `python -m inflora_ray.run` joins a running cluster; its worker
+    # waits at the first step of task 1 (after task 0's checkpoint) for the Ctrl-C.
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "INFLORA_RAY_FAULT": "task=1,epoch=0,step=0,mode=hold"}
     proc = subprocess.Popen([sys.executable, "-m", "inflora_ray.run", "--name", "stopped", *common], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = tmp_path / "runs" / "stopped" / "results" / "task_000.json"
+    run = RunDir(str(tmp_path / "runs" / "stopped"))
     deadline = time.time() + 240
-    while not first.exists() and time.time() < deadline and proc.poll() is None:
+    while not os.path.exists(run.fault_marker) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
-    assert first.exists(), "task 0 never finished"
+    assert os.path.exists(run.fault_marker), "the run never reached task 1"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, err[-3000:]
     assert "--resume stopped" in err, err[-3000:]
     metrics = json.loads((tmp_path / "runs" / "stopped" / "results" / "metrics.json").read_text())
-    assert metrics["incomplete"] and metrics["status"] == "interrupted" and metrics["complete"] < 3
+    assert metrics["incomplete"] and metrics["status"] == "interrupted" and metrics["complete"] == 1
     tracking = json.loads((tmp_path / "runs" / "stopped" / "results" / "tracking.json").read_text())
     assert MlflowClient(uri).get_run(tracking["run_id"]).info.status == "KILLED"
 
     cfg = load_config("quickstart", overrides + [f"run.storage_path={tmp_path / 'runs'}", f"tracking.uri={uri}"])
-    resumed = run_experiment(cfg, "stopped", resume=True, quiet_table=True)
+    scanned = scan_data(cfg.data, cfg.model.img_size)
+    benchmark = build_benchmark(cfg.data, cfg.model.img_size, scanned=scanned)
+    train_images = [len(benchmark.task_indices("train", t)) for t in range(3)]
+    jpeg = next((root / WNIDS[0]).glob("*.jpg")).read_bytes()
+    extra = [root / wnid / f"extra_{k}.jpg" for wnid in WNIDS for k in range(2)]
+    for path in extra:  # every class gains images after the driver's scan
+        path.write_bytes(jpeg)
+    rescan = build_benchmark(cfg.data, cfg.model.img_size)
+    assert all(len(rescan.task_indices("train", t)) > n for t, n in enumerate(train_images))
+    resumed = run_experiment(cfg, "stopped", resume=True, data=scanned, quiet_table=True)
+    # Every epoch of every task (2 each) went through the driver's scan of the task's images.
+    assert [t["report"]["train_images"] for t in resumed.tasks] == [2 * n for n in train_images]
+    for path in extra:  # the folder as scanned, for the uninterrupted reference
+        path.unlink()
     whole = run_in_process(cfg)["accuracy_matrix"]  # the uninterrupted run
     assert resumed.accuracy_matrix == whole
     a = json.loads((tmp_path / "runs" / "stopped" / "results" / "metrics.json").read_text())
     assert a["accuracy_matrix"] == whole and not a["incomplete"]
     assert MlflowClient(uri).get_run(tracking["run_id"]).info.status == "FINISHED"
     assert _metric_steps(uri, tracking["run_id"], "pooled_accuracy") == [0, 1, 2]
+
+    # Ray keeps num_tasks + 1 = 4 checkpoints, ranked task checkpoints first: every task's and the latest
+    # mid-task one, also through the stop and the resume; the final one is Ray Train's Result's.
+    assert resumed.checkpoint == os.path.join(resumed.run_dir, "checkpoint_task002")
+    assert sorted(n for n in os.listdir(resumed.run_dir) if n.startswith("checkpoint_task")) == [
+        "checkpoint_task000", "checkpoint_task001", "checkpoint_task002", "checkpoint_task002_epoch000"]

@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import torch
-
 from .. import storage
 from ..config import Config, ConfigError
 from ..logs import log_event
@@ -79,6 +77,7 @@ def versions() -> dict:
     import mlflow
     import ray
     import timm
+    import torch
 
     from .. import __version__
     return {"inflora_ray": __version__, "torch": torch.__version__, "timm": timm.__version__,
@@ -199,15 +198,15 @@ def checkpoint_config(cfg: Config, num_tasks: int):
 
 def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions, num_tasks: int, data=None):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
+    from .trainer import RunTrainer
     from .worker import train_worker
 
     resources = {"CPU": cfg.run.cpus_per_worker}
     ray_path, ray_fs = storage.ray_storage(storage_path)
     if cfg.run.use_gpu:
         resources["GPU"] = cfg.run.gpus_per_worker
-    return TorchTrainer(
+    return RunTrainer(
         train_worker,
         train_loop_config={"config": _stored(cfg).to_dict(), "run_dir": run.path, "stop_after_task": opts.stop_after_task,
                            "start_from": opts.start_from, "fault": FaultPlan.from_env(), "data": data},

@@ -7,15 +7,16 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 from urllib.parse import urlparse
-
-import torch
 
 from .. import storage
 from ..config import Config
 from ..logs import log_event
 from ..rundir import CheckpointError, read_checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def in_submitted_job() -> bool:
 def _meta_backbone(cfg: Config) -> torch.nn.Module:
     """The configured timm model built on the meta device (no weights, no memory)."""
     import timm
+    import torch
 
     kwargs = dict(num_classes=0, img_size=cfg.model.img_size, **cfg.model.kwargs)
     try:
@@ -260,6 +262,8 @@ def checkpoint_problems(state: dict, arch: Architecture) -> list[str]:
 
 def _shape(x) -> Optional[tuple]:
     """The shape of a tensor, None for anything else."""
+    import torch
+
     return tuple(x.shape) if isinstance(x, torch.Tensor) else None
 
 

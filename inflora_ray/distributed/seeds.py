@@ -8,7 +8,6 @@ from typing import Optional
 
 from ..config import Config
 from ..core.metrics import aggregate_over_seeds
-from ..data import scan_data
 from ..data.registry import get_benchmark
 from .launch import RunResult, default_run_name, run_experiment
 from .preflight import PreflightError, connect_ray
@@ -26,6 +25,8 @@ def run_seeds(cfg: Config, seeds: list[int], name: Optional[str] = None, **optio
     base = name or cfg.run.name or default_run_name(cfg, with_seed=False)
     connect_ray(options.get("address"))  # once, before the seeds' threads
     if options.get("data") is None and not get_benchmark(cfg.data.benchmark).in_memory:
+        from ..data import scan_data
+
         try:  # the dataset is listed (and verified) once for every seed's run
             options["data"] = scan_data(cfg.data, cfg.model.img_size)
         except (OSError, ValueError) as e:
