@@ -175,7 +175,7 @@ def test_prepare_writes_shards_to_the_bucket(rehearsal, shards):
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def _reference_matrix(r: Rehearsal, sweep: dict) -> list:
+def _reference_matrix(sweep: dict) -> list:
     """The accuracy matrix of the sweep's trial whose config is the node-removal run's (method.rank 4)."""
     import csv
     import io
@@ -188,9 +188,10 @@ def _reference_matrix(r: Rehearsal, sweep: dict) -> list:
 def test_node_removed_mid_task_replaced_then_resumed_from_s3_gives_the_same_matrix(rehearsal, sweep, preempted):
     cluster = rehearsal.cluster
     nodes = {cluster.worker_of(a["node_id"]) for a in cluster.actors(preempted["job"]["job_id"], "RayTrainWorker")}
-    assert preempted["replacement"] in nodes and preempted["removed"] in nodes, nodes  # the restarted group used the new node
+    # The restarted group used the new node.
+    assert preempted["replacement"] in nodes and preempted["removed"] in nodes, nodes
     assert preempted["stopped"] == {"task_1_done": True, "task_2_done": False}  # --stop-after-task 1
-    assert _matrix(rehearsal, "preempted") == _reference_matrix(rehearsal, sweep), preempted["resumed_logs"][-4000:]
+    assert _matrix(rehearsal, "preempted") == _reference_matrix(sweep), preempted["resumed_logs"][-4000:]
 
 
 def test_two_worker_jobs_on_two_nodes_with_s3_storage_and_mlflow_server(rehearsal, preempted):
@@ -204,7 +205,7 @@ def test_two_worker_jobs_on_two_nodes_with_s3_storage_and_mlflow_server(rehearsa
     job = preempted["job"]
     assert job["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
 
-    # Each worker group of the resumed run had its two Ray Train workers on two different worker nodes.
+    # The resumed run's two Ray Train workers ran on two different worker nodes.
     workers = rehearsal.cluster.actors(preempted["resumed_job"]["job_id"], "RayTrainWorker")
     assert len(workers) == 2 and len({a["node_id"] for a in workers}) == 2, workers
 

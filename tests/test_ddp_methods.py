@@ -1,7 +1,8 @@
 """Ray Train data parallelism (2 workers of 1 CPU, gloo) against one process, for every method, from ONE Ray
 Train job (starting a worker group costs more than the training here): the all-reduced covariance of task 0
-and the A_0 designed from it; then each method, InfLoRA included, trained on both workers. Only float summation order may differ (the gradient all-reduce): predictions agree
-within 2 test samples per entry and the trained tensors closely. The prompt methods' pull/orthogonality
+and the A_0 designed from it; then each method, InfLoRA included, trained on both workers. Only float
+summation order may differ (the gradient all-reduce): predictions agree within 2 test samples per entry and
+the trained tensors closely. The prompt methods' pull/orthogonality
 losses are summed per sample and divided by the global batch size, so the gradients of prompts and keys are
 the global batch's mean however the batch is split."""
 from __future__ import annotations
@@ -74,8 +75,8 @@ def two_workers(ray_session, tmp_path_factory):
     loop = {"covariance": _covariance_cfg().to_dict(), "out": str(out),
             "methods": {m: _method_cfg(m).to_dict() for m in WEIGHTED + PROMPTS}}
     RunTrainer(_probe, train_loop_config=loop,
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                 run_config=RunConfig(name="ddp-methods", storage_path=str(tmp))).fit()
+               scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+               run_config=RunConfig(name="ddp-methods", storage_path=str(tmp))).fit()
     return torch.load(out, weights_only=True)
 
 

@@ -34,6 +34,9 @@ mode: max
 params:
   train.lr: {{choice: [0.002, {LOW}]}}
 """
+# The sweep's options, the same when it is resumed.
+SWEEP = dict(name="sw", num_samples=2, max_concurrent=1, search="optuna", scheduler="asha", grace_period=1,
+             reduction_factor=2, seeds_per_trial=len(SEEDS))
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +48,7 @@ def sweep(ray_session, mlflow_server, tmp_path_factory):
     space = load_space(str(tmp / "space.yaml"), cfg)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("INFLORA_RAY_TRIAL_FAULT", "task=0")
-        out = run_sweep(cfg, space, name="sw", num_samples=2, max_concurrent=1, search="optuna", scheduler="asha",
-                        grace_period=1, reduction_factor=2, seeds_per_trial=len(SEEDS), trial_retries=1)
+        out = run_sweep(cfg, space, **SWEEP, trial_retries=1)
     return {"out": out, "uri": uri, "cfg": cfg, "space": space, "tmp": tmp}
 
 
@@ -156,8 +158,7 @@ def test_a_trial_whose_process_died_resumed_to_the_result_of_an_uninterrupted_ru
 
 def test_resume_reuses_finished_trials(sweep, capsys):
     cfg, space = sweep["cfg"], sweep["space"]
-    again = run_sweep(cfg, space, name="sw", num_samples=2, max_concurrent=1, search="optuna", scheduler="asha",
-                      grace_period=1, reduction_factor=2, seeds_per_trial=len(SEEDS), resume=True)
+    again = run_sweep(cfg, space, **SWEEP, resume=True)
     assert sorted(r["trial_id"] for r in again["rows"]) == sorted(r["trial_id"] for r in sweep["out"]["rows"])
     assert again["best_params"] == sweep["out"]["best_params"]
 

@@ -3,8 +3,9 @@
 Ray Train starts a ``DatasetManager`` actor with every worker group (at the start and at each restart after a
 lost worker), whether or not the run has Ray Datasets. Runs here read their data through their own loaders
 and never pass ``datasets=``, so that actor only costs a process that imports Ray Data (about 3 s of CPU on
-the controller's node each time; a 1-worker run on 2 cores takes about 3 s less without it). The trainer below leaves Ray Train's dataset callback out when no dataset is given, and is
-Ray's ``TorchTrainer`` otherwise.
+the controller's node each time; a 1-worker run on 2 cores takes about 3 s less without it). The trainer
+below leaves Ray Train's dataset callback out when no dataset is given, and is Ray's ``TorchTrainer``
+otherwise.
 
 The hook it overrides, ``_create_default_callbacks``, is Ray Train V2's (Ray 2.60, the version
 ``pyproject.toml`` holds Ray to); ``tests/test_ray_train.py`` fails if a run starts a ``DatasetManager`` again.
