@@ -21,6 +21,10 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # ample on a local cluster. Set before Ray starts (its processes inherit it; Ray Train forwards RAY_TRAIN_*
 # variables to its controller), and inherited by the runs that tests start as subprocesses.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Train starts a preemption watcher (a process polling the cluster for nodes being drained) with every
+# worker group; no node of the tests' local Ray is ever drained, and the process cost each 2-worker run about
+# 2 s. The cluster rehearsal, whose nodes are real Ray nodes, keeps it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")

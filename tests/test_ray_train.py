@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from ray.train import UserCallback
 
 from helpers import run_in_process
 from inflora_ray.presets import load_config
@@ -31,14 +32,34 @@ def _cfg(tmp_path, **extra):
     return load_config("quickstart", [f"{k}={v}" for k, v in o.items()])
 
 
+class ControllerModules(UserCallback):
+    """A Ray Train callback (it runs in the run's controller): writes which of torch/torchvision/timm the
+    controller process has imported, at each report."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        import json
+        import sys
+
+        with open(self.path, "w") as f:
+            json.dump([m for m in ("torch", "torchvision", "timm") if m in sys.modules], f)
+
+
 @pytest.fixture(scope="module")
 def runs(ray_session, tmp_path_factory):
-    """The reference run shared by several tests: 1 worker; and the Ray actors of the classes it should or
-    should not start, counted before and after it."""
+    """The reference run shared by several tests: 1 worker; the Ray actors of the classes it should or should
+    not start, counted before and after it; the modules its controller had imported."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the callback's class, for the controller
     root = tmp_path_factory.mktemp("ref")
     before = _actor_counts()
-    one = run_experiment(_cfg(root, **{"run.num_workers": 1}), "one", quiet_table=True)
-    return {"root": root, "one": one, "actors": (before, _actor_counts())}
+    probe = ControllerModules(str(root / "controller_modules.json"))
+    one = run_experiment(_cfg(root, **{"run.num_workers": 1}), "one", quiet_table=True, train_callbacks=[probe])
+    return {"root": root, "one": one, "actors": (before, _actor_counts()),
+            "controller_modules": json.loads((root / "controller_modules.json").read_text())}
 
 
 def _actor_counts() -> dict[str, int]:
@@ -68,16 +89,47 @@ def test_a_run_starts_no_ray_data_actor(runs):
     assert after["DatasetManager"] == before["DatasetManager"]
 
 
-def test_worker_killed_mid_task_resumes_to_the_same_result(runs, tmp_path, monkeypatch):
-    """The worker process dies (os._exit) in task 1, epoch 1, after the mid-task checkpoint of epoch 0: Ray Train
-    starts a new worker group, which resumes from that checkpoint and ends exactly where the reference run did.
-    (Two workers, one of them lost with its node: the cluster rehearsal.)"""
-    monkeypatch.setenv(ENV_VAR, "task=1,epoch=1,step=1,rank=0,mode=exit")
-    cfg = _cfg(tmp_path, **{"run.num_workers": 1, "run.max_failures": 1})
-    result = run_experiment(cfg, "faulty", quiet_table=True)
-    assert os.path.exists(tmp_path / "faulty" / ".fault_injected")
-    assert _counts(result) == _counts(runs["one"])
-    assert result.summary == runs["one"].summary
+def test_the_controller_of_a_run_imports_no_torch(runs):
+    """The run's process group is configured by ProcessGroupConfig (inflora_ray/distributed/process_group.py),
+    so Ray Train's controller, started for every run, does not import torch; the worker's process group is
+    tested by every run (and with 2 workers by test_ddp_methods.py)."""
+    assert runs["controller_modules"] == []
+
+
+def test_process_group_backend_follows_the_workers_devices():
+    from ray.train import ScalingConfig
+
+    from inflora_ray.distributed.process_group import ProcessGroupConfig, choose_backend
+    from inflora_ray.distributed.trainer import RunTrainer
+
+    assert choose_backend(ProcessGroupConfig(), {"CPU": 1}) == "gloo"
+    assert choose_backend(ProcessGroupConfig(), {"CPU": 1, "GPU": 1}) == "nccl"
+    assert choose_backend(ProcessGroupConfig(backend="gloo"), {"GPU": 1}) == "gloo"
+    for use_gpu, backend in ((False, "gloo"), (True, "nccl")):  # as Ray's TorchTrainer decides
+        trainer = RunTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=2, use_gpu=use_gpu))
+        assert isinstance(trainer.backend_config, ProcessGroupConfig)
+        assert trainer.backend_config.backend == backend
+
+
+@pytest.fixture(scope="module")
+def branched(runs):
+    """A new run started from the reference's task-0 checkpoint, whose worker process dies (os._exit) in task 1,
+    epoch 1, after the mid-task checkpoint of epoch 0 (one Ray Train run for the two checks below)."""
+    root = runs["root"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ENV_VAR, "task=1,epoch=1,step=1,rank=0,mode=exit")
+        cfg = _cfg(root, **{"run.num_workers": 1, "run.max_failures": 1})
+        result = run_experiment(cfg, "branch", start_from=str(root / "one" / "checkpoint_task000"), quiet_table=True)
+    return {"dir": root / "branch", "result": result}
+
+
+def test_worker_killed_mid_task_resumes_to_the_same_result(runs, branched):
+    """Ray Train starts a new worker group after the worker's death, which resumes from the run's mid-task
+    checkpoint and ends exactly where the reference run did. (Two workers, one of them lost with its node: the
+    cluster rehearsal.)"""
+    assert os.path.exists(branched["dir"] / ".fault_injected")
+    assert _counts(branched["result"]) == _counts(runs["one"])
+    assert branched["result"].summary == runs["one"].summary
 
 
 def test_failure_beyond_max_failures_is_reported(ray_session, tmp_path, monkeypatch):
@@ -87,16 +139,13 @@ def test_failure_beyond_max_failures_is_reported(ray_session, tmp_path, monkeypa
         run_experiment(cfg, "broken", quiet_table=True)
 
 
-def test_branch_from_a_task_checkpoint_equals_one_run(runs):
-    """A new run started from the task-0 checkpoint of the reference run ends the same way. (--stop-after-task
-    then --resume: test_ray_datapath.py, test_hostile_runs.py and the cluster rehearsal.)"""
-    root = runs["root"]
-    cfg = _cfg(root, **{"run.num_workers": 1})
-    branch = run_experiment(cfg, "branch", start_from=str(root / "one" / "checkpoint_task000"), quiet_table=True)
-    assert _counts(branch) == _counts(runs["one"])
+def test_branch_from_a_task_checkpoint_equals_one_run(runs, branched):
+    """A new run started from the task-0 checkpoint of the reference run ends the same way (its worker lost on
+    the way, above). (--stop-after-task then --resume: test_hostile_runs.py and the cluster rehearsal.)"""
+    assert _counts(branched["result"]) == _counts(runs["one"])
     # results on disk: Parquet accuracy matrix and JSON metrics
     import pyarrow.parquet as pq
-    table = pq.read_table(root / "branch" / "results" / "accuracy_matrix.parquet").to_pydict()
+    table = pq.read_table(branched["dir"] / "results" / "accuracy_matrix.parquet").to_pydict()
     assert len(table["accuracy"]) == 3 and table["after_task"] == [0, 1, 1]
 
 
