@@ -4,8 +4,9 @@ Ray's ``TorchConfig`` lives in a module that imports torch, and Ray Train's cont
 started for every run and again by each trial of a sweep) unpickles the trainer's backend config: so every
 run start paid a torch import (about 3 s of CPU) in a process that never touches a tensor. The config below
 is defined in this torch-free module and only refers to torch from functions that run on the workers, where
-they call Ray's own process-group functions (``ray.train.torch.config``: the NCCL environment, the TPU and
-HCCL cases, the shutdown), so a run's workers get exactly the process group ``TorchTrainer`` gives them.
+they call Ray's own process-group functions (``ray.train.torch.config``: the distributed environment
+variables, NCCL's error handling, the shutdown), so a run's workers (CPU or GPU; TPUs are not supported) get
+the process group ``TorchTrainer`` gives them.
 
 Ray 2.60's Train V2 calls these hooks (``pyproject.toml`` holds Ray to 2.60.x); ``tests/test_ray_train.py``
 checks that the controller of a run has no torch and that the workers' process group is set up.
