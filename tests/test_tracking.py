@@ -11,7 +11,8 @@ import pytest
 
 from helpers import free_port, start_mlflow_server, stop_server, tiny_overrides
 from inflora_ray.presets import load_config
-from inflora_ray.distributed.launch import run_experiment
+from inflora_ray.distributed.faults import ENV_VAR
+from inflora_ray.distributed.launch import RunInterrupted, run_experiment
 from inflora_ray.distributed.preflight import PreflightError
 from inflora_ray.distributed.seeds import run_seeds
 
@@ -67,6 +68,24 @@ def test_seeds_log_parent_children_params_metrics_and_artifacts(ray_session, mlf
     import statistics
     assert parent.data.metrics["final_accuracy_mean"] == pytest.approx(statistics.fmean(finals))
     assert parent.data.metrics["final_accuracy_std"] == pytest.approx(statistics.stdev(finals))
+
+
+def test_a_run_its_caller_stopped_is_saved_as_interrupted_and_left_to_the_caller_in_mlflow(
+        ray_session, mlflow_server, tmp_path, monkeypatch):
+    """A sweep's trial that Ray Tune stops loses its runs' controllers and workers. A run that fails after its
+    caller asked it to stop is resumable (interrupted, not failed), and its MLflow run is ended by the sweep
+    alone: the dying run writes no status or end_reason that could land after the sweep's."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv(ENV_VAR, "task=0,mode=raise")  # stands in for the controller that Tune's stop kills
+    cfg = _cfg(tmp_path, **{"tracking.uri": mlflow_server, "run.max_failures": 0})
+    with pytest.raises(RunInterrupted, match=r"(?s)stopped by its caller \(.*--resume cut"):
+        run_experiment(cfg, "cut", quiet_table=True, stop_requested=lambda: True)
+    assert json.load(open(tmp_path / "cut" / "results" / "metrics.json"))["status"] == "interrupted"
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("tracking-test").experiment_id
+    [run] = client.search_runs([exp], "attributes.run_name = 'cut'")
+    assert run.info.status == "RUNNING" and "end_reason" not in run.data.tags
 
 
 def test_local_default_store_with_no_environment(tmp_path, monkeypatch):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
+import time
 
 import pytest
 
@@ -95,6 +97,10 @@ def test_every_trial_run_ends_with_its_trials_status(sweep):
             assert run.info.status == want[row["status"]], (row, seed, run.info.status)
             if row["status"] == "pruned":
                 assert run.data.tags["end_reason"] == "pruned"
+                saved = f"{out['sweep_dir']}/runs/{row['trial_id']}-seed{seed}/results/metrics.json"
+                if os.path.exists(saved):  # unless Tune's stop killed the run's process first
+                    # cut off by the stop (or finished before it), never failed: a stop is no error
+                    assert json.load(open(saved))["status"] in ("interrupted", "finished"), saved
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
 
 
@@ -163,3 +169,36 @@ def test_resume_reuses_finished_trials(sweep, capsys):
     assert again["best_params"] == sweep["out"]["best_params"]
 
 
+
+
+def test_a_trials_runs_see_that_tune_stops_the_trial(ray_session, tmp_path):
+    """Tune asks a trial to stop while the trial waits in its report (ASHA decides on a result); the trial's
+    runs, in other threads, must see the stop before Tune removes the trial's resources, or a pruned trial's
+    dying run could end its MLflow run FAILED after the sweep ended it KILLED (see trial.TrialStop)."""
+    import threading
+
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    from inflora_ray.distributed.trial import TrialStop
+
+    seen, stop_seen = {}, threading.Event()
+
+    def trial(config):
+        stop = TrialStop()
+
+        def run():  # one of the trial's runs
+            seen["at_start"] = stop.requested()
+            while not stop.requested():
+                time.sleep(0.01)
+            stop_seen.set()
+
+        threading.Thread(target=run, daemon=True).start()
+        stop.report({"tasks_done": 1})
+        stop.report({"tasks_done": 2})  # not reached: Tune stops the trial after the first result
+
+    trainable = wrap_function(trial)(config={}, storage=StorageContext(
+        storage_path=str(tmp_path), experiment_dir_name="sweep", trial_dir_name="trial"))
+    assert trainable.train()["tasks_done"] == 1
+    trainable.stop()  # what Tune's controller calls on the trial's actor to stop it
+    assert stop_seen.wait(30) and seen == {"at_start": False}

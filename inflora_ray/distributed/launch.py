@@ -44,10 +44,18 @@ class RunOptions:
     # The run's dataset as scanned by a caller (a sweep's driver): a ScannedData or a Ray ObjectRef of one; the
     # run then neither lists nor verifies the dataset again (unless its data settings differ).
     data: Any = None
+    # Whether the run's caller has asked it to stop (a sweep's trial that Ray Tune is stopping). A run that
+    # fails once this is true was cut off by that stop: it is saved as interrupted, and its MLflow run is left
+    # for the caller to end (the sweep ends it as its trial ended: pruned, unfinished).
+    stop_requested: Optional[Callable[[], bool]] = None
 
 
 class RunInterrupted(RuntimeError):
     """The driver was interrupted (Ctrl-C, SIGTERM); what was done is saved and the message says how to resume."""
+
+
+class RunStopped(RunInterrupted):
+    """The run's caller stopped it (:attr:`RunOptions.stop_requested`); the caller ends its MLflow run."""
 
 
 @dataclass
@@ -317,6 +325,9 @@ def _fit(trainer, run: RunDir, num_tasks: int, tracker,
     except (KeyboardInterrupt, SystemExit, _Interrupt) as e:
         return RunInterrupted(f"interrupted ({type(e).__name__})"), None
     except Exception as e:  # ray.train.TrainingFailedError and friends
+        if opts.stop_requested is not None and opts.stop_requested():
+            # Tune removes a stopped trial's resources, which kills this run's controller and workers.
+            return RunStopped(f"stopped by its caller ({type(e).__name__})"), None
         return _fatal_error(run) or e, None
     finally:
         for sig, handler in previous.items():
@@ -340,7 +351,7 @@ def _finish(cfg: Config, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
     if tracker is not None:
         tracker.finish(run, summ, status="KILLED" if interrupted else "FAILED" if error else "FINISHED",
                        error=f"{type(error).__name__}: {error}" if error is not None else None,
-                       checkpoint=checkpoint)
+                       checkpoint=checkpoint, close=not isinstance(error, RunStopped))
     if not opts.quiet_table:
         print_final_table(run.name, summ, num_tasks)
     if tracker is not None and tracker.lost:

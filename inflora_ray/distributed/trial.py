@@ -72,6 +72,33 @@ def _check_not_failed_before(run: RunDir, metrics: dict | None) -> None:
                                 f"results/metrics.json and the trial's log); a trial retry is not run again")
 
 
+class TrialStop:
+    """Whether Ray Tune has asked the trial running in this process to stop (its scheduler stopped it, or the
+    sweep is stopping); the trial reports through :meth:`report`.
+
+    Tune asks a trial to stop between two of its results, while the trial's thread waits in
+    ``ray.tune.report``, which then leaves with ``SystemExit``. That happens before Tune removes the trial's
+    resources, which kills the Ray Train controllers of the trial's runs: a run that fails once
+    :meth:`requested` is true was cut off by the stop."""
+
+    def __init__(self):
+        self._stopped = threading.Event()
+
+    def report(self, metrics: dict) -> None:
+        """``ray.tune.report(metrics)``, noting the ``SystemExit`` by which Tune ends a trial it stops."""
+        import ray.tune
+
+        try:
+            ray.tune.report(metrics)
+        except SystemExit:
+            self._stopped.set()
+            raise
+
+    def requested(self) -> bool:
+        """True once Tune has asked this trial to stop."""
+        return self._stopped.is_set()
+
+
 def run_trial(params: dict, *, plan: TrialPlan) -> None:
     """The Tune trainable: run the sampled config with the plan's seeds and report per-task means to Tune."""
     import ray.tune
@@ -81,6 +108,7 @@ def run_trial(params: dict, *, plan: TrialPlan) -> None:
     cfg = check_sample(config_from_dict(plan.base), params)
     cfg = cfg.with_values({"run.storage_path": plan.trial_storage, "tracking.sweep_id": plan.sweep})
     seeds = plan.seeds(cfg)
+    stop = TrialStop()
     records: queue.Queue = queue.Queue()
     errors: dict[int, BaseException] = {}
 
@@ -98,19 +126,20 @@ def run_trial(params: dict, *, plan: TrialPlan) -> None:
                     return
             run_experiment(cfg.with_values({"experiment.seed": seed}), name, resume=resume,
                            stop_after_task=plan.horizon - 1, parent_run_id=plan.parent_run_id, quiet_table=True,
-                           label=f"[{name}] ", on_task=lambda rec: records.put((seed, rec)), data=plan.data)
+                           label=f"[{name}] ", on_task=lambda rec: records.put((seed, rec)), data=plan.data,
+                           stop_requested=stop.requested)
         except BaseException as e:  # reported by the trial thread once every seed has ended
             errors[seed] = e
 
     threads = [threading.Thread(target=one, args=(s,), name=f"seed-{s}", daemon=True) for s in seeds]
     for t in threads:
         t.start()
-    report = ray.tune.report
+    report = stop.report
     if plan.exit_after_task is not None:
         marker = storage.join(plan.trial_storage, "trial.fault")
 
         def report(metrics: dict) -> None:
-            ray.tune.report(metrics)
+            stop.report(metrics)
             if metrics["tasks_done"] == plan.exit_after_task + 1:
                 exit_trial_once(marker, plan.exit_after_task)
 

@@ -43,10 +43,10 @@ def trial_run_names(trial_id: str, names: list[str]) -> list[str]:
 
 def end_trial_runs(sweep: str, outcomes: dict[str, dict]) -> int:
     """Give the MLflow runs of the trials in ``outcomes`` ({trial_id: {"outcome", "error"?}}) the status and
-    ``end_reason`` of their trial's outcome. Runs still RUNNING are always ended. The runs of a pruned or
-    unfinished trial are set KILLED whatever their stopped process wrote last (a run cut off by Tune may
-    have marked itself FAILED with the error of its dying workers); a failed trial's runs keep their own
-    status and error. Returns how many runs were changed (0 without tracking)."""
+    ``end_reason`` of their trial's outcome. Runs still RUNNING are always ended (a run cut off by Tune's stop
+    leaves its status to this, see :class:`.trial.TrialStop`). The runs of a pruned or unfinished trial are
+    set KILLED whatever they wrote last (a run that failed before the stop); a failed trial's runs keep their
+    own status and error. Returns how many runs were changed (0 without tracking)."""
     tracker = _TRACKERS.get(sweep)
     if tracker is None or tracker.run_id is None:
         return 0

@@ -235,15 +235,17 @@ class Tracker:
 
     # ---------------------------------------------------------------- end
     def finish(self, run: RunDir, summ: dict, status: str = "FINISHED", error: Optional[str] = None,
-               checkpoint: Optional[str] = None) -> None:
+               checkpoint: Optional[str] = None, close: bool = True) -> None:
         """Final metrics and artifacts (results, record, config and, unless KILLED, the final checkpoint) and
         the run's status: FINISHED, FAILED or KILLED (the driver was interrupted; a resume reopens the run).
         ``error``: why it failed or stopped, kept as the run's ``end_reason`` tag. ``checkpoint``: the final
-        checkpoint from Ray Train's Result; a failed run has none, and its last task checkpoint is logged."""
+        checkpoint from Ray Train's Result; a failed run has none, and its last task checkpoint is logged.
+        ``close=False``: neither status nor ``end_reason`` is written (a sweep ends the runs of the trials Ray
+        Tune stopped, and two writers of them would race)."""
         status = _terminal_status(status, failed=False)
 
         def do():
-            if error:
+            if error and close:
                 self.client.set_tag(self.run_id, END_REASON_TAG, self.redact(error)[:500])
             if summ:
                 final = {"final_accuracy": summ["final_accuracy"],
@@ -257,7 +259,8 @@ class Tracker:
                 last = checkpoint if checkpoint is not None else run.latest_task_checkpoint()
             if last is not None:
                 self._log_files(last, (STATE_FILE, META_FILE), "checkpoint")
-            self.client.set_terminated(self.run_id, status=status)
+            if close:
+                self.client.set_terminated(self.run_id, status=status)
 
         self.guard("finishing the run", do)
         if self.lost is None and self.run_id is not None:
