@@ -11,6 +11,7 @@ import timm
 import torch
 from torch import nn
 
+from inflora_ray.tools.rehearsal import MLFLOW_SERVER_ENV
 from inflora_ray.training.learner import Hooks
 
 # 16 px images, patch 4 (16 tokens + CLS), 2 blocks of width 48: a forward pass takes milliseconds on a CPU.
@@ -128,8 +129,7 @@ def start_mlflow_server(root: Path, *args: str, env: dict | None = None, timeout
 
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    # MLflow's job executor (GenAI jobs) is not used by the tests; without it the server starts ~7 s sooner.
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
+    env = {**MLFLOW_SERVER_ENV, **(env or {})}
     with open(root / "server.log", "w") as server_log:  # the server keeps its own copy of the handle
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

@@ -27,7 +27,7 @@ from helpers import tiny_overrides
 from inflora_ray import storage
 from inflora_ray.data.shards import verify_shards
 from inflora_ray.provenance import code_hash
-from inflora_ray.rundir import RunDir
+from inflora_ray.rundir import RunDir, SweepDir
 from inflora_ray.tools.rehearsal import Rehearsal, port_open
 from test_data import write_imagenet_r
 
@@ -39,9 +39,9 @@ EXCLUDES = [".venv", ".venv-ci", ".git", "runs", "mlruns", "mlflow.db", ".pytest
 # The tiny ViT on a 6-class ImageNet-R-layout dataset in 3 tasks; 2 workers of 1 CPU, i.e. one per node; each
 # decodes in one loader process, started by a fork server after the worker's S3 client (the preset's 4 cost
 # each worker start about 7 s more on 2 cores; the sweep's trials decode in the worker itself).
+SMALL = {"data.num_tasks": 3, "data.batch_size": 4, "run.use_gpu": "false"}  # the runs' and the sweep's
 RUN = ["python", "-m", "inflora_ray.run", "--config", "imagenet-r-5",
-       *tiny_overrides(**{"data.num_tasks": 3, "data.batch_size": 4, "data.loader_workers": 1, "run.max_failures": 3,
-                         "run.use_gpu": "false"}),
+       *tiny_overrides(**SMALL, **{"data.loader_workers": 1, "run.max_failures": 3}),
        "--num-workers", "2", "--cpus-per-worker", "1"]
 JOB_TIMEOUT = 240
 
@@ -123,13 +123,12 @@ def sweep(rehearsal, shards):
     space = rehearsal.root / "space.yaml"  # read by the job's driver, on this machine
     space.write_text("metric: average_incremental_accuracy\nmode: max\nparams:\n  method.rank: {grid: [2, 4]}\n")
     entry = ["python", "-m", "inflora_ray.tune", "--config", "imagenet-r-5",
-             *tiny_overrides(**{"data.num_tasks": 3, "data.batch_size": 4, "data.loader_workers": 0,
-                                "run.use_gpu": "false"}),
+             *tiny_overrides(**SMALL, **{"data.loader_workers": 0}),
              f"data.shards={shards['uri']}", "run.cpus_per_worker=0.45", "--space", str(space), "--search", "grid",
              "--scheduler", "fifo", "--num-workers", "2", "--max-concurrent", "2",
              "--storage-path", rehearsal.uri("sweeps"), "--name", "rh-sweep"]
     sid = _submit(rehearsal, "sweep", entry)
-    return {"logs": _finish(rehearsal, sid), "dir": rehearsal.uri("sweeps", "rh-sweep")}
+    return {"logs": _finish(rehearsal, sid), "dir": SweepDir(rehearsal.uri("sweeps", "rh-sweep"))}
 
 
 @pytest.fixture(scope="module")
@@ -185,9 +184,10 @@ def _reference_matrix(sweep: dict) -> list:
     import csv
     import io
 
-    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(storage.join(sweep["dir"], "trials.csv")).decode())))
+    table, _ = sweep["dir"].table_files
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(table).decode())))
     (trial,) = [row["trial_id"] for row in rows if int(float(row["param.method.rank"])) == 4]
-    return storage.read_json(RunDir(storage.join(sweep["dir"], "runs", trial)).metrics)["accuracy_matrix"]
+    return storage.read_json(sweep["dir"].trial(trial).metrics)["accuracy_matrix"]
 
 
 def test_node_removed_mid_task_replaced_then_resumed_from_s3_gives_the_same_matrix(rehearsal, sweep, preempted):
@@ -265,7 +265,7 @@ def test_job_python_is_this_environment_and_the_package_comes_from_the_working_d
 def test_two_trial_sweep_on_the_cluster(rehearsal, sweep):
     from mlflow.tracking import MlflowClient
 
-    outcomes = storage.read_json(storage.join(sweep["dir"], "trial_outcomes.json"))
+    outcomes = storage.read_json(sweep["dir"].outcomes)
     assert len(outcomes) == 2 and all(o["outcome"] == "completed" for o in outcomes.values()), outcomes
     client = MlflowClient(tracking_uri=rehearsal.tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])

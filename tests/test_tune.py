@@ -162,7 +162,7 @@ def test_a_trial_whose_process_died_resumed_to_the_result_of_an_uninterrupted_ru
         assert resumed["accuracy_matrix"] == reproduced["runs"][seed]["accuracy_matrix"]
 
 
-def test_resume_reuses_finished_trials(sweep, capsys):
+def test_resume_reuses_finished_trials(sweep):
     cfg, space = sweep["cfg"], sweep["space"]
     again = run_sweep(cfg, space, **SWEEP, resume=True)
     assert sorted(r["trial_id"] for r in again["rows"]) == sorted(r["trial_id"] for r in sweep["out"]["rows"])

@@ -37,12 +37,14 @@ def _write(tmp_path, text):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("params:\n  method.rnak: {choice: [1, 2]}\n", r"unknown parameter 'method.rnak'; valid parameters are \[.*'method.rank'"),
+    ("params:\n  method.rnak: {choice: [1, 2]}\n",
+     r"unknown parameter 'method.rnak'; valid parameters are \[.*'method.rank'"),
     ("params:\n  method.rank: {choice: []}\n", r"method.rank: choice needs a non-empty list"),
     ("params:\n  train.lr: {uniform: [0.1, 0.01]}\n", r"train.lr: low 0.1 > high 0.01"),
     ("params:\n  train.lr: {loguniform: [0, 0.01]}\n", r"loguniform needs low > 0"),
     ("params:\n  train.lr: {normal: [0, 1]}\n", r"expected one of \{choice"),
-    ("params:\n  method.rank: {choice: [4, 1000]}\n", r"method.rank=1000 gives an invalid config: method.rank=1000 is larger"),
+    ("params:\n  method.rank: {choice: [4, 1000]}\n",
+     r"method.rank=1000 gives an invalid config: method.rank=1000 is larger"),
     ("params:\n  method.lamb: {uniform: [0.5, 1.5]}\n", r"method.lamb=1.5 gives an invalid config"),
     ("params:\n  train.optimizer: {choice: [adam, rmsprop]}\n", r"train.optimizer='rmsprop' gives an invalid config"),
     ("params: {}\n", r"non-empty 'params:'"),
@@ -87,7 +89,8 @@ def test_with_values_sets_flat_keys(base):
     "params:\n  method.lamb: {uniform: [0.8, 0.95]}\n  method.lame: {uniform: [0.95, 1.0]}\n",  # may touch
     "params:\n  method.lamb: {choice: [0.9, 0.95]}\n  method.lame: {grid: [0.95, 1.0]}\n",
     "params:\n  method.lamb: {uniform: [0.5, 0.6]}\n  method.lame: {choice: [0.6, 0.7]}\n"
-    + "  method.rank: {randint: [1, 8]}\n  train.lr: {loguniform: [1.0e-4, 1]}\n  train.momentum: {uniform: [0, 0.9]}\n",
+    + "  method.rank: {randint: [1, 8]}\n  train.lr: {loguniform: [1.0e-4, 1]}\n"
+    + "  train.momentum: {uniform: [0, 0.9]}\n",
     "params:\n  train.lr: {randint: [1, 3]}\n  train.optimizer: {choice: [adam, sgd]}\n",  # ints are valid floats
 ])
 def test_good_spaces_load(tmp_path, base, text):

@@ -276,7 +276,8 @@ def run_experiment(cfg: Config, name: Optional[str] = None, **options) -> RunRes
     if opts.resume:
         clear_fatal(run)
     data = shipped_data(benchmark, given, opts.data)
-    error, checkpoint = _fit(_trainer(cfg, run, storage_path, opts, benchmark.num_tasks, data), run, benchmark.num_tasks, tracker, opts)
+    trainer = _trainer(cfg, run, storage_path, opts, benchmark.num_tasks, data)
+    error, checkpoint = _fit(trainer, run, benchmark.num_tasks, tracker, opts)
     return _finish(cfg, run, benchmark.num_tasks, tracker, opts, error, checkpoint)
 
 

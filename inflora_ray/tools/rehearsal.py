@@ -238,16 +238,19 @@ def create_bucket(endpoint: str, bucket: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- MLflow
+# Without MLflow's job executor (its GenAI jobs are not what a rehearsal or a test tracks): the server starts
+# in about half the time and runs no consumer process beside it.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def start_mlflow(root: Path, env: dict, artifacts: str) -> tuple[Service, str]:
     """``mlflow server`` on a free loopback port, runs in SQLite, artifacts proxied to ``artifacts``; not yet
     waited for (:func:`wait_mlflow`)."""
     (port,) = free_ports(1)
-    # Without MLflow's job executor (its GenAI jobs are not what runs here track): the server starts in about
-    # half the time and runs no consumer process beside it.
     svc = start("MLflow server", [
         tool("mlflow"), "server", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", artifacts,
-    ], {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, root / "mlflow.log", cwd=root, ports=[port])
+    ], {**env, **MLFLOW_SERVER_ENV}, root / "mlflow.log", cwd=root, ports=[port])
     return svc, f"http://{LOOPBACK}:{port}"
 
 
