@@ -20,8 +20,8 @@ from ..provenance import accelerator, code_identity
 from ..rundir import RunClaimed, RunDir
 from .faults import FaultPlan
 from .errors import NonRetryableError, clear_fatal, fatal_message, read_fatal
-from .preflight import (PreflightError, check_model, check_resources, check_start_checkpoint, check_storage,
-                        connect_ray, start_tracker, warn_local_paths)
+from .preflight import (PreflightError, check_model, check_ray_address, check_resources, check_start_checkpoint,
+                        check_storage, connect_ray, start_tracker, warn_local_paths)
 from .progress import ProgressWatcher, print_final_table
 from .resume import check_config_change, next_task_of, read_stored_config, record_config_change
 
@@ -236,6 +236,7 @@ def run_experiment(cfg: Config, name: Optional[str] = None, **options) -> RunRes
     driver is stopped (Ctrl-C, SIGTERM) after saving what was done.
     """
     opts = RunOptions(**options)
+    check_ray_address(opts.address)
     if opts.start_from is not None:  # the workers, in other working directories, open the same folder
         opts.start_from = storage.absolute(opts.start_from)
     storage_path = check_storage(cfg)

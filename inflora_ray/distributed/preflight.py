@@ -109,6 +109,15 @@ def _tcp_reachable(address: str, timeout: float = 5.0) -> None:
                              "up and the address right? Unset RAY_ADDRESS to run on a local Ray.") from None
 
 
+def check_ray_address(address: Optional[str]) -> None:
+    """Fail fast, before the dataset scan and the model check, when ``address`` (RAY_ADDRESS) names a cluster
+    that cannot be reached; nothing without an address or once this process is connected."""
+    import ray
+
+    if address and not ray.is_initialized():
+        _tcp_reachable(address)
+
+
 _RAY_LOCK = threading.Lock()
 
 

@@ -21,7 +21,7 @@ from ..config import Config, ConfigError
 from ..logs import log_event
 from ..rundir import RunClaimed, SweepDir
 from ..tracking.store import redact_config
-from .preflight import PreflightError, check_model, check_resources, connect_ray, start_tracker
+from .preflight import PreflightError, check_model, check_ray_address, check_resources, connect_ray, start_tracker
 from .search_space import SearchSpace, SpaceError
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,7 @@ def run_sweep(cfg: Config, space: SearchSpace, **options) -> dict:
 
     opts = SweepOptions(**options)
     _check_options(space, opts)
+    check_ray_address(opts.address)
     check_model(cfg)
     benchmark = build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model)  # the sweep's one scan
     num_tasks = benchmark.num_tasks
