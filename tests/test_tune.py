@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import statistics
+import threading
 import time
 
 import pytest
@@ -169,14 +170,10 @@ def test_resume_reuses_finished_trials(sweep):
     assert again["best_params"] == sweep["out"]["best_params"]
 
 
-
-
 def test_a_trials_runs_see_that_tune_stops_the_trial(ray_session, tmp_path):
     """Tune asks a trial to stop while the trial waits in its report (ASHA decides on a result); the trial's
     runs, in other threads, must see the stop before Tune removes the trial's resources, or a pruned trial's
     dying run could end its MLflow run FAILED after the sweep ended it KILLED (see trial.TrialStop)."""
-    import threading
-
     from ray.train._internal.storage import StorageContext
     from ray.tune.trainable.function_trainable import wrap_function
 
