@@ -11,7 +11,7 @@ import tempfile
 from common import machine
 from inflora_ray.presets import load_config
 from inflora_ray.core.model import build_model
-from inflora_ray.distributed.launch import run_experiment
+from inflora_ray.ray_train.launch import RunContext, RunOptions, run_experiment
 
 
 def synced_bytes(cfg) -> int:
@@ -37,10 +37,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.workers:
             cfg = load_config("quickstart", base + [f"run.num_workers={n}", f"run.storage_path={tmp}"])
-            res = run_experiment(cfg, f"scaling-{n}", quiet_table=True)
+            res = run_experiment(cfg, RunOptions(name=f"scaling-{n}"), RunContext(quiet_table=True))
             # training images per second over all tasks (covariance passes and evaluation excluded)
-            imgs = sum(t["report"]["train_images"] for t in res.tasks)
-            secs = sum(t["report"]["train_seconds"] for t in res.tasks)
+            imgs = sum(t["result"]["train_images"] for t in res.tasks)
+            secs = sum(t["result"]["train_seconds"] for t in res.tasks)
             rates[n] = imgs / secs
     one = rates.get(1)
     print(f"{'workers':>7} {'img/s':>9} {'efficiency':>10}")

@@ -14,7 +14,7 @@ CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
     "--use-gpu": ("run.use_gpu", dict(action="store_true", default=None, help="one GPU per worker")),
     "--cpus-per-worker": ("run.cpus_per_worker", dict(type=float, help="CPUs per Ray Train worker")),
     "--storage-path": ("run.storage_path", dict(help="local dir, NFS path or s3:// / gs:// URI")),
-    "--name": ("run.name", dict(help="run name (default: <experiment>-<method>-s<seed>-<time>)")),
+    "--name": ("run.name", dict(help="run name (default: <experiment>-<method>-<time>-seed<seed>)")),
     "--max-failures": ("run.max_failures", dict(type=int, help="worker failures to recover from")),
     "--tracking-uri": ("tracking.uri", dict(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else a "
                                                  "local store in the working directory)")),
@@ -49,9 +49,9 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 def run_cli(body: Callable[[], None], usage_errors: tuple = ()) -> int:
     """Run a CLI body: exit 0 on success, 2 on bad input found before compute (or an error no retry can fix),
     1 if the run failed, 130 if it was interrupted (Ctrl-C, SIGTERM) after saving what it had."""
-    from .distributed.errors import NonRetryableError
-    from .distributed.launch import RunInterrupted
-    from .distributed.preflight import PreflightError
+    from .preflight import PreflightError
+    from .ray_train.errors import NonRetryableError
+    from .ray_train.launch import RunInterrupted
 
     try:
         body()

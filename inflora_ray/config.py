@@ -10,19 +10,25 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .config_errors import ConfigError, config_error
+
+__all__ = ["BENCHMARK_NAMES", "METHOD_NAMES", "Config", "ConfigError", "DataConfig", "ExperimentConfig",
+           "MethodConfig", "ModelConfig", "RunSection", "TrackingSection", "TrainConfig", "config_from_dict"]
+
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-# Keys that were renamed: the old key's error says what to write instead.
-_RENAMED = {"data.num_workers": "data.loader_workers (decode/augment processes per Ray worker; "
-                                "Ray Train workers are run.num_workers)"}
 
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message says which field and what to change."""
+# The names a config accepts. The methods register under these names (inflora_ray.core.methods.registry, which
+# refuses any other) and the benchmarks are declared under these (inflora_ray.data.registry); tests check that
+# both registries hold exactly these. The config itself imports neither.
+METHOD_NAMES = ("inflora", "seq-lora", "linear-probe", "joint", "sd-lora", "l2p", "dualprompt", "coda-prompt")
+BENCHMARK_NAMES = ("digits", "cifar100", "imagenet-r", "domainnet")
+MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
+BenchmarkName = Literal[BENCHMARK_NAMES]  # type: ignore[valid-type]
 
 
 def builtin_weights() -> list[str]:
@@ -76,12 +82,6 @@ def _require(ok: bool, path: str, message: str) -> None:
         raise ConfigError(f"{path}: {message}")
 
 
-def _one_of(value: Any, names: list[str], path: str) -> Any:
-    _require(isinstance(value, str) and value in names, path,
-             f"expected one of {', '.join(map(repr, names))}, got {value!r} ({type(value).__name__})")
-    return value
-
-
 # PyYAML reads 1e-3 (no dot) as a string: float fields take it. List fields take tuples too.
 _scientific = BeforeValidator(lambda v: float(v) if isinstance(v, str) and _SCIENTIFIC.fullmatch(v.strip()) else v)
 _tuple = BeforeValidator(lambda v: list(v) if isinstance(v, tuple) else v)
@@ -93,13 +93,13 @@ Floats = Annotated[list[Float], _tuple]
 class _Model(BaseModel):
     """Strict, frozen, closed: no int for bool, no float for int, no string for a number, no unknown key."""
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid", allow_inf_nan=False)
+    section: ClassVar[str] = ""  # the section's key in Config ("" for Config itself): where error paths start
 
     def __init__(self, **data: Any):
         """Validate; a bad value raises ConfigError, also when a section is built directly."""
         try:
             super().__init__(**data)
         except ValidationError as e:
-            from .config_errors import config_error
             raise config_error(e, type(self)) from None
 
     @model_validator(mode="after")
@@ -113,6 +113,7 @@ class _Model(BaseModel):
 
 class ExperimentConfig(_Model):
     """Name, seed and logging cadence of the experiment."""
+    section: ClassVar[str] = "experiment"
     name: str = "inflora"
     seed: int = Field(0, ge=0)
     log_every_steps: int = Field(20, ge=1)
@@ -122,8 +123,9 @@ class ExperimentConfig(_Model):
 
 
 class MethodConfig(_Model):
-    """The continual-learning method (a name of ``inflora_ray.core.methods.METHODS``) and its hyperparameters."""
-    name: str = "inflora"
+    """The continual-learning method (one of :data:`METHOD_NAMES`) and its hyperparameters."""
+    section: ClassVar[str] = "method"
+    name: MethodName = "inflora"
     rank: int = Field(10, ge=1)
     lamb: Float = Field(0.95, gt=0, le=1)
     lame: Float = Field(1.0, gt=0, le=1)
@@ -145,12 +147,6 @@ class MethodConfig(_Model):
     coda_layers: Ints = Field(default_factory=lambda: [0, 1, 2, 3, 4])
     coda_ortho_mu: Float = Field(0.0, ge=0)
 
-    @field_validator("name", mode="before")
-    @classmethod
-    def _known(cls, value: Any) -> Any:
-        from .core.methods import METHODS  # here, not at the top: core.methods imports this module
-        return _one_of(value, list(METHODS), "method.name")
-
     def _check(self) -> None:
         _require(self.lamb <= self.lame, "method.lamb", f"must be <= method.lame ({self.lame})")
         _require(self.l2p_top_k <= self.l2p_pool_size, "method.l2p_top_k",
@@ -168,6 +164,7 @@ class MethodConfig(_Model):
 
 class ModelConfig(_Model):
     """The timm ViT backbone and its weights."""
+    section: ClassVar[str] = "model"
     name: str = "vit_base_patch16_224"
     pretrained: bool = False
     weights_file: str | None = None  # a state_dict path, or builtin:<name> (inflora_ray/weights)
@@ -185,12 +182,14 @@ class ModelConfig(_Model):
 
 
 class DataConfig(_Model):
-    """The benchmark (a name of ``inflora_ray.data.registry``), where it is, its task split and loaders.
+    """The benchmark (one of :data:`BENCHMARK_NAMES`), where it is, its task split and loaders.
 
     Local paths (``root``, ``shards``, ``manifest``) are stored absolute, so that Ray workers, whose working
-    directory differs, read the same files.
+    directory differs, read the same files. What depends on the benchmark itself (which options apply to it,
+    whether its dataset is there) is checked by :func:`inflora_ray.data.registry.check_data_config`.
     """
-    benchmark: str = "digits"
+    section: ClassVar[str] = "data"
+    benchmark: BenchmarkName = "digits"
     root: str | None = None  # the dataset's folder as released
     num_tasks: int = Field(5, ge=1)
     class_order: Ints | None = None
@@ -214,12 +213,6 @@ class DataConfig(_Model):
     device_cache_mb: int = Field(8192, ge=0)  # per worker; images beyond it are decoded again in every pass
     device_cache_side: int | None = Field(None, ge=1)  # cache images with a larger shorter side resized to it
 
-    @field_validator("benchmark", mode="before")
-    @classmethod
-    def _known(cls, value: Any) -> Any:
-        from .data.registry import benchmark_names  # here, not at the top: inflora_ray.data imports this module
-        return _one_of(value, benchmark_names(), "data.benchmark")
-
     @field_validator("root", "shards", "manifest", "block_cache_dir")
     @classmethod
     def _absolute(cls, value: str | None, info) -> str | None:
@@ -231,38 +224,18 @@ class DataConfig(_Model):
         return str(Path(value).expanduser().absolute())
 
     def _check(self) -> None:
-        from .data.registry import benchmark_names, get_benchmark
-        spec, specs = get_benchmark(self.benchmark), [get_benchmark(n) for n in benchmark_names()]
         _require(self.class_order is None or self.class_order_seed is None,
                  "data.class_order", "give either an explicit class_order or class_order_seed, not both")
-        _require(not self.download or spec.downloadable, "data.download",
-                 "only CIFAR-100 can be downloaded; ImageNet-R and DomainNet must be on disk")
-        _require(self.manifest is None or spec.split_manifest, "data.manifest", "a split manifest only applies "
-                 f"to benchmark {', '.join(repr(s.name) for s in specs if s.split_manifest)}")
         _require(self.block_cache_dir is None or ("://" not in self.block_cache_dir
                                                   and self.block_cache_dir.strip() != ""),
                  "data.block_cache_dir", "must be a local folder (blocks are staged on the worker's own disk)")
-        _require(self.verify_release or spec.release_checksums, "data.verify_release", "false only applies to "
-                 f"benchmark {', '.join(repr(s.name) for s in specs if s.release_checksums)} (the others have no "
-                 "official checksums); remove the setting")
-        if self.shards is not None:
-            _require(not spec.in_memory, "data.shards", f"the {self.benchmark} quickstart is built in memory; "
-                     f"shards apply to {', '.join(s.name for s in specs if not s.in_memory)}")
-            _require(self.shards.strip() != "", "data.shards", "must not be empty")
-            _require("://" in self.shards or Path(self.shards).expanduser().is_dir(), "data.shards",
-                     f"path not found: {self.shards!r}; prepare shards with `python -m inflora_ray.data "
-                     "prepare BENCHMARK --source PATH --out URI`")
-        elif not spec.in_memory:
-            _require(self.root is not None, "data.root",
-                     f"benchmark {self.benchmark!r} needs data.root (the dataset's folder), "
-                     f"e.g. data.root=/data/{self.benchmark}, or data.shards (prepared Parquet shards)")
-            _require(self.root.strip() != "", "data.root", "must not be empty")
-            _require(Path(self.root).exists() or self.download, "data.root",
-                     f"path not found: {self.root!r}")
+        for key in ("root", "shards"):
+            _require(getattr(self, key) is None or getattr(self, key).strip() != "", f"data.{key}", "must not be empty")
 
 
 class TrainConfig(_Model):
     """Optimiser, schedule, device and precision of the per-task training."""
+    section: ClassVar[str] = "train"
     epochs: int = Field(20, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: Float = Field(5e-4, gt=0)
@@ -287,6 +260,7 @@ class TrainConfig(_Model):
 
 class RunSection(_Model):
     """How the run is placed on Ray: workers, resources, storage, fault tolerance, checkpoints."""
+    section: ClassVar[str] = "run"
     num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
     use_gpu: bool = False
     cpus_per_worker: Float = Field(1.0, gt=0)
@@ -311,6 +285,7 @@ class RunSection(_Model):
 
 class TrackingSection(_Model):
     """MLflow tracking: one run per experiment run, written by the driver only."""
+    section: ClassVar[str] = "tracking"
     enabled: bool = True
     uri: str | None = None  # null: MLFLOW_TRACKING_URI, else MLflow's local store
     experiment: str | None = None  # null: experiment.name
@@ -381,5 +356,4 @@ def config_from_dict(data: dict) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        from .config_errors import config_error
         raise config_error(e, Config) from None

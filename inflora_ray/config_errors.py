@@ -1,5 +1,9 @@
-"""pydantic's ValidationError -> :class:`~inflora_ray.config.ConfigError` naming the field (``data.root``,
-``train.betas[1]``) and what it accepts, in the words of the config's own checks."""
+"""The config's error type, and pydantic's ValidationError turned into one naming the field (``data.root``,
+``train.betas[1]``) and what it accepts, in the words of the config's own checks.
+
+Imports nothing of the package: :mod:`inflora_ray.config` builds on it. A config section names itself in its
+``section`` class variable (``"method"``, ...; ``""`` for the whole config), which is where an error's path
+starts."""
 from __future__ import annotations
 
 import types
@@ -9,36 +13,40 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from .config import _RENAMED, Config, ConfigError
 
 
-def _strip(tp: Any) -> Any:
+class ConfigError(ValueError):
+    """An invalid configuration; the message says which field and what to change."""
+
+
+def strip_optional(tp: Any) -> Any:
     """``Annotated[X, ...]`` and ``X | None`` -> X."""
     while typing.get_origin(tp) in (Annotated, Union, types.UnionType):
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     return tp
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """How a message names a declared type: ``int``, ``one of 'a', 'b'``, ``a list of float``, ``int or null``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Annotated:
-        return _type_name(args[0])
+        return type_name(args[0])
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+        return " or ".join("null" if a is type(None) else type_name(a) for a in args)
     if origin is list:
-        return f"a list of {_type_name(args[0])}"
+        return f"a list of {type_name(args[0])}"
     return "a mapping" if tp is dict or origin is dict else getattr(tp, "__name__", str(tp))
 
 
 def _resolve(root: type[BaseModel], loc: tuple) -> tuple[str, Any, FieldInfo | None]:
     """The dotted path (``data.class_order[2]``), declared type and field at a pydantic error location."""
-    path = next((name for name, f in Config.model_fields.items() if f.annotation is root), "")
+    path = getattr(root, "section", "")
     tp, info = root, None
     for part in loc:
         if isinstance(part, int):  # an item of a list field
-            path, tp, info = f"{path}[{part}]", typing.get_args(_strip(tp))[0], None
+            path, tp, info = f"{path}[{part}]", typing.get_args(strip_optional(tp))[0], None
         elif part in getattr(tp, "model_fields", {}):
             info = tp.model_fields[part]
             path, tp = f"{path}.{part}".lstrip("."), info.annotation
@@ -73,9 +81,6 @@ def config_error(err: ValidationError, root: type[BaseModel]) -> ConfigError:
         where, model, _ = _resolve(root, parent)
         unknown = sorted((e["loc"][-1] for e in errors if e["type"] == "extra_forbidden" and e["loc"][:-1] == parent),
                          key=str)
-        for old in (f"{where}.{k}" if where else str(k) for k in unknown):
-            if old in _RENAMED:
-                return ConfigError(f"{old}: renamed to {_RENAMED[old]}")
         return ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; valid keys are {list(model.model_fields)}")
     path, tp, info = _resolve(root, first["loc"])
     where, value = path or "config", first["input"]
@@ -83,4 +88,4 @@ def config_error(err: ValidationError, root: type[BaseModel]) -> ConfigError:
         return ConfigError(f"{where}: must be a finite number")
     if first["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and info:
         return ConfigError(f"{where}: must be {_bounds(info)}")
-    return ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return ConfigError(f"{where}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")

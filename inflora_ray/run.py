@@ -1,7 +1,7 @@
 """``python -m inflora_ray.run`` (installed as ``inflora-run``): the whole task sequence as one Ray Train job.
 
 Connects to the cluster in ``RAY_ADDRESS`` when set (so ``ray job submit -- python -m inflora_ray.run`` works),
-otherwise starts a local Ray. The work is done by :mod:`inflora_ray.distributed`.
+otherwise starts a local Ray. The work is done by :mod:`inflora_ray.ray_train`.
 """
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import sys
 from typing import Optional
 
 from .cli import add_config_flags, flag_overrides, run_cli
-from .presets import load_config
-from .distributed.launch import run_experiment
-from .distributed.preflight import PreflightError
-from .distributed.resume import load_run_config
-from .distributed.seeds import run_seeds
 from .logs import setup_logging
+from .preflight import PreflightError
+from .presets import load_config
+from .ray_train.launch import RunContext, RunOptions, run_experiment
+from .ray_train.resume import load_run_config, resume_storage_path
+from .ray_train.seeds import run_seeds
 
 FLAGS = ["--num-workers", "--use-gpu", "--cpus-per-worker", "--storage-path", "--name", "--max-failures",
          "--tracking-uri", "--no-tracking"]
@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     p.add_argument("--config", default="quickstart", help="preset name or YAML file (default: quickstart)")
     add_config_flags(p, FLAGS)
+    p.add_argument("--verbose", action="store_true",
+                   help="show every event on the console, the Ray workers' included (they are always in the run's "
+                        "log, run.log in the run folder)")
     p.add_argument("--resume", metavar="RUN", help="continue a stopped run (name or run directory)")
     p.add_argument("--start-from", metavar="CHECKPOINT", help="start a new run from a checkpoint directory")
     p.add_argument("--allow-config-change", action="store_true",
@@ -57,29 +60,30 @@ def parse_seeds(text: str) -> list[int]:
 
 def _main(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + flag_overrides(args, FLAGS)
+    if args.seeds and args.resume:
+        raise PreflightError("--seeds cannot be combined with --resume; resume each seed's run by name")
+    context = RunContext()
     if args.resume:
-        storage_path = load_config(args.config, overrides).run.storage_path
-        cfg, name = load_run_config(storage_path, args.resume, overrides)
+        cfg, name, stored = load_run_config(resume_storage_path(args.config, overrides), args.resume, overrides)
+        context = RunContext(stored_config=stored)
     else:
         cfg, name = load_config(args.config, overrides), None
     if args.print_config:
         print(cfg.to_yaml())
         return
-    options = dict(stop_after_task=args.stop_after_task, start_from=args.start_from,
-                   address=args.address or os.environ.get("RAY_ADDRESS"),
-                   allow_config_change=args.allow_config_change)
+    opts = RunOptions(name=name, resume=bool(args.resume), start_from=args.start_from,
+                      stop_after_task=args.stop_after_task, allow_config_change=args.allow_config_change,
+                      address=args.address or os.environ.get("RAY_ADDRESS"))
     if args.seeds:
-        if args.resume:
-            raise PreflightError("--seeds cannot be combined with --resume; resume each seed's run by name")
-        run_seeds(cfg, parse_seeds(args.seeds), name, **options)
+        run_seeds(cfg, parse_seeds(args.seeds), opts)
     else:
-        run_experiment(cfg, name, resume=bool(args.resume), **options)
+        run_experiment(cfg, opts, context)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``inflora-run``; returns the exit code (0 ok, 2 bad input, 1 run failed)."""
-    setup_logging()
     args = build_parser().parse_intermixed_args(argv)
+    setup_logging(verbose=args.verbose)
     return run_cli(lambda: _main(args))
 
 

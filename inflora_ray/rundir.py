@@ -1,45 +1,63 @@
-"""The layout of a run's directory and of a sweep's directory: every path of their files is made here.
+"""The layout of a run's directory and of a sweep's directory (every path of their files is made here), the
+names of runs and sweeps, and the claim that gives a new run or sweep its folder.
 
 A run directory (``<run.storage_path>/<run name>``, a local path or an ``s3://`` / ``gs://`` URI)::
 
-    checkpoint_task<TTT>/                 Ray Train checkpoint after task TTT: state.pt, meta.json
+    checkpoint_task<TTT>/                 Ray Train checkpoint after task TTT (inflora_ray.training.checkpoint)
     checkpoint_task<TTT>_epoch<EEE>/      mid-task checkpoint (run.checkpoint_every_epochs)
+    run.log                               the run's log: every worker's events, one per line (logs/ on s3, gs)
+    progress.json                         the epoch the task under way has reached (rank 0, after each epoch)
     results/config.yaml                   the resolved config (what --resume reads)
-    results/record.json                   class order, tasks, dataset manifest, versions
+    results/config_history.json           settings changed by --resume / --start-from, and from which task
+    results/record.json                   the run's record: class order, tasks, dataset manifest, versions, code
     results/tracking.json                 MLflow run id and the tasks already logged
-    results/task_<TTT>.json               task TTT's report and the metrics after it (rank 0)
+    results/task_<TTT>.json               task TTT's result and the metrics after it (rank 0)
     results/adapters_task_<TTT>.pt        task TTT's finished adapter (A, B_k, B_v per layer)
-    results/metrics.json                  final metrics, per-task figures
+    results/metrics.json                  final metrics, per-task figures, how the run ended
     results/accuracy_matrix.parquet       the accuracy matrix in long format
 
-A sweep directory (``<run.storage_path>/<sweep name>``) holds Ray Tune's own files, ``sweep.json``, the
+What those files hold is written and read by :mod:`inflora_ray.results`. A sweep directory
+(``<run.storage_path>/<sweep name>``) holds Ray Tune's own files, ``sweep.json`` (the sweep's record), the
 trials' run directories under ``runs/``, ``best_config.yaml`` and ``trials.csv`` / ``trials.parquet``.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import logging
 import os
-import pickle
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-import yaml
-
 from . import storage
-from .config import ConfigError, check_name
-from .core.metrics import AccuracyRecord, summary
-from .logs import log_event
+from .config import Config, ConfigError, check_name
 
-log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"  # inside a checkpoint directory: the learner's state (torch.save, tensors only)
-META_FILE = "meta.json"  # inside a checkpoint directory: the metrics reported with it
 _CHECKPOINT_PREFIX = "checkpoint_task"
-STATE_DIGEST_KEY = "state_sha256"  # in meta.json: SHA-256 of state.pt (absent in checkpoints of 0.1.0)
+_SEED = "-seed"  # <base>-seed<k>: the run of seed k among several
+
+
+def run_name(base: str, seed: Optional[int] = None) -> str:
+    """The name of a run: ``base`` itself, or ``<base>-seed<k>`` for seed ``k`` of several runs made from one
+    base (``--seeds``, a sweep trial's seeds). :func:`split_run_name` reads it back."""
+    return base if seed is None else f"{base}{_SEED}{seed}"
+
+
+def split_run_name(name: str) -> tuple[str, Optional[int]]:
+    """``(base, seed)`` of a name made by :func:`run_name` (seed None when it carries none)."""
+    base, sep, seed = name.rpartition(_SEED)
+    return (base, int(seed)) if sep and base and seed.isdigit() else (name, None)
+
+
+def default_run_name(cfg: Config, with_seed: bool = True) -> str:
+    """``<experiment>-<method>-<YYYYmmdd-HHMMSS>``, with ``-seed<k>`` (``experiment.seed``) unless the seed
+    is added per run later (``with_seed=False``: the base of several seeds' runs)."""
+    base = f"{cfg.experiment.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return run_name(base, cfg.experiment.seed if with_seed else None)
+
+
+def default_sweep_name(cfg: Config) -> str:
+    """``sweep-<experiment>-<YYYYmmdd-HHMMSS>``."""
+    return f"sweep-{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def checkpoint_name(task: int, epoch: Optional[int] = None) -> str:
@@ -107,93 +125,6 @@ def release_folder(path: str) -> None:
         os.rmdir(path)
 
 
-def is_checkpoint(path: str) -> bool:
-    """True if ``path`` is an inflora-ray checkpoint directory (it holds the learner state)."""
-    return storage.exists(storage.join(path, STATE_FILE))
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, cut short, altered, holding objects other than tensors, or
-    made for another architecture; the message names it and says what is wrong."""
-
-
-def write_checkpoint(directory: str, state: dict, meta: dict) -> None:
-    """Save ``state`` as ``state.pt`` and ``meta`` with the SHA-256 of ``state.pt`` as ``meta.json``."""
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    storage.write_bytes(storage.join(directory, STATE_FILE), data)
-    storage.write_json(storage.join(directory, META_FILE), {**meta, STATE_DIGEST_KEY: hashlib.sha256(data).hexdigest()})
-
-
-def recorded_state_digest(directory: str) -> Optional[str]:
-    """The SHA-256 of ``state.pt`` recorded in the checkpoint's ``meta.json``; None when there is none (a
-    checkpoint of an earlier version)."""
-    meta_path = storage.join(directory, META_FILE)
-    if not storage.exists(meta_path):
-        return None
-    try:
-        meta = storage.read_json(meta_path)
-    except ValueError as e:
-        raise CheckpointError(f"{meta_path} is not valid JSON ({e}); the checkpoint is damaged") from None
-    digest = meta.get(STATE_DIGEST_KEY) if isinstance(meta, dict) else None
-    if digest is not None and not isinstance(digest, str):
-        raise CheckpointError(f"{meta_path}: {STATE_DIGEST_KEY} is {digest!r}, not a hex digest; the checkpoint "
-                              "is damaged")
-    return digest
-
-
-def load_state_bytes(data: bytes, shown: str) -> dict:
-    """A learner state from ``torch.save`` bytes, unpickling nothing but tensors and plain containers
-    (``weights_only=True``); ``shown`` names the file in errors."""
-    import torch
-
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
-        raise CheckpointError(f"{shown}: refused: it holds objects other than tensors and plain containers, "
-                              f"which are never unpickled ({first})") from None
-    except Exception as e:  # cut short, empty, not a torch file: RuntimeError, EOFError, KeyError, ...
-        raise CheckpointError(f"{shown}: cannot be read as a torch.save file ({type(e).__name__}: "
-                              f"{str(e)[:160]}); it is truncated or not an inflora-ray checkpoint") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{shown}: holds a {type(state).__name__}, not an inflora-ray learner state")
-    return state
-
-
-def read_checkpoint(directory: str, name: Optional[str] = None) -> dict:
-    """The learner state in checkpoint ``directory`` after checking ``state.pt`` against the SHA-256 in
-    ``meta.json`` (a checkpoint without one, from an earlier version, is read with a warning). ``name``: how
-    errors name the checkpoint (default ``directory``). Raises :class:`CheckpointError`; ``OSError`` when the
-    storage cannot be read."""
-    state_path = storage.join(directory, STATE_FILE)
-    shown = storage.join(name or directory, STATE_FILE)
-    if not storage.exists(state_path):
-        raise CheckpointError(f"{name or directory}: no inflora-ray checkpoint there ({STATE_FILE} missing)")
-    data = storage.read_bytes(state_path)
-    expected = recorded_state_digest(directory)
-    if expected is None:
-        log_event(log, "checkpoint_unverified", level=logging.WARNING, path=shown,
-                  message=f"no {STATE_DIGEST_KEY} in {META_FILE} (a checkpoint of an earlier version): not verified")
-    elif (actual := hashlib.sha256(data).hexdigest()) != expected:
-        raise CheckpointError(f"{shown}: SHA-256 {actual} differs from {expected} recorded in {META_FILE}; the "
-                              "file was cut short or altered after it was written")
-    return load_state_bytes(data, shown)
-
-
-def upgrade_stored_config(data: dict) -> dict:
-    """A config stored by an earlier version, in today's keys: the test-only ``debug`` section is gone and
-    ``data.num_workers`` is ``data.loader_workers``."""
-    data.pop("debug", None)
-    section = data.get("data")
-    if isinstance(section, dict) and "num_workers" in section:
-        section.setdefault("loader_workers", section.pop("num_workers"))
-    return data
-
-
 @dataclass(frozen=True)
 class RunDir:
     """The files of one run, under ``path``."""
@@ -230,8 +161,30 @@ class RunDir:
         return self.result("config.yaml")
 
     @property
+    def config_history(self) -> str:
+        return self.result("config_history.json")
+
+    @property
     def record(self) -> str:
         return self.result("record.json")
+
+    @property
+    def log_location(self) -> str:
+        """The run's log: the file ``run.log`` on a file system (every process of the run appends to it), or the
+        folder ``logs/`` on an object store, which cannot append (one object per process)."""
+        if storage.is_uri(self.path):
+            return storage.join(self.path, "logs") + "/"
+        return storage.join(self.path, "run.log")
+
+    def log_path(self, process: str) -> str:
+        """Where the process ``process`` (``rank0-<pid>``, ...) writes its events (see :attr:`log_location`)."""
+        where = self.log_location
+        return storage.join(where, f"{process}.log") if where.endswith("/") else where
+
+    @property
+    def progress(self) -> str:
+        """Where the task under way stands (rank 0 rewrites it after each epoch; the driver prints from it)."""
+        return storage.join(self.path, "progress.json")
 
     @property
     def tracking(self) -> str:
@@ -258,7 +211,7 @@ class RunDir:
 
     @property
     def fatal_marker(self) -> str:
-        """Written by a worker that hit an error a restart cannot fix (:mod:`inflora_ray.distributed.errors`);
+        """Written by a worker that hit an error a restart cannot fix (:mod:`inflora_ray.ray_train.errors`);
         while it exists, every worker of a restarted attempt returns at once."""
         return storage.join(self.path, ".fatal.json")
 
@@ -274,72 +227,6 @@ class RunDir:
             if name.startswith("task_") and name.endswith(".json") and name[5:8].isdigit():
                 out.append(int(name[5:8]))
         return sorted(out)
-
-    # ------------------------------------------------------------------------------------- results I/O
-    def read_config(self) -> dict:
-        """The config the run stored (``results/config.yaml``) as a dict, in today's keys; :class:`ConfigError`
-        when the file is damaged."""
-        try:
-            data = yaml.safe_load(storage.read_bytes(self.config))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{self.config} is not valid YAML ({str(e)[:200]}); the run's stored config is "
-                              "damaged") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{self.config}: expected a mapping of config sections; the run's stored config is "
-                              "damaged")
-        return upgrade_stored_config(data)
-
-    def read_metrics(self) -> dict | None:
-        """The content of ``results/metrics.json`` (written by :meth:`write_final_results`; JSON only, nothing
-        is unpickled); None while the run has not ended; :class:`ConfigError` when it is not a JSON object."""
-        if not storage.exists(self.metrics):
-            return None
-        try:
-            data = storage.read_json(self.metrics)
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise ConfigError(f"{self.metrics} is not valid JSON ({str(e)[:120]}); the run's results are damaged") \
-                from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{self.metrics}: expected a JSON object, got {type(data).__name__}; the run's "
-                              "results are damaged")
-        return data
-
-    def collect_results(self, num_tasks: int) -> tuple[list[dict], dict]:
-        """The per-task records, in order up to the first missing one, and the summary of the latest."""
-        tasks = []
-        for t in range(num_tasks):
-            path = self.task_result(t)
-            if not storage.exists(path):
-                break
-            tasks.append(storage.read_json(path))
-        if not tasks:
-            return [], {}
-        record = AccuracyRecord(correct=[t["report"]["correct"] for t in tasks],
-                                total=[t["report"]["total"] for t in tasks])
-        return tasks, summary(record)
-
-    def write_final_results(self, tasks: list[dict], summ: dict, status: str = "finished") -> None:
-        """The accuracy matrix as Parquet (long format) and the metrics as JSON; ``status`` (finished,
-        failed, interrupted) and ``incomplete`` say whether every task ran."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if tasks:
-            rows: dict[str, list] = {"after_task": [], "on_task": [], "accuracy": [], "correct": [], "total": [],
-                                     "own_head_accuracy": []}
-            for t in tasks:
-                r = t["report"]
-                for j, (c, n, own) in enumerate(zip(r["correct"], r["total"], r["own_head_correct"])):
-                    for key, value in (("after_task", r["task"]), ("on_task", j), ("accuracy", c / n),
-                                       ("correct", c), ("total", n), ("own_head_accuracy", own / n)):
-                        rows[key].append(value)
-            sink = pa.BufferOutputStream()
-            pq.write_table(pa.table(rows), sink)
-            storage.write_bytes(self.accuracy_matrix, sink.getvalue().to_pybytes())
-        per_task = [{k: v for k, v in t["report"].items() if k not in ("correct", "total", "own_head_correct")}
-                    for t in tasks]
-        storage.write_json(self.metrics, {**summ, "tasks": per_task, "complete": len(tasks), "status": status,
-                                          "incomplete": status != "finished"})
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """``python -m inflora_ray.tune`` (installed as ``inflora-tune``): Ray Tune sweeps where every trial is a full
-continual run. The work is done by :mod:`inflora_ray.distributed.sweep`."""
+continual run. The work is done by :mod:`inflora_ray.ray_tune`."""
 from __future__ import annotations
 
 import argparse
@@ -8,10 +8,10 @@ import sys
 from typing import Optional
 
 from .cli import add_config_flags, flag_overrides, run_cli
-from .presets import load_config
-from .distributed.search_space import SpaceError, load_space
-from .distributed.sweep import run_sweep
 from .logs import setup_logging
+from .presets import load_config
+from .ray_tune.search_space import SpaceError, load_space
+from .ray_tune.sweep import SweepOptions, run_sweep
 
 FLAGS = ["--storage-path", "--num-workers", "--use-gpu", "--tracking-uri"]
 
@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-name", "--name", dest="sweep_name", help="sweep name (default: sweep-<experiment>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the sweep --name, re-using finished trials")
     add_config_flags(p, FLAGS)
+    p.add_argument("--verbose", action="store_true",
+                   help="show every event on the console, the Ray workers' included (they are always in the run's "
+                        "log, run.log in the run folder)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     return p
 
@@ -50,17 +53,18 @@ def _main(args: argparse.Namespace) -> None:
         raise SpaceError("--num-samples must be >= 1")
     cfg = load_config(args.config, list(args.overrides) + flag_overrides(args, FLAGS))
     space = load_space(args.space, cfg)
-    run_sweep(cfg, space, name=args.sweep_name, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
-              scheduler=args.scheduler, search=args.search, first_tasks=args.first_tasks, resume=args.resume,
-              address=args.address or os.environ.get("RAY_ADDRESS"), grace_period=args.grace_period,
-              reduction_factor=args.reduction_factor, seeds_per_trial=args.seeds_per_trial,
-              trial_retries=args.trial_retries)
+    run_sweep(cfg, space, SweepOptions(
+        name=args.sweep_name, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+        scheduler=args.scheduler, search=args.search, first_tasks=args.first_tasks, resume=args.resume,
+        address=args.address or os.environ.get("RAY_ADDRESS"), grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor, seeds_per_trial=args.seeds_per_trial,
+        trial_retries=args.trial_retries))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``inflora-tune``; returns the exit code (0 ok, 2 bad input, 1 the sweep failed)."""
-    setup_logging()
     args = build_parser().parse_intermixed_args(argv)
+    setup_logging(verbose=args.verbose)
     return run_cli(lambda: _main(args), usage_errors=(SpaceError,))
 
 

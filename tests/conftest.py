@@ -4,7 +4,7 @@ Shared helpers (the tiny ViT, config overrides, MLflow servers of a test's own) 
 fixtures for other servers and Ray clusters live in the test modules that use them.
 
 Fault injection: the Ray Train worker reads ``INFLORA_RAY_FAULT`` (forwarded by the driver, never part of the
-config), e.g. ``task=1,epoch=1,step=1,rank=1,mode=exit``; see ``inflora_ray/distributed/faults.py``.
+config), e.g. ``task=1,epoch=1,step=1,rank=1,mode=exit``; see ``inflora_ray/ray_train/faults.py``.
 """
 from __future__ import annotations
 

@@ -105,7 +105,7 @@ def run_in_process(cfg) -> dict:
         learner.run()
     finally:
         torch.set_num_threads(threads)
-    return summary(learner.record)
+    return summary(learner.counts)
 
 
 # ------------------------------------------------------------------------------ MLflow servers on loopback
@@ -157,3 +157,68 @@ def stop_server(proc) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+def verify_weights(path: Path, record_path: Path | None = None) -> None:
+    """Raise ``ValueError`` unless the weights file's SHA-256 is the one its JSON record (next to it) gives: the
+    check the model builder makes of shipped weights (:func:`inflora_ray.core.model.check_weights_digest`)."""
+    import json
+
+    from inflora_ray.core.model import check_weights_digest
+
+    record_path = record_path or path.with_suffix(".json")
+    check_weights_digest(path, record_path, json.loads(record_path.read_text()).get("sha256"))
+
+
+def sd_lora_direction(components, task: int, which: int) -> torch.Tensor:
+    """The dense normalised direction ``B_k A_k / ||B_k A_k||_F`` that SD-LoRA components hold for a finished
+    task (``which``: 0 key, 1 value)."""
+    r = components.rank
+    b = (components.dir_B_k, components.dir_B_v)[which][:, task * r:(task + 1) * r]
+    return b @ components.lora_A[task * r:(task + 1) * r]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rehearsed faults on a RayCluster (inflora_ray.tools.rehearsal): a node lost, a job waited for
+# ---------------------------------------------------------------------------------------------------------
+
+def worker_of(cluster, node_id: str) -> int | None:
+    """Which worker node ``k`` of ``cluster`` a Ray node id is (None: the head or unknown)."""
+    for n in cluster.nodes():
+        if n["node_id"] == node_id:
+            names = [r for r in n.get("resources_total", {}) if r.startswith("rehearsal_node_")]
+            return int(names[0].rsplit("_", 1)[1]) if names else None
+    return None
+
+
+def remove_node(cluster, k: int) -> list[int]:
+    """Remove worker node ``k`` as a preempted machine goes: SIGKILL to its raylet, its workers and every other
+    process it started, at once, with no drain."""
+    return cluster.workers.pop(k).stop(hard=True)
+
+
+def wait_node_dead(cluster, node_id: str, timeout: float = 60) -> None:
+    """Until Ray's state reports ``node_id`` DEAD."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(n["node_id"] == node_id and n["state"] == "DEAD" for n in cluster.nodes()):
+            return
+        time.sleep(1)
+    raise AssertionError(f"node {node_id} still alive {timeout:.0f} s after its processes were killed")
+
+
+def wait_job(cluster, submission_id: str, timeout: float) -> str:
+    """Until the job ends; its final status (SUCCEEDED, FAILED, STOPPED). Stops it after ``timeout``."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = cluster.job(submission_id)["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        time.sleep(0.5)
+    cluster.cli("job", "stop", f"--address={cluster.address}", submission_id)
+    raise AssertionError(f"job {submission_id} did not finish in {timeout:.0f} s:\n"
+                         f"{cluster.job_logs(submission_id)[-4000:]}")

@@ -3,9 +3,9 @@ so far with all their heads; SD-LoRA keeps finished directions bit for bit and l
 from collections import Counter
 
 import torch
-from helpers import tiny_overrides
+from helpers import sd_lora_direction, tiny_overrides
 
-from inflora_ray.core.sd_lora import SDLoRAComponents
+from inflora_ray.core.methods.sd_lora import SDLoRAComponents
 from inflora_ray.presets import load_config
 from inflora_ray.data.loader import train_batches
 from inflora_ray.training import learner as learner_module
@@ -53,7 +53,7 @@ def test_sd_lora_components_forward_is_the_dense_normalised_sum():
     for t, (a, bk, bv) in enumerate(adapters):
         for j, b in enumerate((bk, bv)):
             d = b @ a
-            assert torch.allclose(comps.direction(t, j), d / d.norm(), atol=1e-6)
+            assert torch.allclose(sd_lora_direction(comps, t, j), d / d.norm(), atol=1e-6)
             dense[4 * (j + 1):4 * (j + 2)] += comps.magnitude[t, j] * d / d.norm()
     assert torch.allclose(comps(x), x @ dense.T, atol=1e-5)
 
@@ -64,7 +64,7 @@ def test_sd_lora_task_0_is_plain_lora_and_old_directions_stay_fixed():
     sd = ContinualLearner(_cfg("sd-lora"))
     sd.run(stop_after_task=0)
     # task 0: the same training as seq-lora, bit for bit; its adapter is stored as magnitude x direction
-    assert sd.reports[0].train_loss == seq.reports[0].train_loss
+    assert sd.task_results[0].train_loss == seq.task_results[0].train_loss
     comps = list(sd.model.extras["sd_lora"])
     for c, hist in zip(comps, seq.method.history[0]):
         assert torch.equal(c.lora_A[:c.rank], hist["lora_A"])
@@ -77,7 +77,7 @@ def test_sd_lora_task_0_is_plain_lora_and_old_directions_stay_fixed():
         for name in ("lora_A", "dir_B_k", "dir_B_v"):
             assert torch.equal(c.state_dict()[name][..., :r] if name != "lora_A" else c.lora_A[:r],
                                b[name][..., :r] if name != "lora_A" else b[name][:r]), name
-        assert abs(float(c.direction(0, 1).norm()) - 1) < 1e-5
+        assert abs(float(sd_lora_direction(c, 0, 1).norm()) - 1) < 1e-5
         # ... its magnitudes were learned, and task 1 was stored as a second component
         assert not torch.equal(c.magnitude[0], b["magnitude"][0])
         assert c.count == 2 and torch.count_nonzero(c.dir_B_v[:, r:2 * r])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tiny_overrides
+from helpers import remove_node, tiny_overrides, wait_job, wait_node_dead, worker_of
 from inflora_ray import storage
 from inflora_ray.data.shards import verify_shards
 from inflora_ray.provenance import code_hash
@@ -93,7 +93,7 @@ def _submit(r: Rehearsal, sid: str, entry: list[str], env_vars: dict | None = No
 
 
 def _finish(r: Rehearsal, sid: str, timeout: float = JOB_TIMEOUT) -> str:
-    status = r.cluster.wait_job(sid, timeout)
+    status = wait_job(r.cluster, sid, timeout)
     logs = r.cluster.job_logs(sid)
     assert status == "SUCCEEDED", f"job {sid}: {status}\n{logs[-6000:]}"
     return logs
@@ -147,12 +147,12 @@ def preempted(rehearsal, shards, sweep):
         assert time.time() < deadline, "rank 0 never reached task 1"
         time.sleep(0.5)
     where = storage.read_json(run.fault_marker)
-    k = cluster.worker_of(where["node_id"])
+    k = worker_of(cluster, where["node_id"])
     assert k in cluster.workers, f"rank 0 is on node {where['node_id']}, not a worker node"
     assert storage.exists(run.task_result(0)) and not storage.exists(run.task_result(1))
-    cluster.remove_node(k)  # preempted: its raylet, the worker and every process of the node, at once
+    remove_node(cluster, k)  # preempted: its raylet, the worker and every process of the node, at once
     replacement = cluster.add_node(1)  # what an autoscaler does next
-    cluster.wait_node_dead(where["node_id"])
+    wait_node_dead(cluster, where["node_id"])
     logs = _finish(rehearsal, sid)
     stopped = {"task_1_done": storage.exists(run.task_result(1)), "task_2_done": storage.exists(run.task_result(2))}
     entry = [*RUN, f"data.shards={shards['uri']}", "--storage-path", rehearsal.uri("runs"), "--resume", "preempted"]
@@ -192,7 +192,7 @@ def _reference_matrix(sweep: dict) -> list:
 
 def test_node_removed_mid_task_replaced_then_resumed_from_s3_gives_the_same_matrix(rehearsal, sweep, preempted):
     cluster = rehearsal.cluster
-    nodes = {cluster.worker_of(a["node_id"]) for a in cluster.actors(preempted["job"]["job_id"], "RayTrainWorker")}
+    nodes = {worker_of(cluster, a["node_id"]) for a in cluster.actors(preempted["job"]["job_id"], "RayTrainWorker")}
     # The restarted group used the new node.
     assert preempted["replacement"] in nodes and preempted["removed"] in nodes, nodes
     assert preempted["stopped"] == {"task_1_done": True, "task_2_done": False}  # --stop-after-task 1
@@ -206,6 +206,16 @@ def test_two_worker_jobs_on_two_nodes_with_s3_storage_and_mlflow_server(rehearsa
     for t in range(1, 4):
         assert re.search(rf"^\[task {t}/3\] classes ", logs, re.M), f"no progress line for task {t}:\n{logs[-6000:]}"
     assert "accuracy matrix (%)" in preempted["resumed_logs"] and "final accuracy A_T" in preempted["resumed_logs"]
+    # The driver's console (no --verbose): its own lines and the workers' warnings, never their other events;
+    # those are in the run's log objects in the bucket, one per worker process.
+    assert re.search(r"^run preempted: inflora on imagenet-r, 3 tasks, 2 worker\(s\)", logs, re.M), logs[-3000:]
+    assert re.search(r"level=warning .*event=fault_injected", preempted["logs"]), preempted["logs"][-4000:]
+    assert "event=epoch_end" not in logs and "RayTrainWorker pid=" not in logs, logs[-4000:]
+    log_dir = RunDir(rehearsal.uri("runs", "preempted")).log_location
+    objects = storage.list_names(log_dir.rstrip("/"))
+    assert len(objects) >= 3 and all(n.startswith("rank") for n in objects), objects
+    events = "".join(storage.read_bytes(storage.join(log_dir, n)).decode() for n in objects)
+    assert "event=task_end task=2" in events and "event=fault_injected" in events
     # The entrypoint ran this environment's python and the package uploaded with --working-dir.
     job = preempted["job"]
     assert job["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
@@ -248,7 +258,7 @@ def test_two_worker_jobs_on_two_nodes_with_s3_storage_and_mlflow_server(rehearsa
 
 def test_bad_config_job_fails_with_the_message_and_writes_nothing(rehearsal, sweep):
     sid = "bad-config"
-    assert rehearsal.cluster.wait_job(sid, 120) == "FAILED"
+    assert wait_job(rehearsal.cluster, sid, 120) == "FAILED"
     logs = rehearsal.cluster.job_logs(sid)
     assert "error: method.rank: must be >= 1" in logs, logs[-3000:]
     assert storage.list_names(rehearsal.uri("bad")) == []
@@ -267,6 +277,11 @@ def test_two_trial_sweep_on_the_cluster(rehearsal, sweep):
 
     outcomes = storage.read_json(sweep["dir"].outcomes)
     assert len(outcomes) == 2 and all(o["outcome"] == "completed" for o in outcomes.values()), outcomes
+    # The sweep's console: a line per trial start, per finished task of a trial, per trial end.
+    for trial in outcomes:
+        assert re.search(rf"^trial {trial} started: method.rank=[24]$", sweep["logs"], re.M), sweep["logs"][-3000:]
+        assert re.search(rf"^\[trial {trial}\] task 3/3  average_incremental_accuracy ", sweep["logs"], re.M)
+        assert re.search(rf"^trial {trial} completed after 3/3 tasks$", sweep["logs"], re.M)
     client = MlflowClient(tracking_uri=rehearsal.tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("sweep_id")]

@@ -149,15 +149,17 @@ def test_errors_never_show_pydantic_text():
         assert "pydantic" not in str(e.value) and "validation error" not in str(e.value)
 
 
-def test_names_come_from_the_registries():
+def test_names_are_the_config_lists_which_the_registries_hold():
+    from inflora_ray.config import BENCHMARK_NAMES, METHOD_NAMES
     from inflora_ray.core.methods import METHODS
     from inflora_ray.data.registry import benchmark_names
+    assert sorted(METHODS) == sorted(METHOD_NAMES) and benchmark_names() == list(BENCHMARK_NAMES)
     with pytest.raises(ConfigError) as e:
         load_config("quickstart", ["method.name=lora"])
-    assert str(e.value) == ("method.name: expected one of " + ", ".join(map(repr, METHODS)) + ", got 'lora' (str)")
+    assert str(e.value) == ("method.name: expected one of " + ", ".join(map(repr, METHOD_NAMES)) + ", got 'lora' (str)")
     with pytest.raises(ConfigError) as e:
         load_config("quickstart", ["data.benchmark=3"])
-    assert str(e.value) == ("data.benchmark: expected one of " + ", ".join(map(repr, benchmark_names()))
+    assert str(e.value) == ("data.benchmark: expected one of " + ", ".join(map(repr, BENCHMARK_NAMES))
                             + ", got 3 (int)")
 
 
@@ -171,14 +173,10 @@ def test_sections_built_directly_raise_config_error():
     assert DataConfig(class_order=(1, 0)).class_order == [1, 0]  # tuples pass for lists
 
 
-# ------------------------------------------------------------------------------------------ renamed key
-def test_data_num_workers_was_renamed():
-    message = (r"data.num_workers: renamed to data.loader_workers \(decode/augment processes per Ray worker; "
-               r"Ray Train workers are run.num_workers\)")
-    with pytest.raises(ConfigError, match=message):
+# ------------------------------------------------------------------------------------------ loader processes
+def test_loader_workers_are_data_loader_processes():
+    with pytest.raises(ConfigError, match=r"data: unknown key\(s\) \['num_workers'\]; valid keys are .*'loader_workers'"):
         load_config("quickstart", ["data.num_workers=2"])
-    with pytest.raises(ConfigError, match=message):
-        DataConfig(num_workers=2)
     assert load_config("quickstart", ["data.loader_workers=2"]).data.loader_workers == 2
     with pytest.raises(ConfigError, match="data.loader_workers: must be >= 0"):
         load_config("quickstart", ["data.loader_workers=-1"])
@@ -270,16 +268,20 @@ def test_yaml_round_trip_gives_an_equal_config(preset, tmp_path):
     assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()
 
 
-def test_resume_reads_a_config_stored_by_an_earlier_version(tmp_path):
-    """Runs stored before the rename of data.num_workers and the removal of the debug section still resume."""
+def test_resume_refuses_a_stored_config_with_an_unknown_key(tmp_path):
+    """A stored config holding a key this version does not know (a hand-edited file, another version's) is
+    refused with the key named, before anything runs."""
     import yaml
 
-    from inflora_ray.distributed.resume import load_run_config
+    from inflora_ray.ray_train.resume import load_run_config
 
     data = load_config("quickstart").to_dict()
-    data["data"]["num_workers"] = data["data"].pop("loader_workers")
-    data["debug"] = {"fail_at_task": None, "fail_at_epoch": 0}
+    data["debug"] = {"fail_at_task": None}
     (tmp_path / "old" / "results").mkdir(parents=True)
     (tmp_path / "old" / "results" / "config.yaml").write_text(yaml.safe_dump(data))
-    cfg, name = load_run_config(str(tmp_path), "old", ["data.loader_workers=2"])
-    assert name == "old" and cfg.data.loader_workers == 2 and "debug" not in cfg.to_dict()
+    with pytest.raises(ConfigError, match=r"config: unknown key\(s\) \['debug'\]"):
+        load_run_config(str(tmp_path), "old", [])
+    del data["debug"]
+    (tmp_path / "old" / "results" / "config.yaml").write_text(yaml.safe_dump(data))
+    cfg, name, stored = load_run_config(str(tmp_path), "old", ["data.loader_workers=2"])
+    assert name == "old" and cfg.data.loader_workers == 2 and stored["data"]["loader_workers"] == 0

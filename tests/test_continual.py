@@ -54,11 +54,11 @@ def test_run_is_deterministic_and_complete():
     a.run()
     b = ContinualLearner(cfg)
     b.run()
-    assert a.record.to_dict() == b.record.to_dict()
-    assert len(a.reports) == 3 and a.finished
+    assert a.counts.to_dict() == b.counts.to_dict()
+    assert len(a.task_results) == 3 and a.finished
     # every test sample of every seen task is counted exactly once
     n_test = [len(a.benchmark.task_indices("test", t)) for t in range(3)]
-    assert a.record.total[-1] == n_test
+    assert a.counts.total[-1] == n_test
     for ha, hb in zip(a.model.heads, b.model.heads):
         assert torch.equal(ha.weight, hb.weight)
     for la, lb in zip(a.model.adapters, b.model.adapters):
@@ -89,7 +89,7 @@ def test_resume_mid_task_equals_uninterrupted(method):
     resumed.load_state_dict(torch.load(io.BytesIO(hook.blob), weights_only=True))
     assert resumed.next_task == 1
     resumed.run()
-    assert resumed.record.to_dict() == full.record.to_dict()
+    assert resumed.counts.to_dict() == full.counts.to_dict()
     for lr, lf in zip(resumed.model.adapters, full.model.adapters):
         assert torch.equal(lr.weight, lf.weight)
     extras_r, extras_f = resumed.model.extras.state_dict(), full.model.extras.state_dict()
@@ -110,7 +110,7 @@ def test_stop_after_task_then_continue():
     second = ContinualLearner(cfg)
     second.load_state_dict(state)
     second.run()
-    assert second.record.to_dict() == full.record.to_dict()
+    assert second.counts.to_dict() == full.counts.to_dict()
 
 
 def _train_two_tasks(method):

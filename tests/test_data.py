@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from inflora_ray.data.registry import check_data_config
 from inflora_ray.config import ConfigError, DataConfig
 from inflora_ray.presets import load_config
 from inflora_ray.data import DataError, Preprocess, build_benchmark, cifar100, paper_preprocess, resolve_normalization
@@ -159,7 +160,7 @@ def test_cifar100_folder_itself_and_bad_roots(cifar_root, tmp_path):
         load_config("cifar100-10")
     with pytest.raises(ConfigError, match="data.root: path not found"):
         load_config("cifar100-10", [f"data.root={tmp_path / 'nope'}"])
-    with pytest.raises(ConfigError, match="data.download: only CIFAR-100"):
+    with pytest.raises(ConfigError, match="data.download: only 'cifar100' can be downloaded"):
         load_config("imagenet-r-5", [f"data.root={tmp_path}", "data.download=true"])
 
 
@@ -182,7 +183,9 @@ def test_cifar100_release_md5_is_checked_by_default(cifar_root, tmp_path, monkey
     assert b.manifest["official_release"] and b.manifest["release_verified"] and len(b.train) == 200
     assert not bench("cifar100", cifar_root, num_tasks=10).manifest["release_verified"]
     with pytest.raises(ConfigError, match="data.verify_release: false only applies to benchmark 'cifar100'"):
-        DataConfig(benchmark="imagenet-r", root=str(tmp_path), verify_release=False)
+        check_data_config(DataConfig(benchmark="imagenet-r", root=str(tmp_path), verify_release=False))
+    with pytest.raises(ConfigError, match="data.verify_release: false only applies to benchmark 'cifar100'"):
+        build_benchmark(DataConfig(benchmark="imagenet-r", root=str(tmp_path), verify_release=False), 32)
 
 
 def test_cifar100_unpickler_reads_data_and_numpy_arrays_only(tmp_path):
@@ -497,7 +500,7 @@ def test_learner_trains_from_shards(cifar_root, tmp_path):
                                                           "data.verify_release": "false"}) + data)
         learner = ContinualLearner(cfg)
         learner.run(stop_after_task=1)
-        runs.append(learner.record.to_dict())
+        runs.append(learner.counts.to_dict())
     assert runs[0] == runs[1]
 
 

@@ -113,7 +113,7 @@ def test_learner_with_loader_processes_equals_in_process(shards, tmp_path):
             "data.loader_workers": workers, "data.batch_size": 16, "data.block_cache_dir": str(tmp_path)}))
         learner = ContinualLearner(cfg)
         learner.run()
-        results.append((learner.record.correct, [r.train_loss for r in learner.reports]))
+        results.append((learner.counts.correct, [r.train_loss for r in learner.task_results]))
         assert learner.blocks.store_reads == 4  # each task's train and test block once (2 tasks)
         learner.blocks.close()
     assert results[0] == results[1]

@@ -37,7 +37,7 @@ def _covariance_cfg():
 
 
 def _state(learner) -> dict:
-    return {"correct": learner.record.to_dict(), "world": learner.world_size,
+    return {"correct": learner.counts.to_dict(), "world": learner.world_size,
             "extras": {k: v.detach().cpu().clone() for k, v in learner.model.extras.state_dict().items()},
             "heads": [h.weight.detach().cpu().clone() for h in learner.model.heads]}
 
@@ -67,7 +67,7 @@ def two_workers(ray_session, tmp_path_factory):
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
 
-    from inflora_ray.distributed.trainer import RunTrainer
+    from inflora_ray.ray_train.trainer import RunTrainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     tmp = tmp_path_factory.mktemp("ddp")

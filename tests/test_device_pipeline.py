@@ -61,7 +61,7 @@ def test_views_are_bitwise_the_cpu_paths_and_a_task_is_decoded_once(workers):
     pipe = DevicePipeline(ds, torch.device("cpu"), cache_bytes=1 << 30, loader_workers=workers)
     cov = pass_batches(idx, 16, seed=3, task=0, aug_stream=-1)  # a covariance pass first, as in the loop
     _same(_dev(pipe, cov), _cpu(ds, cov))
-    assert pipe.decoded == 40 and pipe.cached_images == 40
+    assert pipe.decoded == 40 and len(pipe._cache) == 40
     for epoch in range(2):  # epochs (empty batches included) read the cache only
         batches = train_batches(idx, 2, seed=3, task=0, epoch=epoch, rank=1, world_size=3)
         assert any(len(b) == 0 for b in batches)
@@ -72,7 +72,7 @@ def test_views_are_bitwise_the_cpu_paths_and_a_task_is_decoded_once(workers):
     # the next task's samples start a new group, decoded once
     nxt = pass_batches(np.arange(30, 50), 4, seed=3, task=1)
     _same(_dev(pipe, nxt), _cpu(ds, nxt))
-    assert pipe.decoded == 60 and pipe.cached_images == 20
+    assert pipe.decoded == 60 and len(pipe._cache) == 20
 
 
 def test_a_bounded_cache_decodes_the_rest_again_with_the_same_views():
@@ -82,10 +82,10 @@ def test_a_bounded_cache_decodes_the_rest_again_with_the_same_views():
     pipe = DevicePipeline(ds, torch.device("cpu"), cache_bytes=budget)
     batches = train_batches(idx, 8, seed=1, task=2, epoch=0)
     _same(_dev(pipe, batches), _cpu(ds, batches))
-    assert 0 < pipe.cached_images < len(ds) and sum(int(t.numel()) for t, _ in pipe._cache.values()) <= budget
+    assert 0 < len(pipe._cache) < len(ds) and sum(int(t.numel()) for t, _ in pipe._cache.values()) <= budget
     first = pipe.decoded
     _same(_dev(pipe, batches), _cpu(ds, batches))
-    assert pipe.decoded - first == len(ds) - pipe.cached_images
+    assert pipe.decoded - first == len(ds) - len(pipe._cache)
 
 
 def test_a_resized_cache_stays_close_to_the_cpu_path():
@@ -126,6 +126,6 @@ def test_the_loop_gives_the_same_run_with_either_pipeline():
         assert learner.use_device_pipeline == (pipeline == "device")
         assert isinstance(learner._train_loader(0), _DeviceLoader) == (pipeline == "device")  # what task 0 uses
         learner.run()
-        runs[pipeline] = (learner.record.to_dict(), [r.train_loss for r in learner.reports],
-                          [r.info for r in learner.reports])
+        runs[pipeline] = (learner.counts.to_dict(), [r.train_loss for r in learner.task_results],
+                          [r.info for r in learner.task_results])
     assert runs["cpu"] == runs["device"]

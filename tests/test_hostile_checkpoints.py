@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import logging
 import pathlib
 import re
 import shutil
@@ -16,12 +15,12 @@ import pytest
 
 from helpers import tiny_overrides
 from inflora_ray.config import ModelConfig
-from inflora_ray.distributed.errors import (NonRetryableError, clear_fatal, raise_if_fatal, read_fatal,
-                                            write_fatal)
-from inflora_ray.distributed.preflight import PreflightError, check_model, check_start_checkpoint
+from inflora_ray.ray_train.errors import NonRetryableError, clear_fatal, raise_if_fatal, read_fatal, write_fatal
+from inflora_ray.preflight import PreflightError, check_model, check_start_checkpoint
 from inflora_ray.presets import load_config
-from inflora_ray.rundir import (META_FILE, STATE_DIGEST_KEY, STATE_FILE, CheckpointError, RunDir, read_checkpoint,
-                                write_checkpoint)
+from inflora_ray.rundir import RunDir
+from inflora_ray.training.checkpoint import (META_FILE, STATE_DIGEST_KEY, STATE_FILE, CheckpointError,
+                                             read_checkpoint, write_checkpoint)
 from inflora_ray.training.learner import ContinualLearner
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "inflora_ray"
@@ -56,7 +55,7 @@ def _meta(ckpt: pathlib.Path) -> dict:
 
 
 def _drop_digest(ckpt: pathlib.Path) -> None:
-    """Make the checkpoint look like one of an earlier version (no checksum in meta.json)."""
+    """Take the checksum out of meta.json."""
     meta = _meta(ckpt)
     meta.pop(STATE_DIGEST_KEY)
     (ckpt / META_FILE).write_text(json.dumps(meta))
@@ -92,7 +91,7 @@ def test_checkpoint_records_the_checksum_of_its_state(ckpt, state):
 def test_the_worker_writes_the_checksum_when_it_reports(tmp_path, monkeypatch):
     import ray.train
 
-    from inflora_ray.distributed.worker import RayHooks
+    from inflora_ray.ray_train.worker import RayHooks
 
     seen = {}
 
@@ -104,16 +103,19 @@ def test_the_worker_writes_the_checksum_when_it_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(ray.train, "report", fake_report)
     cfg = _cfg()
     learner = ContinualLearner(cfg)
-    RayHooks(cfg, RunDir(str(tmp_path / "run")))._report(learner, {"task": 0, "loss": float("nan")}, "ck")
+    RayHooks(cfg, RunDir(str(tmp_path / "run")))._checkpoint(learner, {"task": 0, "loss": float("nan")}, "ck")
     assert seen["meta"][STATE_DIGEST_KEY] == seen["digest"] and seen["name"] == "ck"
     assert "loss" not in seen["meta"]  # NaN metrics are left out of meta.json, as before
 
 
-def test_checkpoint_without_checksum_is_read_with_a_warning(ckpt, caplog):
+def test_checkpoint_without_checksum_is_refused(ckpt):
     _drop_digest(ckpt)
-    with caplog.at_level(logging.WARNING, logger="inflora_ray.rundir"):
+    with pytest.raises(PreflightError, match=r"meta\.json: state_sha256 is None, not a hex digest; the checkpoint "
+                                             r"cannot be verified"):
         check_start_checkpoint(str(ckpt), _cfg())
-    assert any(r.getMessage() == "checkpoint_unverified" for r in caplog.records)
+    (ckpt / META_FILE).unlink()
+    with pytest.raises(PreflightError, match=r"meta\.json is missing: the checkpoint cannot be verified"):
+        check_start_checkpoint(str(ckpt), _cfg())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ def _not_a_state(changed, tmp_path):
 HOSTILE = {
     # name: (how the checkpoint is spoiled, config overrides, what the error says)
     "truncated": (lambda c, s, t: _truncate(c), {}, r"state\.pt: SHA-256 \w+ differs from \w+ recorded in meta\.json"),
-    "truncated, no checksum": (_truncated_unverified, {}, r"state\.pt: cannot be read as a torch\.save file"),
+    "truncated, no checksum": (_truncated_unverified, {}, r"meta\.json: state_sha256 is None"),
     "wrong checksum": (_wrong_digest, {}, r"state\.pt: SHA-256 \w+ differs from 0{64}"),
     "damaged meta.json": (_damaged_meta, {}, r"meta\.json is not valid JSON"),
     "no state.pt": (_no_state, {}, r"no inflora-ray checkpoint there \(state\.pt missing\)"),
@@ -232,7 +234,7 @@ def test_no_torch_load_without_weights_only_in_the_package():
 def test_worker_refuses_a_damaged_or_mismatched_checkpoint(ckpt, tmp_path):
     from ray.train import Checkpoint
 
-    from inflora_ray.distributed.worker import load_checkpoint_state, restore
+    from inflora_ray.ray_train.worker import load_checkpoint_state, restore
 
     learner = ContinualLearner(_cfg(**{"method.rank": 8}))
     with pytest.raises(CheckpointError, match=r"does not fit the config: .*method\.rank=8"):
@@ -262,7 +264,7 @@ def test_train_worker_records_a_setup_error_and_stops_without_raising(ckpt, tmp_
     attempt (as after a fatal error while training) finds the marker and returns at once."""
     import ray.train
 
-    from inflora_ray.distributed.worker import train_worker
+    from inflora_ray.ray_train.worker import train_worker
 
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)  # no Ray Train session here
     _truncate(ckpt)
@@ -275,12 +277,16 @@ def test_train_worker_records_a_setup_error_and_stops_without_raising(ckpt, tmp_
     t0 = time.time()
     train_worker(loop_config)  # a restarted attempt: returns without building anything
     assert time.time() - t0 < 1.0
-    assert [p.name for p in (tmp_path / "run").iterdir()] == [".fatal.json"]  # nothing else was written
+    # nothing else was written but the run's log, which holds both attempts' events
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".fatal.json", "run.log"]
+    events = (tmp_path / "run" / "run.log").read_text().splitlines()
+    assert [e for e in events if "event=fatal_setup_error" in e and "level=error" in e]
+    assert [e for e in events if "event=fatal_marker_found" in e]
 
 
 def test_train_worker_records_a_bad_config(tmp_path):
     from inflora_ray.config import ConfigError
-    from inflora_ray.distributed.worker import train_worker
+    from inflora_ray.ray_train.worker import train_worker
 
     run = RunDir(str(tmp_path / "run"))
     train_worker({"config": {"train": {"epochs": -1}}, "run_dir": run.path})
@@ -293,7 +299,7 @@ def _rank_main(rank: int, store: str, run_dir: str, config: dict) -> None:
     import os
     import torch.distributed as dist
 
-    from inflora_ray.distributed.worker import train_worker
+    from inflora_ray.ray_train.worker import train_worker
 
     dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
     if rank == 0:
@@ -328,7 +334,7 @@ def test_ranks_that_meet_a_fatal_error_differently_all_stop(tmp_path):
 def test_a_retryable_error_leaves_no_marker(tmp_path, monkeypatch):
     import ray.train
 
-    from inflora_ray.distributed.worker import train_worker
+    from inflora_ray.ray_train.worker import train_worker
 
     def lost_storage():
         raise OSError("connection reset")
@@ -347,11 +353,11 @@ def test_a_retryable_error_leaves_no_marker(tmp_path, monkeypatch):
 @pytest.fixture
 def shipped_copy(tmp_path, monkeypatch):
     """The quickstart weights and their record copied to tmp_path, with builtin:quickstart_vit pointing there."""
-    from inflora_ray.tools.pretrain import quickstart_record_path, quickstart_weights_path
+    from inflora_ray.tools.pretrain import quickstart_weights_path
 
     weights = tmp_path / "quickstart_vit.pth"
     shutil.copy(quickstart_weights_path(), weights)
-    shutil.copy(quickstart_record_path(), tmp_path / "quickstart_vit.json")
+    shutil.copy(quickstart_weights_path().with_suffix(".json"), tmp_path / "quickstart_vit.json")
     monkeypatch.setattr("inflora_ray.core.model.resolve_weights_file",
                         lambda spec: str(weights) if spec == "builtin:quickstart_vit" else spec)
     return weights
@@ -404,17 +410,17 @@ def test_truncated_start_checkpoint_fails_within_a_minute_through_run_experiment
     the preflight and connecting to Ray), so the workers meet it. Both ranks record the error and stop after
     agreeing, so Ray Train sees no failure to retry: max_failures=-1 must not restart forever, and the driver
     raises the recorded error."""
-    from inflora_ray.distributed import launch
+    from inflora_ray.ray_train import launch
 
-    connect = launch.connect_ray
+    join = launch.join_cluster
 
-    def truncate_then_connect(address):
+    def truncate_then_join(cfg, address):
         _truncate(ckpt)
-        connect(address)
+        join(cfg, address)
 
-    monkeypatch.setattr(launch, "connect_ray", truncate_then_connect)
+    monkeypatch.setattr(launch, "join_cluster", truncate_then_join)
     t0 = time.time()
     with pytest.raises(NonRetryableError, match=re.escape(str(ckpt / STATE_FILE))):
-        launch.run_experiment(_ray_cfg(tmp_path).with_values({"run.num_workers": 2}), "trunc", start_from=str(ckpt),
-                              quiet_table=True)
+        launch.run_experiment(_ray_cfg(tmp_path).with_values({"run.num_workers": 2}),
+                              launch.RunOptions(name="trunc", start_from=str(ckpt)), launch.RunContext(quiet_table=True))
     assert time.time() - t0 < 60

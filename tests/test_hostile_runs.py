@@ -18,7 +18,7 @@ import yaml
 
 from helpers import run_in_process, tiny_overrides
 from inflora_ray.config import ConfigError
-from inflora_ray.distributed.launch import run_experiment
+from inflora_ray.ray_train.launch import RunContext, RunOptions, run_experiment
 from inflora_ray.presets import load_config
 from inflora_ray.rundir import RunClaimed, RunDir, claim_folder
 
@@ -146,7 +146,7 @@ def test_resume_with_settings_that_alter_results_is_refused(tmp_path, overrides,
 
 
 def test_placement_changes_on_resume_are_free(tmp_path):
-    from inflora_ray.distributed.resume import result_changes
+    from inflora_ray.ray_train.resume import result_changes
 
     results = _stored_run(tmp_path)
     stored = yaml.safe_load((results / "config.yaml").read_text())
@@ -157,7 +157,7 @@ def test_placement_changes_on_resume_are_free(tmp_path):
 
 
 def test_allowed_config_change_is_recorded(tmp_path):
-    from inflora_ray.distributed.resume import check_config_change, record_config_change
+    from inflora_ray.ray_train.resume import check_config_change, record_config_change
 
     results = _stored_run(tmp_path)
     stored = yaml.safe_load((results / "config.yaml").read_text())
@@ -234,9 +234,9 @@ def test_ctrl_c_saves_what_was_done_and_resume_finishes_the_same_run(ray_session
         path.write_bytes(jpeg)
     rescan = build_benchmark(cfg.data, cfg.model.img_size)
     assert all(len(rescan.task_indices("train", t)) > n for t, n in enumerate(train_images))
-    resumed = run_experiment(cfg, "stopped", resume=True, data=scanned, quiet_table=True)
+    resumed = run_experiment(cfg, RunOptions(name="stopped", resume=True), RunContext(data=scanned, quiet_table=True))
     # Every epoch of every task (2 each) went through the driver's scan of the task's images.
-    assert [t["report"]["train_images"] for t in resumed.tasks] == [2 * n for n in train_images]
+    assert [t["result"]["train_images"] for t in resumed.tasks] == [2 * n for n in train_images]
     for path in extra:  # the folder as scanned, for the uninterrupted reference
         path.unlink()
     whole = run_in_process(cfg)["accuracy_matrix"]  # the uninterrupted run

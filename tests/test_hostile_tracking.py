@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from helpers import free_port, start_mlflow_server, stop_server, tiny_overrides
-from inflora_ray.core.metrics import AccuracyRecord, summary
-from inflora_ray.distributed.preflight import PreflightError, start_tracker
+from inflora_ray.core.metrics import AccuracyCounts, summary
+from inflora_ray.preflight import PreflightError, start_tracker
 from inflora_ray.presets import load_config
 from inflora_ray.rundir import RunDir
 from inflora_ray.tracking import Tracker, is_redacted, redact_config, redact_text, redact_uri
@@ -39,7 +39,7 @@ def _cfg(tmp_path, uri: str, **extra):
 
 def _record(task: int) -> dict:
     """A task record as rank 0 writes it (``results/task_NNN.json``), with made-up but consistent numbers."""
-    acc = AccuracyRecord()
+    acc = AccuracyCounts()
     for i in range(task + 1):
         acc.add_row([50 + 10 * j for j in range(i + 1)], [100] * (i + 1))
     summ = summary(acc)
@@ -49,7 +49,7 @@ def _record(task: int) -> dict:
               "train_loss": 1.0 / (task + 1), "task_seconds": 2.0, "images_per_second": 50.0, "peak_memory_mb": 10.0,
               "accuracy": summ["accuracy_matrix"][-1], "own_head_accuracy": summ["accuracy_matrix"][-1],
               "info": {"memory_dims": [3 + task, 4 + task]}}
-    return {"report": report, "summary": summ}
+    return {"result": report, "summary": summ}
 
 
 def _run_dir(tmp_path, name: str = "r") -> RunDir:
@@ -243,7 +243,7 @@ def test_parent_run_ends_with_the_status_given(tmp_path, sqlite_uri, kwargs, sta
 def test_a_trials_runs_are_found_by_name_among_the_parents_children(tmp_path, sqlite_uri):
     """What a sweep does as each trial ends: the store searches one trial's runs by name prefix (its seeds'
     runs too), never another trial's or another parent's; the quote of a hostile prefix cannot widen it."""
-    from inflora_ray.distributed.tune_hooks import end_trial_runs, register_tracker
+    from inflora_ray.ray_tune.hooks import end_trial_runs, register_tracker
 
     tracker = _sqlite_tracker(tmp_path, sqlite_uri)
     parent = tracker.create("sweep", {"sweep": "parent"}, {})

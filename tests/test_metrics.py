@@ -1,14 +1,14 @@
-"""Metrics on a hand-computed accuracy record."""
+"""Metrics on hand-computed accuracy counts."""
 import math
 
 import pytest
 
-from inflora_ray.core.metrics import (AccuracyRecord, average_incremental_accuracy, backward_transfer, final_accuracy,
+from inflora_ray.core.metrics import (AccuracyCounts, average_incremental_accuracy, backward_transfer, final_accuracy,
                                  forgetting, format_matrix, summary)
 
 
 def _record():
-    rec = AccuracyRecord()
+    rec = AccuracyCounts()
     # task sizes 10, 20, 10 test samples
     rec.add_row([9], [10])                 # acc 0.9
     rec.add_row([6, 16], [10, 20])         # 0.6, 0.8
@@ -39,17 +39,17 @@ def test_forgetting_and_bwt_by_hand():
 
 
 def test_single_task_and_bad_rows():
-    rec = AccuracyRecord()
+    rec = AccuracyCounts()
     rec.add_row([3], [4])
     s = summary(rec)
     assert s["final_accuracy"] == 0.75 and math.isnan(s["forgetting"]) and math.isnan(s["backward_transfer"])
     with pytest.raises(ValueError):
         rec.add_row([1], [1])  # row 1 needs two entries
     with pytest.raises(ValueError):
-        AccuracyRecord().add_row([0], [0])
+        AccuracyCounts().add_row([0], [0])
     assert "T0" in format_matrix(rec.matrix())
 
 
 def test_round_trip():
     rec = _record()
-    assert AccuracyRecord.from_dict(rec.to_dict()).matrix() == rec.matrix()
+    assert AccuracyCounts.from_dict(rec.to_dict()).matrix() == rec.matrix()

@@ -129,4 +129,4 @@ def test_fp16_scaler_state_is_checkpointed_and_restored(monkeypatch):
     resumed.run(stop_after_task=0)
     assert loaded == [saved]
     assert watch.epochs == full.epochs[1:]  # loss, scaler state and B norms of the second epoch
-    assert resumed.record.to_dict() == uninterrupted.record.to_dict()
+    assert resumed.counts.to_dict() == uninterrupted.counts.to_dict()

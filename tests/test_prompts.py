@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_overrides, tiny_vit
-from inflora_ray.core.coda_prompt import orthogonal_complement_rows
+from inflora_ray.core.methods.coda_prompt import orthogonal_complement_rows
 from inflora_ray.core.methods import build_method
 from inflora_ray.core.model import ContinualViT
-from inflora_ray.core.prompting import cls_feature, prefix_attention, prompted_tokens
+from inflora_ray.core.methods.prompting import cls_feature, prefix_attention, prompted_tokens
 from inflora_ray.presets import load_config
 from inflora_ray.config import ConfigError
 

@@ -8,7 +8,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from inflora_ray import storage
-from inflora_ray.distributed.faults import FaultPlan
+from inflora_ray.ray_train.faults import FaultPlan
 from inflora_ray.provenance import PACKAGE, code_hash, code_identity
 
 

@@ -13,9 +13,9 @@ def results():
     for method in ("inflora", "seq-lora", "linear-probe"):
         learner = ContinualLearner(load_config("quickstart", [f"method.name={method}", "train.device=cpu"]))
         learner.run()
-        own = learner.own_head_record.matrix()
+        own = learner.own_head_counts.matrix()
         t = len(own)
-        out[method] = {**summary(learner.record),
+        out[method] = {**summary(learner.counts),
                        "own_head_drop": sum(own[j][j] - own[-1][j] for j in range(t - 1)) / (t - 1)}
     return out
 
@@ -27,7 +27,7 @@ def test_quickstart_uses_the_shipped_backbone():
 
 def test_inflora_beats_the_baselines(results):
     inflora, seq, probe = (results[m] for m in ("inflora", "seq-lora", "linear-probe"))
-    # Measured over seeds 0-4 (README): final accuracy inflora 0.720-0.824, seq-lora 0.582-0.756,
+    # Measured over seeds 0-4 (docs/quickstart.md): final accuracy inflora 0.720-0.824, seq-lora 0.582-0.756,
     # linear probe 0.569-0.695; the smallest per-seed gaps were 0.041 (seq-lora) and 0.085 (probe).
     # Seed 0 here: 0.780 / 0.684 / 0.695. Require 0.03.
     assert inflora["final_accuracy"] > seq["final_accuracy"] + 0.03, results

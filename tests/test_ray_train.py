@@ -15,9 +15,11 @@ from ray.train import UserCallback
 
 from helpers import run_in_process
 from inflora_ray.presets import load_config
-from inflora_ray.distributed.faults import ENV_VAR
-from inflora_ray.distributed.launch import run_experiment
-from inflora_ray.distributed.preflight import PreflightError
+from inflora_ray.ray_train.faults import ENV_VAR
+from inflora_ray.ray_train.launch import RunContext, RunOptions, run_experiment
+
+QUIET = RunContext(quiet_table=True)
+from inflora_ray.preflight import PreflightError
 
 pytestmark = pytest.mark.ray
 
@@ -57,7 +59,8 @@ def runs(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
     before = _actor_counts()
     probe = ControllerModules(str(root / "controller_modules.json"))
-    one = run_experiment(_cfg(root, **{"run.num_workers": 1}), "one", quiet_table=True, train_callbacks=[probe])
+    one = run_experiment(_cfg(root, **{"run.num_workers": 1}), RunOptions(name="one"),
+                         RunContext(quiet_table=True, train_callbacks=(probe,)))
     return {"root": root, "one": one, "actors": (before, _actor_counts()),
             "controller_modules": json.loads((root / "controller_modules.json").read_text())}
 
@@ -70,7 +73,7 @@ def _actor_counts() -> dict[str, int]:
 
 
 def _counts(result):
-    return [t["report"]["correct"] for t in result.tasks]
+    return [t["result"]["correct"] for t in result.tasks]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -82,7 +85,7 @@ def test_one_worker_equals_the_same_run_in_process(runs):
 
 
 def test_a_run_starts_no_ray_data_actor(runs):
-    """The run's trainer leaves out Ray Train's Ray Data callback (inflora_ray/distributed/trainer.py): its
+    """The run's trainer leaves out Ray Train's Ray Data callback (inflora_ray/ray_train/trainer.py): its
     worker group started without a DatasetManager actor beside it."""
     before, after = runs["actors"]
     assert after["RayTrainWorker"] == before["RayTrainWorker"] + 1
@@ -90,7 +93,7 @@ def test_a_run_starts_no_ray_data_actor(runs):
 
 
 def test_the_controller_of_a_run_imports_no_torch(runs):
-    """The run's process group is configured by ProcessGroupConfig (inflora_ray/distributed/process_group.py),
+    """The run's process group is configured by ProcessGroupConfig (inflora_ray/ray_train/process_group.py),
     so Ray Train's controller, started for every run, does not import torch; the worker's process group is
     tested by every run (and with 2 workers by test_ddp_methods.py)."""
     assert runs["controller_modules"] == []
@@ -99,8 +102,8 @@ def test_the_controller_of_a_run_imports_no_torch(runs):
 def test_process_group_backend_follows_the_workers_devices():
     from ray.train import ScalingConfig
 
-    from inflora_ray.distributed.process_group import ProcessGroupConfig, choose_backend
-    from inflora_ray.distributed.trainer import RunTrainer
+    from inflora_ray.ray_train.process_group import ProcessGroupConfig, choose_backend
+    from inflora_ray.ray_train.trainer import RunTrainer
 
     assert choose_backend(ProcessGroupConfig(), {"CPU": 1}) == "gloo"
     assert choose_backend(ProcessGroupConfig(), {"CPU": 1, "GPU": 1}) == "nccl"
@@ -119,7 +122,8 @@ def branched(runs):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(ENV_VAR, "task=1,epoch=1,step=1,rank=0,mode=exit")
         cfg = _cfg(root, **{"run.num_workers": 1, "run.max_failures": 1})
-        result = run_experiment(cfg, "branch", start_from=str(root / "one" / "checkpoint_task000"), quiet_table=True)
+        result = run_experiment(cfg, RunOptions(name="branch", start_from=str(root / "one" / "checkpoint_task000")),
+                                QUIET)
     return {"dir": root / "branch", "result": result}
 
 
@@ -136,7 +140,7 @@ def test_failure_beyond_max_failures_is_reported(ray_session, tmp_path, monkeypa
     monkeypatch.setenv(ENV_VAR, "task=0,mode=raise")
     cfg = _cfg(tmp_path, **{"run.num_workers": 1, "run.max_failures": 0, "data.num_tasks": 2})
     with pytest.raises(RuntimeError, match=r"(?s)run 'broken' failed after 0 task\(s\).*--resume broken"):
-        run_experiment(cfg, "broken", quiet_table=True)
+        run_experiment(cfg, RunOptions(name="broken"), QUIET)
 
 
 def test_branch_from_a_task_checkpoint_equals_one_run(runs, branched):
@@ -151,13 +155,13 @@ def test_branch_from_a_task_checkpoint_equals_one_run(runs, branched):
 
 def test_existing_run_name_without_resume_is_refused(runs):
     with pytest.raises(PreflightError, match="already exists.*--resume one"):
-        run_experiment(_cfg(runs["root"]), "one")
+        run_experiment(_cfg(runs["root"]), RunOptions(name="one"))
 
 
 def test_more_workers_than_the_cluster_can_place_fails_fast(ray_session, tmp_path):
     t0 = time.time()
     with pytest.raises(PreflightError, match=r"can never place 16 worker\(s\).*CPU: needs 16"):
-        run_experiment(_cfg(tmp_path, **{"run.num_workers": 16}), "toobig")
+        run_experiment(_cfg(tmp_path, **{"run.num_workers": 16}), RunOptions(name="toobig"))
     assert time.time() - t0 < 30
     assert not (tmp_path / "toobig").exists()  # nothing half-written
 
@@ -166,12 +170,12 @@ def test_unwritable_storage_fails_fast(ray_session, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match="is not writable"):
-        run_experiment(_cfg(blocker / "sub"), "x")
+        run_experiment(_cfg(blocker / "sub"), RunOptions(name="x"))
 
 
 def test_missing_start_checkpoint_fails_fast(ray_session, tmp_path):
     with pytest.raises(PreflightError, match="no inflora-ray checkpoint"):
-        run_experiment(_cfg(tmp_path), "y", start_from=str(tmp_path / "nope"))
+        run_experiment(_cfg(tmp_path), RunOptions(name="y", start_from=str(tmp_path / "nope")))
 
 
 def test_unreachable_ray_address_fails_fast(tmp_path):

@@ -18,12 +18,13 @@ import pytest
 from helpers import free_port, tiny_overrides
 
 from inflora_ray import storage
-from inflora_ray.distributed.worker import write_task_record
+from inflora_ray.ray_train.worker import save_task_result
+from inflora_ray.results import read_task_results, write_final_results
 from inflora_ray.presets import load_config
 from inflora_ray.report import main
 from inflora_ray.rundir import RunDir
 from inflora_ray.tracking import Tracker, start_parent
-from inflora_ray.tracking.report import RunRecord
+from inflora_ray.tracking.report import ComparedRun
 from inflora_ray.tracking.report_table import build_table, to_markdown
 from inflora_ray.training.learner import ContinualLearner
 
@@ -43,8 +44,8 @@ def _train(cfg, name: str, storage_path, stop_after_task: int | None = None) -> 
     storage.write_json(run.record, {"class_order": learner.benchmark.class_order})
     learner.run(stop_after_task)
     for task in range(learner.next_task):
-        write_task_record(run, learner, task)
-    run.write_final_results(*run.collect_results(learner.benchmark.num_tasks))
+        save_task_result(run, learner, task)
+    write_final_results(run, *read_task_results(run, learner.benchmark.num_tasks))
     return run
 
 
@@ -54,7 +55,7 @@ def _log(cfg, run: RunDir, parent_run_id: str | None) -> None:
     tracker.start(run.name, storage.read_json(run.record), parent_run_id=parent_run_id)
     for task in run.finished_tasks():
         tracker.log_task(storage.read_json(run.task_result(task)), run)
-    tracker.finish(run, run.collect_results(cfg.data.num_tasks)[1])
+    tracker.finish(run, read_task_results(run, cfg.data.num_tasks)[1])
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +162,8 @@ def test_table_from_mlflow_and_logged_back(world, capsys, tmp_path):
     assert code == 0 and "| seq-lora |" in out and "| inflora |" not in out
 
 
-def _record(name: str, seed: int, value: float, **params) -> RunRecord:
-    return RunRecord(name, name, {"experiment.seed": str(seed), "data.benchmark": "digits", "data.num_tasks": "2",
+def _record(name: str, seed: int, value: float, **params) -> ComparedRun:
+    return ComparedRun(name, name, {"experiment.seed": str(seed), "data.benchmark": "digits", "data.num_tasks": "2",
                                   "method.name": "inflora", "method.rank": "4", **params},
                      "finished", 2, {m: value for m in METRICS}, [value, value])
 
@@ -171,7 +172,7 @@ def test_repeated_seeds_differing_seed_sets_and_settings_are_flagged():
     runs = [_record("a", 0, 0.5), _record("b", 0, 0.7), _record("c", 1, 0.6, **{"method.rank": "16"}),
             _record("d", 0, 0.4, **{"method.name": "seq-lora"}),
             _record("e", 2, 0.5, **{"method.name": "seq-lora", "run.name": "x"}),
-            RunRecord("f", "f", {"experiment.seed": "1", "data.benchmark": "digits", "data.num_tasks": "2",
+            ComparedRun("f", "f", {"experiment.seed": "1", "data.benchmark": "digits", "data.num_tasks": "2",
                                  "method.name": "seq-lora"}, "failed", 1)]
     md = to_markdown(build_table(runs))
     assert "| inflora | 60.0 +- 10.0 | 60.0 +- 10.0 | 60.0 +- 10.0 | 3 [note 1, note 2, note 3] |" in md

@@ -1,5 +1,5 @@
-"""How a sweep names its winner and reports its trials, without Ray: only completed trials compete, per-task
-reports are means over a trial's seeds sent in task order (the last one after every run ended), local
+"""How a sweep names its winner and tables its trials, without Ray: only completed trials compete, per-task
+metrics sent to Tune are means over a trial's seeds, in task order (the last one after every run ended), local
 tracking URIs are pinned for trials in other working directories."""
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from inflora_ray.distributed.sweep import planned_trials, select_best, trial_status
-from inflora_ray.distributed.search_space import Param, SearchSpace
-from inflora_ray.distributed.trial import _report_as_tasks_finish, mean_over_seeds
-from inflora_ray.distributed.tune_hooks import trial_run_names
+from inflora_ray.ray_tune.sweep import planned_trials, select_best, trial_status
+from inflora_ray.ray_tune.search_space import Param, SearchSpace
+from inflora_ray.ray_tune.trial import _send_as_tasks_finish, mean_over_seeds
+from inflora_ray.ray_tune.hooks import trial_run_names
 from inflora_ray.tracking.store import pin_uri
 
 
@@ -68,13 +68,13 @@ def test_mean_over_seeds_with_spread_and_undefined_metrics():
     assert one["average_incremental_accuracy_std"] == 0.0
 
 
-def test_reports_wait_for_every_seed_and_the_last_waits_for_the_runs_to_end():
+def test_task_means_wait_for_every_seed_and_the_last_waits_for_the_runs_to_end():
     records: queue.Queue = queue.Queue()
     release = threading.Event()  # the runs still write their results after their last task
 
     def seed_run(seed: int) -> None:
         for task in range(3):
-            records.put((seed, {"report": _report(task, 0.9 - 0.1 * task + 0.01 * seed)}))
+            records.put((seed, {"result": _result(task, 0.9 - 0.1 * task + 0.01 * seed)}))
             time.sleep(0.05 * (seed + 1))
         release.wait(10)
 
@@ -82,8 +82,8 @@ def test_reports_wait_for_every_seed_and_the_last_waits_for_the_runs_to_end():
     for t in threads:
         t.start()
     threading.Timer(1.0, release.set).start()
-    reported: list[tuple[dict, bool]] = []  # (report, were the runs still going when it was sent)
-    _report_as_tasks_finish(records, threads, [0, 1], 3,
+    reported: list[tuple[dict, bool]] = []  # (task means, were the runs still going when they were sent)
+    _send_as_tasks_finish(records, threads, [0, 1], 3,
                             lambda m: reported.append((m, any(t.is_alive() for t in threads))))
     assert [m["tasks_done"] for m, _ in reported] == [1, 2, 3]
     assert [m["seeds"] for m, _ in reported] == [2, 2, 2]
@@ -93,15 +93,15 @@ def test_reports_wait_for_every_seed_and_the_last_waits_for_the_runs_to_end():
 
 def test_a_failed_seed_stops_the_reports_at_the_last_task_every_seed_finished():
     records: queue.Queue = queue.Queue()
-    records.put((0, {"report": _report(0, 0.9)}))
-    records.put((1, {"report": _report(0, 0.8)}))
-    records.put((0, {"report": _report(1, 0.7)}))  # seed 1 failed during task 1
+    records.put((0, {"result": _result(0, 0.9)}))
+    records.put((1, {"result": _result(0, 0.8)}))
+    records.put((0, {"result": _result(1, 0.7)}))  # seed 1 failed during task 1
     reported = []
-    _report_as_tasks_finish(records, [], [0, 1], 3, reported.append)
+    _send_as_tasks_finish(records, [], [0, 1], 3, reported.append)
     assert [m["tasks_done"] for m in reported] == [1]
 
 
-def _report(task: int, acc: float) -> dict:
+def _result(task: int, acc: float) -> dict:
     return {"task": task, "pooled_accuracy": acc, "average_incremental_accuracy": acc, "forgetting": math.nan,
             "backward_transfer": math.nan, "train_loss": 1.0, "task_seconds": 1.0, "images_per_second": 1.0,
             "peak_memory_mb": 1.0, "accuracy": [acc] * (task + 1), "own_head_accuracy": [acc] * (task + 1)}
@@ -128,3 +128,12 @@ def test_trial_run_names():
 ])
 def test_local_tracking_uris_are_pinned(uri, expected):
     assert pin_uri(uri) == expected
+
+
+def test_run_names_are_made_and_read_back_by_one_pair_of_functions():
+    from inflora_ray.rundir import run_name, split_run_name
+
+    for base, seed in [("quickstart-inflora-20261207-130538", 0), ("t_00001", 12), ("a-seed-b", 3), ("x", None)]:
+        assert split_run_name(run_name(base, seed)) == (base, seed)
+    assert split_run_name("t_00001-seedx") == ("t_00001-seedx", None)
+    assert split_run_name("-seed3") == ("-seed3", None)

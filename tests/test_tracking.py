@@ -11,10 +11,10 @@ import pytest
 
 from helpers import free_port, start_mlflow_server, stop_server, tiny_overrides
 from inflora_ray.presets import load_config
-from inflora_ray.distributed.faults import ENV_VAR
-from inflora_ray.distributed.launch import RunInterrupted, run_experiment
-from inflora_ray.distributed.preflight import PreflightError
-from inflora_ray.distributed.seeds import run_seeds
+from inflora_ray.ray_train.faults import ENV_VAR
+from inflora_ray.ray_train.launch import RunContext, RunInterrupted, RunOptions, run_experiment
+from inflora_ray.preflight import PreflightError
+from inflora_ray.ray_train.seeds import run_seeds
 
 pytestmark = pytest.mark.ray
 
@@ -28,7 +28,7 @@ def test_seeds_log_parent_children_params_metrics_and_artifacts(ray_session, mlf
     from mlflow import MlflowClient
 
     cfg = _cfg(tmp_path, **{"tracking.uri": mlflow_server, "tracking.sweep_id": "sw1"})
-    out = run_seeds(cfg, [0, 1], "multi")
+    out = run_seeds(cfg, [0, 1], RunOptions(name="multi"))
     client = MlflowClient(mlflow_server)
     parent = client.get_run(out["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["seed"] == "parent"
@@ -80,7 +80,7 @@ def test_a_run_its_caller_stopped_is_saved_as_interrupted_and_left_to_the_caller
     monkeypatch.setenv(ENV_VAR, "task=0,mode=raise")  # stands in for the controller that Tune's stop kills
     cfg = _cfg(tmp_path, **{"tracking.uri": mlflow_server, "run.max_failures": 0})
     with pytest.raises(RunInterrupted, match=r"(?s)stopped by its caller \(.*--resume cut"):
-        run_experiment(cfg, "cut", quiet_table=True, stop_requested=lambda: True)
+        run_experiment(cfg, RunOptions(name="cut"), RunContext(quiet_table=True, stop_requested=lambda: True))
     assert json.load(open(tmp_path / "cut" / "results" / "metrics.json"))["status"] == "interrupted"
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("tracking-test").experiment_id
@@ -94,7 +94,7 @@ def test_local_default_store_with_no_environment(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from inflora_ray.rundir import RunDir
-    from inflora_ray.distributed.preflight import start_tracker
+    from inflora_ray.preflight import start_tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -114,7 +114,7 @@ def test_local_default_store_with_no_environment(tmp_path, monkeypatch):
 def test_server_down_at_start_fails_fast(tmp_path):
     t0 = time.time()
     with pytest.raises(PreflightError, match=r"MLflow tracking server at http://127.0.0.1:\d+ is unreachable"):
-        run_experiment(_cfg(tmp_path, **{"tracking.uri": f"http://127.0.0.1:{free_port()}"}), "down")
+        run_experiment(_cfg(tmp_path, **{"tracking.uri": f"http://127.0.0.1:{free_port()}"}), RunOptions(name="down"))
     assert time.time() - t0 < 15
     assert not (tmp_path / "down").exists()
 
@@ -124,12 +124,12 @@ def test_server_killed_mid_run_does_not_stop_training(ray_session, tmp_path, cap
     killed = []
 
     def kill_after_first_task(rec):
-        if rec["report"]["task"] == 0 and not killed:
+        if rec["result"]["task"] == 0 and not killed:
             stop_server(proc)
             killed.append(True)
 
-    res = run_experiment(_cfg(tmp_path / "runs", **{"tracking.uri": uri, "data.num_tasks": 3}), "dying",
-                         on_task=kill_after_first_task, quiet_table=True)
+    res = run_experiment(_cfg(tmp_path / "runs", **{"tracking.uri": uri, "data.num_tasks": 3}), RunOptions(name="dying"),
+                         RunContext(on_task=kill_after_first_task, quiet_table=True))
     assert killed and len(res.tasks) == 3  # training completed
     assert res.tracking_lost is not None and "task 1" in res.tracking_lost
     err = capsys.readouterr().err

@@ -17,8 +17,8 @@ import pytest
 
 from helpers import run_in_process
 from inflora_ray.presets import load_config
-from inflora_ray.distributed.search_space import load_space
-from inflora_ray.distributed.sweep import run_sweep
+from inflora_ray.ray_tune.search_space import load_space
+from inflora_ray.ray_tune.sweep import SweepOptions, run_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -51,7 +51,7 @@ def sweep(ray_session, mlflow_server, tmp_path_factory):
     space = load_space(str(tmp / "space.yaml"), cfg)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("INFLORA_RAY_TRIAL_FAULT", "task=0")
-        out = run_sweep(cfg, space, **SWEEP, trial_retries=1)
+        out = run_sweep(cfg, space, SweepOptions(**SWEEP, trial_retries=1))
     return {"out": out, "uri": uri, "cfg": cfg, "space": space, "tmp": tmp}
 
 
@@ -165,7 +165,7 @@ def test_a_trial_whose_process_died_resumed_to_the_result_of_an_uninterrupted_ru
 
 def test_resume_reuses_finished_trials(sweep):
     cfg, space = sweep["cfg"], sweep["space"]
-    again = run_sweep(cfg, space, **SWEEP, resume=True)
+    again = run_sweep(cfg, space, SweepOptions(**SWEEP, resume=True))
     assert sorted(r["trial_id"] for r in again["rows"]) == sorted(r["trial_id"] for r in sweep["out"]["rows"])
     assert again["best_params"] == sweep["out"]["best_params"]
 
@@ -177,7 +177,7 @@ def test_a_trials_runs_see_that_tune_stops_the_trial(ray_session, tmp_path):
     from ray.train._internal.storage import StorageContext
     from ray.tune.trainable.function_trainable import wrap_function
 
-    from inflora_ray.distributed.trial import TrialStop
+    from inflora_ray.ray_tune.trial import TrialStop
 
     seen, stop_seen = {}, threading.Event()
 
@@ -191,8 +191,8 @@ def test_a_trials_runs_see_that_tune_stops_the_trial(ray_session, tmp_path):
             stop_seen.set()
 
         threading.Thread(target=run, daemon=True).start()
-        stop.report({"tasks_done": 1})
-        stop.report({"tasks_done": 2})  # not reached: Tune stops the trial after the first result
+        stop.send({"tasks_done": 1})
+        stop.send({"tasks_done": 2})  # not reached: Tune stops the trial after the first result
 
     trainable = wrap_function(trial)(config={}, storage=StorageContext(
         storage_path=str(tmp_path), experiment_dir_name="sweep", trial_dir_name="trial"))

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from helpers import tiny_overrides
 
-from inflora_ray.distributed.search_space import (
+from inflora_ray.ray_tune.search_space import (
     SpaceError,
     check_sample,
     load_space,
@@ -100,7 +100,7 @@ def test_good_spaces_load(tmp_path, base, text):
 
 def test_large_space_checks_pairs(tmp_path, base, monkeypatch):
     """Past MAX_COMBINATIONS the check covers every pair of parameters: a bad pair is still found."""
-    import inflora_ray.distributed.search_space as ss
+    import inflora_ray.ray_tune.search_space as ss
 
     monkeypatch.setattr(ss, "MAX_COMBINATIONS", 4)
     text = ("params:\n  train.epochs: {choice: [1, 2, 3]}\n  method.lamb: {uniform: [0.5, 0.97]}\n"

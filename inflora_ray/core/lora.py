@@ -48,6 +48,12 @@ class KVLoRAQKV(nn.Module):
         b_full = torch.cat([self._zeros_q, self.lora_B_k, self.lora_B_v], dim=0)
         return out + F.linear(F.linear(x, self.lora_A), b_full)
 
+    def set_trainable(self, a: bool, b: bool) -> None:
+        """Whether ``A`` (``a``) and the up-projections ``B_k``, ``B_v`` (``b``) receive gradients."""
+        self.lora_A.requires_grad_(a)
+        self.lora_B_k.requires_grad_(b)
+        self.lora_B_v.requires_grad_(b)
+
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The current task's adapter tensors by name (``lora_A``, ``lora_B_k``, ``lora_B_v``)."""
         return {name: getattr(self, name) for name in ADAPTER_PARAM_NAMES}

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class AccuracyRecord:
+class AccuracyCounts:
     """Per-task correct/total counts after each task; the accuracy matrix and pooled accuracy derive from it."""
     correct: list[list[int]] = field(default_factory=list)  # correct[i][j], j <= i
     total: list[list[int]] = field(default_factory=list)
 
     def add_row(self, correct: list[int], total: list[int]) -> None:
-        """Record the evaluation after task ``len(self.correct)`` over tasks 0..i."""
+        """Add the evaluation after task ``i = len(self.correct)`` over tasks 0..i."""
         i = len(self.correct)
         if len(correct) != i + 1 or len(total) != i + 1:
             raise ValueError(f"row {i} must have {i + 1} entries, got {len(correct)}/{len(total)}")
@@ -41,7 +41,7 @@ class AccuracyRecord:
         return {"correct": self.correct, "total": self.total}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AccuracyRecord":
+    def from_dict(cls, d: dict) -> "AccuracyCounts":
         return cls(correct=[list(r) for r in d["correct"]], total=[list(r) for r in d["total"]])
 
 
@@ -74,10 +74,10 @@ def backward_transfer(acc: list[list[float]]) -> float:
     return sum(acc[-1][j] - acc[j][j] for j in range(t - 1)) / (t - 1)
 
 
-def summary(record: AccuracyRecord) -> dict:
+def summary(counts: AccuracyCounts) -> dict:
     """All headline metrics of a (possibly partial) run."""
-    pooled = record.pooled_accuracy()
-    acc = record.matrix()
+    pooled = counts.pooled_accuracy()
+    acc = counts.matrix()
     return {
         "final_accuracy": final_accuracy(pooled),
         "average_incremental_accuracy": average_incremental_accuracy(pooled),

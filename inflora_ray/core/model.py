@@ -73,6 +73,17 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
     return backbone
 
 
+def meta_backbone(cfg: ModelConfig) -> nn.Module:
+    """The configured timm ViT built on the meta device (no weights, no memory), to check an architecture
+    before anything is loaded; ``ValueError`` when timm cannot build it."""
+    kwargs = dict(num_classes=0, img_size=cfg.img_size, **cfg.kwargs)
+    try:
+        with torch.device("meta"):
+            return timm.create_model(cfg.name, pretrained=False, **kwargs)
+    except Exception as e:
+        raise ValueError(f"model: cannot build {cfg.name!r} with kwargs {cfg.kwargs}: {e}") from None
+
+
 class ContinualViT(nn.Module):
     """Frozen ViT backbone + k/v adapters (optional) + per-task heads with class-incremental inference."""
 
@@ -87,10 +98,6 @@ class ContinualViT(nn.Module):
         # they move with ``.to(device)``; empty for InfLoRA, seq-lora and the linear probe.
         self.extras = nn.ModuleDict()
         self.embed_dim = int(backbone.embed_dim)
-
-    @property
-    def num_classes_seen(self) -> int:
-        return sum(h.out_features for h in self.heads)
 
     def add_head(self, num_classes: int, generator: Optional[torch.Generator] = None) -> nn.Linear:
         """Append task head (default nn.Linear init, drawn from ``generator`` for reproducibility)."""

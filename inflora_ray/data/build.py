@@ -10,15 +10,13 @@ a :class:`Benchmark` without touching the dataset again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
+from ..config import DataConfig
 from .base import Benchmark, DataError, resolve_class_order, split_tasks
 from .raw import load_in_memory_sources, load_raw_sources
-from .registry import BenchmarkSpec, get_benchmark
+from .registry import BenchmarkSpec, check_data_config, get_benchmark
 from .transforms import paper_preprocess, resolve_normalization
-
-if TYPE_CHECKING:
-    from ..config import DataConfig
 
 
 def _model_name(model: Any) -> Optional[str]:
@@ -77,7 +75,9 @@ class ScannedData:
 
 
 def scan_data(cfg: DataConfig, img_size: int) -> ScannedData:
-    """Find and verify the configured benchmark's samples (lists the dataset; hashes it with verify_hashes)."""
+    """Find and verify the configured benchmark's samples (lists the dataset; hashes it with verify_hashes) after
+    checking the settings against the benchmark (:func:`~.registry.check_data_config`)."""
+    check_data_config(cfg)
     spec = get_benchmark(cfg.benchmark)
     train, test, names, provenance = _load_sources(spec, cfg, img_size)
     return ScannedData(scan_key(cfg, img_size), train, test, list(names), provenance)

@@ -136,10 +136,6 @@ class DevicePipeline:
             self._cache[index] = (img, size)
             self._cached_bytes += nbytes
 
-    @property
-    def cached_images(self) -> int:
-        return len(self._cache)
-
     def _decode_missing(self, batches: Sequence[Batch]) -> Iterator[dict[int, tuple[torch.Tensor, tuple[int, int]]]]:
         """Per batch, the samples that are not cached, decoded (uint8 on the device, at the cached size) with
         their original size; decoding runs ahead in ``loader_workers`` processes as on the CPU path."""

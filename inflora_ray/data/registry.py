@@ -1,5 +1,5 @@
-"""The benchmarks: one entry per name, read by the config, the loaders, the shard tools, the transforms and the
-data CLI.
+"""The benchmarks: one entry per name (:data:`inflora_ray.config.BENCHMARK_NAMES`), read by the loaders, the
+shard tools, the transforms and the data CLI, and the checks of a data config that depend on the benchmark.
 
 Importing this module is cheap (no torch, no dataset code); a spec imports its release module only when asked
 to load samples.
@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Callable, Optional
+
+from ..config import ConfigError, DataConfig
 
 # The paper's training crop (RandomResizedCrop's usual range) for every real benchmark.
 PAPER_TRAIN_SCALE = (0.08, 1.0)
@@ -94,3 +97,38 @@ def get_benchmark(name: str) -> BenchmarkSpec:
         return BENCHMARKS[name]
     except KeyError:
         raise ValueError(f"data.benchmark={name!r} is not available; available: {benchmark_names()}") from None
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"data.{key}: {message}")
+
+
+def _named(flag: str) -> str:
+    """The benchmarks whose spec has ``flag`` set, for a message: ``'cifar100'``, ``'a', 'b'``."""
+    return ", ".join(repr(s.name) for s in BENCHMARKS.values() if getattr(s, flag))
+
+
+def check_data_config(data: DataConfig) -> None:
+    """The checks of a data config that depend on its benchmark: which options apply to it, and that its dataset
+    is where the config says (``data.shards`` or ``data.root``). Raises :class:`ConfigError` naming the key and
+    what to write instead; run before any compute by :func:`inflora_ray.presets.load_config` and again when
+    a run builds its benchmark."""
+    spec = get_benchmark(data.benchmark)
+    _require(not data.download or spec.downloadable, "download",
+             f"only {_named('downloadable')} can be downloaded; the others must be on disk")
+    _require(data.manifest is None or spec.split_manifest, "manifest",
+             f"a split manifest only applies to benchmark {_named('split_manifest')}")
+    _require(data.verify_release or spec.release_checksums, "verify_release",
+             f"false only applies to benchmark {_named('release_checksums')} (the others have no official "
+             "checksums); remove the setting")
+    if data.shards is not None:
+        _require(not spec.in_memory, "shards", f"the {data.benchmark} quickstart is built in memory; shards apply "
+                 f"to {', '.join(s.name for s in BENCHMARKS.values() if not s.in_memory)}")
+        _require("://" in data.shards or Path(data.shards).expanduser().is_dir(), "shards",
+                 f"path not found: {data.shards!r}; prepare shards with `python -m inflora_ray.data prepare "
+                 "BENCHMARK --source PATH --out URI`")
+    elif not spec.in_memory:
+        _require(data.root is not None, "root", f"benchmark {data.benchmark!r} needs data.root (the dataset's "
+                 f"folder), e.g. data.root=/data/{data.benchmark}, or data.shards (prepared Parquet shards)")
+        _require(Path(data.root).exists() or data.download, "root", f"path not found: {data.root!r}")

@@ -61,7 +61,6 @@ EXCLUDED: dict[str, str] = {
     **{c: "homoglyph of a kept class" for c in "ΑΕΗΚΜΝΡΤΥΧνρυχκАВЕКМНОРСТХГПФЛ×∧∨∪∩⊂⊃△▽^"},
 }
 
-_DIGIT_LIKE_REASONS = tuple(f"looks like {d}" for d in range(10)) + ("digit",)
 
 #: Font faces, relative to matplotlib's ``fonts/ttf`` folder: (file, family, bold, italic).
 FONT_FACES: tuple[tuple[str, str, bool, bool], ...] = (
@@ -321,8 +320,4 @@ def font_checksums() -> dict[str, str]:
     """SHA-256 of each face used (the rendering depends on these exact files)."""
     return {f: file_digest(str(font_dir() / f)) for f, *_ in FONT_FACES}
 
-
-def is_digit_like(ch: str) -> bool:
-    """True for a digit or a glyph excluded because it looks like one."""
-    return ch.isdigit() or EXCLUDED.get(ch, "") in _DIGIT_LIKE_REASONS
 

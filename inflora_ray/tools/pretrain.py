@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import platform
 import shlex
 import sys
@@ -60,28 +59,6 @@ def quickstart_weights_path() -> Path:
     """Installed path of the quickstart backbone's pre-trained weights (package data; ``model.weights_file:
     builtin:quickstart_vit``). The package is installed as files (not zipped), so this is a real path."""
     return Path(str(resources.files("inflora_ray") / "weights" / WEIGHTS_NAME))
-
-
-def quickstart_record_path() -> Path:
-    """Installed path of the JSON record of how :func:`quickstart_weights_path` was made."""
-    return Path(str(resources.files("inflora_ray") / "weights" / RECORD_NAME))
-
-
-def verify_weights(path: str | os.PathLike | None = None, record_path: str | os.PathLike | None = None) -> None:
-    """Raise ``ValueError`` unless the weights file's SHA-256 equals the one in its JSON record
-    (defaults: the shipped quickstart weights and record)."""
-    path = Path(path) if path is not None else quickstart_weights_path()
-    record_path = Path(record_path) if record_path is not None else path.with_suffix(".json")
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if not record_path.is_file():
-        raise FileNotFoundError(f"weights record not found: {record_path}")
-    expected = json.loads(record_path.read_text()).get("sha256")
-    if not expected:
-        raise ValueError(f"{record_path}: no 'sha256' field")
-    actual = file_digest(str(path))
-    if actual != expected:
-        raise ValueError(f"checksum mismatch for {path}: sha256 {actual}, record {record_path} says {expected}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -99,14 +98,6 @@ class RayCluster:
                 return n["node_id"]
         return None
 
-    def worker_of(self, node_id: str) -> Optional[int]:
-        """Which worker node ``k`` a Ray node id is (None: the head or unknown)."""
-        for n in self.nodes():
-            if n["node_id"] == node_id:
-                names = [r for r in n.get("resources_total", {}) if r.startswith("rehearsal_node_")]
-                return int(names[0].rsplit("_", 1)[1]) if names else None
-        return None
-
     def add_node(self, num_cpus: float = 1, timeout: float = 120, attempts: int = 2) -> int:
         """Start a worker node (``ray start --address ... --block``) and wait until Ray sees it alive; returns
         its number ``k``. ``ray start`` gives a raylet 30 s to register, which a loaded machine can miss: a
@@ -141,20 +132,6 @@ class RayCluster:
         self.workers[k] = svc
         return k
 
-    def remove_node(self, k: int) -> list[int]:
-        """Remove worker node ``k`` as a preempted machine goes: SIGKILL to its raylet, its workers and every
-        other process it started, at once, with no drain."""
-        return self.workers.pop(k).stop(hard=True)
-
-    def wait_node_dead(self, node_id: str, timeout: float = 60) -> None:
-        """Until Ray's state reports ``node_id`` DEAD."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if any(n["node_id"] == node_id and n["state"] == "DEAD" for n in self.nodes()):
-                return
-            time.sleep(1)
-        raise RehearsalError(f"node {node_id} still alive {timeout:.0f} s after its processes were killed")
-
     def cli(self, *args: str, timeout: float = 120, cwd: Optional[Path] = None,
             env: Optional[dict] = None) -> subprocess.CompletedProcess:
         """Run ``ray ARGS`` as a client of this cluster (its address is not implied: pass ``--address``)."""
@@ -180,18 +157,6 @@ class RayCluster:
     def job(self, submission_id: str) -> dict:
         """The job's record from the job API (``status``, ``job_id``, ``runtime_env``, ...)."""
         return self._get(f"/api/jobs/{submission_id}")
-
-    def wait_job(self, submission_id: str, timeout: float) -> str:
-        """Until the job ends; its final status (SUCCEEDED, FAILED, STOPPED). Stops it after ``timeout``."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            status = self.job(submission_id)["status"]
-            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-                return status
-            time.sleep(0.5)
-        self.cli("job", "stop", f"--address={self.address}", submission_id)
-        raise RehearsalError(f"job {submission_id} did not finish in {timeout:.0f} s:\n"
-                             f"{self.job_logs(submission_id)[-4000:]}")
 
     def job_logs(self, submission_id: str) -> str:
         """The job driver's output."""

@@ -16,7 +16,9 @@ from .. import storage
 from ..config import Config
 from ..logs import log_event
 from ..provenance import git_commit
-from ..rundir import META_FILE, STATE_FILE, RunDir
+from ..results import RESULT
+from ..rundir import RunDir
+from ..training.checkpoint import META_FILE, STATE_FILE
 from ..training.state import task_metrics
 from .plots import plot_accuracy_curve, plot_accuracy_matrix
 from .redact import has_secrets, is_redacted, redact_text, redact_uri
@@ -218,13 +220,13 @@ class Tracker:
         """Per-task metrics (step = task index) and artifacts under ``tasks/task_NNN``, then ``tracking.json``
         at once, so a resumed run never logs the task again. Metrics the MLflow run already holds (a driver
         that stopped between logging and saving) are not logged twice; the artifacts are rewritten."""
-        task = int(rec["report"]["task"])
+        task = int(rec[RESULT]["task"])
         if task in self.logged_tasks:
             return
 
         def do():
             if task not in self._steps_in_store:
-                self.log_metrics(task_metrics(rec["report"]), step=task)
+                self.log_metrics(task_metrics(rec[RESULT]), step=task)
             with tempfile.TemporaryDirectory() as d:
                 _write_task_artifacts(rec, run, d)
                 self.client.log_artifacts(self.run_id, d, f"tasks/task_{task:03d}")
@@ -252,13 +254,12 @@ class Tracker:
                          "final_average_incremental_accuracy": summ["average_incremental_accuracy"],
                          "final_forgetting": summ["forgetting"], "final_backward_transfer": summ["backward_transfer"]}
                 self.log_metrics({k: v for k, v in final.items() if v == v})  # NaN != NaN
-            self._log_files(run.results, ("metrics.json", "accuracy_matrix.parquet", "record.json", "config.yaml"),
-                            "results")
+            self._log_files((run.metrics, run.accuracy_matrix, run.record, run.config), "results")
             last = None
             if self.cfg.tracking.log_checkpoint and status != "KILLED":
                 last = checkpoint if checkpoint is not None else run.latest_task_checkpoint()
             if last is not None:
-                self._log_files(last, (STATE_FILE, META_FILE), "checkpoint")
+                self._log_files([storage.join(last, name) for name in (STATE_FILE, META_FILE)], "checkpoint")
             if close:
                 self.client.set_terminated(self.run_id, status=status)
 
@@ -274,10 +275,7 @@ class Tracker:
 
         def do():
             if files:
-                with tempfile.TemporaryDirectory() as d:
-                    for src in files:
-                        Path(d, src.rstrip("/").rsplit("/", 1)[-1]).write_bytes(storage.read_bytes(src))
-                    self.client.log_artifacts(self.run_id, d)
+                self._log_files(files)
             self.log_metrics(metrics)
             self.client.set_terminated(self.run_id, status=status)
 
@@ -307,12 +305,13 @@ class Tracker:
             self.client.set_tag(run_id, END_REASON_TAG, self.redact(reason)[:500])
         self.client.set_terminated(run_id, status=status)
 
-    def _log_files(self, folder: str, names: tuple[str, ...], artifact_path: str) -> None:
+    def _log_files(self, paths, artifact_path: Optional[str] = None) -> None:
+        """Log the files at ``paths`` (in storage; those that do not exist are skipped) as artifacts under
+        ``artifact_path``, each by its file name."""
         with tempfile.TemporaryDirectory() as d:
-            for name in names:
-                src = storage.join(folder, name)
+            for src in paths:
                 if storage.exists(src):
-                    Path(d, name).write_bytes(storage.read_bytes(src))
+                    Path(d, src.rstrip("/").rsplit("/", 1)[-1]).write_bytes(storage.read_bytes(src))
             self.client.log_artifacts(self.run_id, d, artifact_path)
 
 
@@ -325,10 +324,10 @@ def _write_task_artifacts(rec: dict, run: RunDir, d: str) -> None:
             f.write(f"{i}," + ",".join(f"{a:.6f}" for a in row) + "," * (len(acc) - len(row)) + "\n")
     plot_accuracy_matrix(acc, os.path.join(d, "accuracy_matrix.png"))
     plot_accuracy_curve(rec["summary"]["pooled_accuracy"], acc, os.path.join(d, "accuracy_vs_task.png"))
-    info = rec["report"].get("info", {})
+    info = rec[RESULT].get("info", {})
     with open(os.path.join(d, "memory_dims.json"), "w") as f:
         json.dump({k: info.get(k) for k in ("memory_dims", "memory_modes", "threshold", "used_rank")}, f, indent=1)
-    adapters = run.adapters(int(rec["report"]["task"]))
+    adapters = run.adapters(int(rec[RESULT]["task"]))
     if storage.exists(adapters):
         Path(d, "adapters.pt").write_bytes(storage.read_bytes(adapters))
 

@@ -1,6 +1,6 @@
-"""Finished runs, from run folders or from an MLflow experiment, as one record type (:class:`RunRecord`), for the
+"""Finished runs, from run folders or from an MLflow experiment, as one type (:class:`ComparedRun`), for the
 comparison table (:mod:`.report_table`). Reading never changes a run and never unpickles anything: run
-folders are read through :class:`~inflora_ray.rundir.RunDir` (YAML and JSON), MLflow runs through its client."""
+folders are read through :mod:`inflora_ray.results` (YAML and JSON), MLflow runs through its client."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from .. import storage
 from ..config import ConfigError, flatten
+from ..results import read_metrics, read_stored_config
 from ..rundir import RunDir, SweepDir
 from .mlflow_runs import param_text
 from .redact import redact_uri
@@ -32,7 +33,7 @@ class ReportError(ValueError):
 
 
 @dataclass
-class RunRecord:
+class ComparedRun:
     """One run as the report sees it, from a run folder or an MLflow run.
 
     ``params``: the flat config (``method.rank``, ...), each value as an MLflow param shows it; ``metrics``:
@@ -123,23 +124,23 @@ def _checked_metrics(data: dict, shown: str) -> tuple[str, int, dict[str, float]
     return status, done, metrics, [float(p) for p in pooled]
 
 
-def _from_folder(run: RunDir) -> RunRecord:
+def _from_folder(run: RunDir) -> ComparedRun:
     try:
-        params = {k: param_text(v) for k, v in flatten(run.read_config()).items()}
-        data = run.read_metrics()
+        params = {k: param_text(v) for k, v in flatten(read_stored_config(run)).items()}
+        data = read_metrics(run)
     except ConfigError as e:
         raise ReportError(f"{e}: restore it, or leave this run out of --runs") from None
     if not _is_run(params):
         raise ReportError(f"{run.config}: not an inflora-ray run config (it needs {BENCHMARK_KEY} and a whole "
                           f"number {TASKS_KEY}); the stored config is damaged: leave this run out of --runs")
     if data is None:  # the run has not ended, or its driver was killed before writing the results
-        return RunRecord(run.name, run.path, params, "no results/metrics.json (running, or its driver was killed)",
+        return ComparedRun(run.name, run.path, params, "no results/metrics.json (running, or its driver was killed)",
                          len(run.finished_tasks()))
     status, done, metrics, pooled = _checked_metrics(data, run.metrics)
-    return RunRecord(run.name, run.path, params, status, done, metrics, pooled)
+    return ComparedRun(run.name, run.path, params, status, done, metrics, pooled)
 
 
-def runs_from_folders(paths: list[str], where: dict[str, str | None] | None = None) -> list[RunRecord]:
+def runs_from_folders(paths: list[str], where: dict[str, str | None] | None = None) -> list[ComparedRun]:
     """The runs under ``paths`` (run folders, storage folders holding run folders, sweep folders) that match
     ``where`` (``{"benchmark" | "method" | "sweep": value or None}``)."""
     runs = [_from_folder(run) for path in paths for run in _run_dirs(path)]
@@ -172,17 +173,17 @@ def _pooled_history(client, run_id: str) -> list[float]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _from_mlflow(client, run) -> RunRecord:
+def _from_mlflow(client, run) -> ComparedRun:
     pooled = _pooled_history(client, run.info.run_id)
     metrics = {k: float(run.data.metrics[m]) for k, m in FINAL_METRICS.items() if m in run.data.metrics}
     if "final_backward_transfer" in run.data.metrics:
         metrics["backward_transfer"] = float(run.data.metrics["final_backward_transfer"])
-    return RunRecord(run.info.run_name or run.info.run_id, f"mlflow run {run.info.run_id}", dict(run.data.params),
+    return ComparedRun(run.info.run_name or run.info.run_id, f"mlflow run {run.info.run_id}", dict(run.data.params),
                      run.info.status, len(pooled), metrics, pooled)
 
 
 def runs_from_mlflow(uri: str, experiment: str, filter_string: str = "",
-                     where: dict[str, str | None] | None = None) -> list[RunRecord]:
+                     where: dict[str, str | None] | None = None) -> list[ComparedRun]:
     """The inflora-ray runs of MLflow experiment ``experiment`` at ``uri`` that match ``filter_string`` (MLflow's
     search syntax) and ``where`` (as in :func:`runs_from_folders`); parent runs are left out.
     :class:`~.store.TrackingUnavailable` when the store cannot be used, :class:`ReportError` for bad input."""

@@ -22,7 +22,7 @@ from .report import (
     SEED_KEY,
     TASKS_KEY,
     ReportError,
-    RunRecord,
+    ComparedRun,
 )
 
 DEFAULT_GROUP_BY = ("method.name",)
@@ -38,8 +38,8 @@ _LABELS = {SEED_KEY, BENCHMARK_KEY, TASKS_KEY, "experiment.name"}
 @dataclass
 class Cell:
     """The runs of one group on one benchmark: those averaged and those left out, and what to flag."""
-    runs: list[RunRecord] = field(default_factory=list)
-    left_out: list[RunRecord] = field(default_factory=list)
+    runs: list[ComparedRun] = field(default_factory=list)
+    left_out: list[ComparedRun] = field(default_factory=list)
     notes: list[int] = field(default_factory=list)  # numbers of the table's notes about this cell
 
     def stats(self) -> dict[str, float]:
@@ -75,7 +75,7 @@ class Table:
         """The cells with their row and column, row by row."""
         return [(r, c, self.cells[(r, c)]) for r in self.rows for c in self.columns if (r, c) in self.cells]
 
-    def left_out(self) -> list[tuple[tuple[str, ...], tuple[str, int], RunRecord]]:
+    def left_out(self) -> list[tuple[tuple[str, ...], tuple[str, int], ComparedRun]]:
         """Every run not averaged in, with its row and column."""
         return [(r, c, run) for r, c, cell in self.ordered() for run in cell.left_out]
 
@@ -106,7 +106,7 @@ def _label(row: tuple[str, ...]) -> str:
     return ", ".join(row)
 
 
-def _settings_differ(runs: list[RunRecord], group_by: tuple[str, ...]) -> dict[str, Counter]:
+def _settings_differ(runs: list[ComparedRun], group_by: tuple[str, ...]) -> dict[str, Counter]:
     """The settings (other than the group keys, the seed and keys that cannot alter results) on which
     ``runs`` disagree: ``{key: Counter(value -> runs)}``."""
     sections = tuple(f"{s}." for s in Config.model_fields)
@@ -143,7 +143,7 @@ def _flag(table: Table) -> None:
                        *(cells[row] for row in sets))
 
 
-def build_table(runs: list[RunRecord], group_by: tuple[str, ...] = DEFAULT_GROUP_BY) -> Table:
+def build_table(runs: list[ComparedRun], group_by: tuple[str, ...] = DEFAULT_GROUP_BY) -> Table:
     """Group ``runs`` into rows (their values of the ``group_by`` keys) and columns (benchmark and number of
     tasks); finished runs are averaged, the others are kept as left out; the notes flag what to check."""
     if not runs:

@@ -22,19 +22,17 @@ from ..data.device_pipeline import DevicePipeline, resolve_pipeline
 from ..data.loader import (PassLoader, TaskDataset, global_batch_sizes, pass_batches, train_batches, worker_block)
 from ..logs import log_event
 from ..core.methods import Method, build_method
-from ..core.metrics import AccuracyRecord, summary
+from ..core.metrics import AccuracyCounts, summary
 from ..core.model import ContinualViT, build_model
 from ..core.subspace import CovariancePass, covariance_sums
+from .checkpoint import LearnerState, checkpoint_problems, learner_architecture
 from .optim import lr_factor, make_optimizer
 from .precision import Precision
 from .runtime import peak_memory_mb, resolve_device, rng_state, seed_everything, set_rng_state
-from .state import TaskProgress, TaskReport
+from .state import TaskProgress, TaskResult
 from .step import train_step
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_VERSION = 1
-
 
 class Hooks:
     """Callbacks a driver (Ray Train worker, test) plugs into the loop; all are no-ops here."""
@@ -45,8 +43,8 @@ class Hooks:
     def on_epoch_end(self, learner: "ContinualLearner", task: int, epoch: int) -> None:
         """After each training epoch of a task (mid-task checkpoints)."""
 
-    def on_task_end(self, learner: "ContinualLearner", report: TaskReport) -> None:
-        """After a task is trained, merged and evaluated (task checkpoints, reporting)."""
+    def on_task_end(self, learner: "ContinualLearner", result: TaskResult) -> None:
+        """After a task is trained, merged and evaluated (task checkpoints, results to the driver)."""
 
 
 class _CurrentTask(nn.Module):
@@ -101,9 +99,9 @@ class ContinualLearner:
         # data.pipeline=device: the training data's epochs and covariance passes go through a per-task uint8
         # cache with augmentation on the device; evaluation keeps the CPU path.
         self.use_device_pipeline = resolve_pipeline(cfg.data.pipeline, self.device) == "device"
-        self.record = AccuracyRecord()
-        self.own_head_record = AccuracyRecord()
-        self.reports: list[TaskReport] = []
+        self.counts = AccuracyCounts()
+        self.own_head_counts = AccuracyCounts()
+        self.task_results: list[TaskResult] = []
         self.next_task = 0
         self.in_progress: Optional[TaskProgress] = None  # the task being trained (restored mid-task on resume)
 
@@ -271,7 +269,7 @@ class ContinualLearner:
         self.in_progress = TaskProgress(task=task, info=info)
         return head, self.in_progress
 
-    def run_task(self, task: int) -> TaskReport:
+    def run_task(self, task: int) -> TaskResult:
         """Design (or resume) task ``task``, train it, finish it, evaluate on all seen tasks."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -291,12 +289,12 @@ class ContinualLearner:
                 h.requires_grad_(False)
             self._close_train_loader()
         correct, total, own = self.evaluate(task)
-        self.record.add_row(correct, total)
-        self.own_head_record.add_row(own, total)
-        m = summary(self.record)
-        report = TaskReport(
+        self.counts.add_row(correct, total)
+        self.own_head_counts.add_row(own, total)
+        m = summary(self.counts)
+        result = TaskResult(
             task=task, classes=self.benchmark.tasks[task], correct=correct, total=total, own_head_correct=own,
-            accuracy=m["accuracy_matrix"][-1], own_head_accuracy=self.own_head_record.matrix()[-1],
+            accuracy=m["accuracy_matrix"][-1], own_head_accuracy=self.own_head_counts.matrix()[-1],
             pooled_accuracy=m["pooled_accuracy"][-1], average_incremental_accuracy=m["average_incremental_accuracy"],
             forgetting=m["forgetting"], backward_transfer=m["backward_transfer"],
             train_loss=progress.losses[-1] if progress.losses else float("nan"),
@@ -304,23 +302,23 @@ class ContinualLearner:
             train_images=progress.train_images,
             images_per_second=progress.train_images / max(progress.train_seconds, 1e-9),
             peak_memory_mb=peak_memory_mb(self.device), info=info)
-        self.reports.append(report)
+        self.task_results.append(result)
         self.next_task = task + 1
         self.in_progress = None
-        log_event(log, "task_end", task=task, pooled_accuracy=round(report.pooled_accuracy, 4),
-                  average_incremental_accuracy=round(report.average_incremental_accuracy, 4),
-                  accuracy=[round(a, 4) for a in report.accuracy], seconds=round(report.task_seconds, 2),
-                  images_per_second=round(report.images_per_second, 1))
-        self.hooks.on_task_end(self, report)
-        return report
+        log_event(log, "task_end", task=task, pooled_accuracy=round(result.pooled_accuracy, 4),
+                  average_incremental_accuracy=round(result.average_incremental_accuracy, 4),
+                  accuracy=[round(a, 4) for a in result.accuracy], seconds=round(result.task_seconds, 2),
+                  images_per_second=round(result.images_per_second, 1))
+        self.hooks.on_task_end(self, result)
+        return result
 
-    def run(self, stop_after_task: Optional[int] = None) -> list[TaskReport]:
+    def run(self, stop_after_task: Optional[int] = None) -> list[TaskResult]:
         """Run the remaining tasks (up to and including ``stop_after_task`` when given)."""
         last = self.benchmark.num_tasks - 1 if stop_after_task is None else min(stop_after_task,
                                                                                 self.benchmark.num_tasks - 1)
         while self.next_task <= last:
             self.run_task(self.next_task)
-        return self.reports
+        return self.task_results
 
     @property
     def finished(self) -> bool:
@@ -328,48 +326,42 @@ class ContinualLearner:
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
-        """Everything needed to continue: heads, method (memory, finished adapters), the current task's
-        adapter and optimizer when mid-task, accuracy records, RNG states, the config."""
+        """Everything needed to continue (:class:`~.checkpoint.LearnerState`): heads, method (memory, finished
+        adapters), the current task's adapter and optimizer when mid-task, accuracy counts, RNG states, the
+        config."""
         in_task = None
         if self.in_progress is not None:
             in_task = self.in_progress.to_dict()  # a deep copy
             in_task["adapters"] = [{k: v.detach().cpu().clone() for k, v in layer.adapter_params().items()}
                                    for layer in self.model.adapters]
-        return {
-            "version": CHECKPOINT_VERSION,
-            "config": self.cfg.to_dict(),
-            "next_task": self.next_task,
-            "heads": [{k: v.detach().cpu().clone() for k, v in h.state_dict().items()} for h in self.model.heads],
-            "method": self.method.state_dict(),
-            "extras": {k: v.detach().cpu().clone() for k, v in self.model.extras.state_dict().items()},
-            "record": self.record.to_dict(),
-            "own_head_record": self.own_head_record.to_dict(),
-            "reports": [r.to_dict() for r in self.reports],
-            "in_task": in_task,
-            "class_order": self.benchmark.class_order,
-            "rng": rng_state(),
-        }
+        return LearnerState(
+            config=self.cfg.to_dict(), next_task=self.next_task,
+            heads=[{k: v.detach().cpu().clone() for k, v in h.state_dict().items()} for h in self.model.heads],
+            method=self.method.state_dict(),
+            extras={k: v.detach().cpu().clone() for k, v in self.model.extras.state_dict().items()},
+            counts=self.counts.to_dict(), own_head_counts=self.own_head_counts.to_dict(),
+            task_results=[r.to_dict() for r in self.task_results], in_task=in_task,
+            class_order=list(self.benchmark.class_order), rng=rng_state()).to_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a freshly built learner (same config) to a checkpointed point."""
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version {state.get('version')} is not supported "
-                             f"(expected {CHECKPOINT_VERSION})")
-        if list(state["class_order"]) != list(self.benchmark.class_order):
-            raise ValueError("checkpoint class order differs from the config's; resume with the same data config")
-        self.method.load_state_dict(state["method"], self.model)
-        if state.get("extras"):
-            self.model.extras.load_state_dict(state["extras"])
-        for h in state["heads"]:
+        """Restore a freshly built learner (same config) to a checkpointed point; ``state`` must fit it
+        (:func:`~.checkpoint.checkpoint_problems` says why not)."""
+        problems = checkpoint_problems(state, learner_architecture(self))
+        if problems:
+            raise ValueError("the checkpoint does not fit this learner: " + "; ".join(problems))
+        saved = LearnerState.from_dict(state)
+        self.method.load_state_dict(saved.method, self.model)
+        if saved.extras:
+            self.model.extras.load_state_dict(saved.extras)
+        for h in saved.heads:
             head = self.model.add_head(int(h["weight"].shape[0]))
             head.load_state_dict(h)
             head.requires_grad_(False)
-        self.record = AccuracyRecord.from_dict(state["record"])
-        self.own_head_record = AccuracyRecord.from_dict(state["own_head_record"])
-        self.reports = [TaskReport(**r) for r in state["reports"]]
-        self.next_task = int(state["next_task"])
-        in_task = state.get("in_task")
-        self.in_progress = None if in_task is None else TaskProgress.from_dict(in_task)
+        self.counts = AccuracyCounts.from_dict(saved.counts)
+        self.own_head_counts = AccuracyCounts.from_dict(saved.own_head_counts)
+        self.task_results = [TaskResult(**r) for r in saved.task_results]
+        self.next_task = int(saved.next_task)
+        self.in_progress = None if saved.in_task is None else TaskProgress.from_dict(saved.in_task)
         if self.in_progress is not None:
             with torch.no_grad():
                 for layer, tensors in zip(self.model.adapters, self.in_progress.adapters):
@@ -377,8 +369,8 @@ class ContinualLearner:
                         layer.adapter_params()[k].copy_(v)
             self.in_progress.adapters = None
             self.method.set_task_trainable(self.model)
-        if state.get("rng"):
-            set_rng_state(state["rng"])
+        if saved.rng:
+            set_rng_state(saved.rng)
 
 
 class _DeviceLoader:

@@ -1,4 +1,4 @@
-"""What the loop records: a finished task's report, and the progress of the task being trained (saved in
+"""What the loop keeps: a finished task's result, and the progress of the task being trained (saved in
 mid-task checkpoints so a resumed run continues exactly where it stopped)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 
 @dataclass
-class TaskReport:
+class TaskResult:
     """What one task produced; every worker holds the same (reduced) figures."""
     task: int
     classes: list[int]
@@ -35,16 +35,16 @@ class TaskReport:
         return asdict(self)
 
 
-def task_metrics(report: dict, finite_only: bool = True) -> dict[str, float]:
-    """The scalar metrics of a task report (a :meth:`TaskReport.to_dict`): what Tune and MLflow receive after
+def task_metrics(result: dict, finite_only: bool = True) -> dict[str, float]:
+    """The scalar metrics of a task result (a :meth:`TaskResult.to_dict`): what Tune and MLflow receive after
     each task (MLflow at step = task index). ``finite_only=False`` keeps NaN where a metric is undefined yet
-    (forgetting after the first task), so every report carries the same keys."""
-    m: dict[str, Any] = {k: report[k] for k in (
+    (forgetting after the first task), so every task's metrics have the same keys."""
+    m: dict[str, Any] = {k: result[k] for k in (
         "pooled_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer", "train_loss",
         "task_seconds", "images_per_second", "peak_memory_mb")}
-    m.update({f"accuracy_task_{j}": a for j, a in enumerate(report["accuracy"])})
-    m.update({f"own_head_accuracy_task_{j}": a for j, a in enumerate(report["own_head_accuracy"])})
-    for layer, dim in enumerate(report.get("info", {}).get("memory_dims", [])):
+    m.update({f"accuracy_task_{j}": a for j, a in enumerate(result["accuracy"])})
+    m.update({f"own_head_accuracy_task_{j}": a for j, a in enumerate(result["own_head_accuracy"])})
+    for layer, dim in enumerate(result.get("info", {}).get("memory_dims", [])):
         m[f"memory_dim_layer_{layer:02d}"] = dim
     out = {k: float(v) for k, v in m.items() if v is not None}
     return {k: v for k, v in out.items() if not math.isnan(v)} if finite_only else out
@@ -53,7 +53,7 @@ def task_metrics(report: dict, finite_only: bool = True) -> dict[str, float]:
 @dataclass
 class TaskProgress:
     """The task being trained: epochs done, optimizer and gradient-scaler state, per-epoch losses and timings,
-    and what ``prepare_task`` reported. Saved in mid-task checkpoints (as a plain dict of tensors and plain
+    and what ``prepare_task`` returned. Saved in mid-task checkpoints (as a plain dict of tensors and plain
     types)."""
     task: int
     info: dict = field(default_factory=dict)

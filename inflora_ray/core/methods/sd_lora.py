@@ -14,6 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...config import MethodConfig
+from ..model import ContinualViT
+from .baselines import SeqLoRA
+from .registry import CovarianceFn, register_method
+
 
 class SDLoRAComponents(nn.Module):
     """The finished tasks' fixed directions and learned magnitudes of one k/v-adapted layer.
@@ -54,13 +59,6 @@ class SDLoRAComponents(nn.Module):
         self.lora_A[k * r:(k + 1) * r] = a
         self.count = k + 1
 
-    def direction(self, task: int, which: int) -> torch.Tensor:
-        """The dense normalised direction ``B_k A_k / ||B_k A_k||_F`` of a stored task (``which``: 0 key, 1
-        value); for tests and inspection."""
-        r = self.rank
-        b = (self.dir_B_k, self.dir_B_v)[which][:, task * r:(task + 1) * r]
-        return b @ self.lora_A[task * r:(task + 1) * r]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The stored components' contribution ``[0; sum_k a_k^K D_k^K x; sum_k a_k^V D_k^V x]`` (3d wide)."""
         n = self.count * self.rank
@@ -80,3 +78,63 @@ def attach(layer: nn.Module, components: SDLoRAComponents) -> torch.utils.hooks.
     def hook(module, inputs, output):
         return output + components(inputs[0]) if components.count else output
     return layer.register_forward_hook(hook)
+
+
+@register_method
+class SDLoRA(SeqLoRA):
+    """SD-LoRA (Wu et al., ICLR 2025): each task trains a new LoRA (random A_t, zero B_t, both trained, as
+    seq-lora) on the k/v projections; when it finishes, its update is kept as a fixed, normalised direction
+    with a learned magnitude (:mod:`inflora_ray.core.sd_lora`), and later tasks train all earlier
+    magnitudes together with their own A_t, B_t. Nothing is merged into W."""
+    name = "sd-lora"
+
+    def __init__(self, cfg: MethodConfig, num_tasks: int, seed: int):
+        super().__init__(cfg, num_tasks, seed)
+        self.num_components = 0  # finished tasks stored as components (the same on every layer)
+
+    def build(self, model: ContinualViT) -> None:
+        comps = nn.ModuleList(SDLoRAComponents(self.num_tasks, layer.rank, layer.in_features, layer.dim)
+                              for layer in model.adapters)
+        model.extras["sd_lora"] = comps
+        for layer, c in zip(model.adapters, comps):
+            attach(layer, c)
+
+    @staticmethod
+    def components(model: ContinualViT) -> list[SDLoRAComponents]:
+        """Each adapted layer's stored components."""
+        return list(model.extras["sd_lora"])
+
+    def set_task_trainable(self, model: ContinualViT) -> None:
+        super().set_task_trainable(model)
+        for c in self.components(model):
+            c.magnitude.requires_grad_(True)
+
+    def trainable_parameters(self, model: ContinualViT) -> list[torch.nn.Parameter]:
+        comps = self.components(model)
+        # Task 0 has no stored component: its magnitudes take no part in the forward (plain LoRA).
+        return super().trainable_parameters(model) + ([c.magnitude for c in comps] if comps[0].count else [])
+
+    def finish_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
+        with torch.no_grad():
+            for layer, c in zip(model.adapters, self.components(model)):
+                c.add(layer.lora_A, layer.lora_B_k, layer.lora_B_v)
+                c.magnitude.requires_grad_(False)
+                for p in layer.adapter_params().values():
+                    p.zero_()
+                layer.set_trainable(a=False, b=False)
+        self.num_components += 1
+        mags = torch.stack([c.magnitude[:task + 1].detach().cpu() for c in self.components(model)])
+        return {"magnitude_mean": [round(float(m), 5) for m in mags.mean(dim=(0, 2))]}
+
+    def state_dict(self) -> dict:
+        # The directions and magnitudes are model.extras tensors, saved by the loop with the model.
+        return {**super().state_dict(), "components": self.num_components}
+
+    def load_state_dict(self, state: dict, model: ContinualViT) -> None:
+        super().load_state_dict(state, model)
+        self.num_components = int(state["components"])
+        if not 0 <= self.num_components <= self.num_tasks:
+            raise ValueError(f"checkpoint: sd-lora has {self.num_components} stored tasks, the run has "
+                             f"{self.num_tasks} tasks")
+        for c in self.components(model):
+            c.count = self.num_components

@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from .prompting import Prefix, PromptMethod, check_layers, cls_feature, cosine, frozen_query, split_prefix, uniform_
+from .registry import register_method
 
 
+@register_method
 class DualPrompt(PromptMethod):
     """G-prompt (shared) + task-keyed E-prompts, prefix tuning, task identity at training, key match at test."""
     name = "dualprompt"

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .prompting import PromptMethod, check_layers, cls_feature, frozen_query, split_prefix
+from .registry import register_method
 
 _KINDS = ("p", "k", "a")  # prompt components, keys, attention vectors
 
@@ -39,6 +40,7 @@ def ortho_penalty(rows: torch.Tensor) -> torch.Tensor:
     return ((gram - torch.eye(len(rows), device=rows.device, dtype=rows.dtype)) ** 2).mean()
 
 
+@register_method
 class CodaPrompt(PromptMethod):
     """Attention-weighted prompt components per block, per-task component allotment, orthogonal init."""
     name = "coda-prompt"

@@ -9,38 +9,46 @@ import logging
 import signal
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 from .. import storage
 from ..config import Config, ConfigError
 from ..logs import log_event
+from ..preflight import (PreflightError, check_config, check_start_checkpoint, checked_benchmark, join_cluster,
+                         start_tracker, warn_local_paths)
 from ..provenance import accelerator, code_identity
-from ..rundir import RunClaimed, RunDir
-from .faults import FaultPlan
+from ..results import read_task_results, write_final_results
+from ..rundir import RunClaimed, RunDir, default_run_name
+from ..tracking.store import TrackingUnavailable, redact_config
 from .errors import NonRetryableError, clear_fatal, fatal_message, read_fatal
-from .preflight import (PreflightError, check_model, check_ray_address, check_resources, check_start_checkpoint,
-                        check_storage, connect_ray, start_tracker, warn_local_paths)
+from .faults import FaultPlan
 from .progress import ProgressWatcher, print_final_table
 from .resume import check_config_change, next_task_of, read_stored_config, record_config_change
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunOptions:
-    """How to launch a run, besides its config."""
+    """What the user asks of a run besides its config (the flags of ``inflora-run``)."""
+    name: Optional[str] = None  # the run's name (default: run.name, else one made from the config)
     resume: bool = False  # continue the run of this name from its latest checkpoint
-    stop_after_task: Optional[int] = None  # stop after this task (0-based)
     start_from: Optional[str] = None  # a checkpoint directory to start a new run from
+    stop_after_task: Optional[int] = None  # stop after this task (0-based)
+    allow_config_change: bool = False  # let --resume / --start-from change settings that alter results
     address: Optional[str] = None  # Ray address (None: the running or a new local Ray)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the code that starts a run (the CLI, several seeds, a sweep's trial) hands it besides the user's
+    options: where its MLflow run hangs, how it prints, and what it already knows."""
     parent_run_id: Optional[str] = None  # MLflow parent run (seeds, sweeps)
     label: str = ""  # prefix of the progress lines
     quiet_table: bool = False  # do not print the final table
-    on_task: Optional[Callable[[dict], None]] = None  # called with each finished task's record
-    train_callbacks: list = field(default_factory=list)  # Ray Train callbacks (Tune's report callback)
-    allow_config_change: bool = False  # let --resume / --start-from change settings that alter results
+    on_task: Optional[Callable[[dict], None]] = None  # called with each finished task's result file content
+    train_callbacks: tuple = ()  # Ray Train callbacks (Tune's TuneReportCallback)
     # The run's dataset as scanned by a caller (a sweep's driver): a ScannedData or a Ray ObjectRef of one; the
     # run then neither lists nor verifies the dataset again (unless its data settings differ).
     data: Any = None
@@ -48,6 +56,7 @@ class RunOptions:
     # fails once this is true was cut off by that stop: it is saved as interrupted, and its MLflow run is left
     # for the caller to end (the sweep ends it as its trial ended: pruned, unfinished).
     stop_requested: Optional[Callable[[], bool]] = None
+    stored_config: Optional[dict] = None  # --resume: the run's stored config, as the caller already read it
 
 
 class RunInterrupted(RuntimeError):
@@ -55,7 +64,7 @@ class RunInterrupted(RuntimeError):
 
 
 class RunStopped(RunInterrupted):
-    """The run's caller stopped it (:attr:`RunOptions.stop_requested`); the caller ends its MLflow run."""
+    """The run's caller stopped it (:attr:`RunContext.stop_requested`); the caller ends its MLflow run."""
 
 
 @dataclass
@@ -63,7 +72,7 @@ class RunResult:
     """What a finished (or stopped) run produced."""
     run_dir: str
     name: str
-    tasks: list[dict]  # per-task records written by rank 0
+    tasks: list[dict]  # the task results rank 0 wrote (results/task_<t>.json)
     summary: dict
     mlflow_run_id: Optional[str] = None
     tracking_lost: Optional[str] = None  # why MLflow logging stopped mid-run, if it did
@@ -72,12 +81,6 @@ class RunResult:
     @property
     def accuracy_matrix(self) -> list[list[float]]:
         return self.summary["accuracy_matrix"]
-
-
-def default_run_name(cfg: Config, with_seed: bool = True) -> str:
-    """``<experiment>-<method>[-s<seed>]-<YYYYmmdd-HHMMSS>``."""
-    seed = f"-s{cfg.experiment.seed}" if with_seed else ""
-    return f"{cfg.experiment.name}-{cfg.method.name}{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def versions() -> dict:
@@ -93,7 +96,7 @@ def versions() -> dict:
 
 
 def _run_dir(cfg: Config, name: Optional[str], storage_path: str) -> RunDir:
-    """The run's folder; its name (given, or derived from experiment.name) is checked before anything else."""
+    """The run's folder; its name (given, or made from experiment.name) is checked before anything else."""
     given = name or cfg.run.name
     what = "run.name" if given else "the run name made from experiment.name (set run.name or --name)"
     try:
@@ -102,13 +105,14 @@ def _run_dir(cfg: Config, name: Optional[str], storage_path: str) -> RunDir:
         raise PreflightError(str(e)) from None
 
 
-def _continuation(cfg: Config, run: RunDir, opts: RunOptions,
+def _continuation(cfg: Config, run: RunDir, opts: RunOptions, context: RunContext,
                   start_config: Optional[dict]) -> tuple[dict, int, str]:
     """For --resume / --start-from: the changes against the stored config (``results/config.yaml``, or
     ``start_config``, the one saved in the checkpoint) that alter results (refused unless allowed), the task
     from which they apply, and how the run continues."""
     if opts.resume:
-        stored, how, from_task = read_stored_config(run), "--resume", next_task_of(run)
+        stored = context.stored_config if context.stored_config is not None else read_stored_config(run)
+        how, from_task = "--resume", next_task_of(run)
     elif opts.start_from is not None:
         stored, how, from_task = start_config, "--start-from", 0
         if stored is None:
@@ -118,19 +122,14 @@ def _continuation(cfg: Config, run: RunDir, opts: RunOptions,
     return check_config_change(stored, cfg, opts.allow_config_change, how), from_task, how
 
 
-def _preflight(cfg: Config, run: RunDir, opts: RunOptions):
-    """Every check before Ray starts; returns the benchmark, the tracker (None without tracking) and the
-    config saved in the ``--start-from`` checkpoint (None without one)."""
-    from ..data import build_benchmark
-
-    check_model(cfg)
+def _preflight(cfg: Config, run: RunDir, opts: RunOptions, scanned):
+    """The run's own checks before Ray starts (after :func:`~inflora_ray.preflight.check_config`); returns the
+    benchmark (built from ``scanned``, the caller's scan, when given), the tracker (None without tracking) and
+    the config saved in the ``--start-from`` checkpoint (None without one)."""
     if not opts.resume and storage.exists(run.path):
         raise PreflightError(f"run {run.name!r} already exists in {cfg.run.storage_path}; continue it with "
                              f"--resume {run.name} or choose another run.name")
-    try:
-        benchmark = build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model, scanned=opts.data)
-    except (OSError, ValueError) as e:
-        raise PreflightError(f"data: {e}") from None
+    benchmark = checked_benchmark(cfg, scanned)
     start_config = None
     if opts.start_from is not None:
         start_config = check_start_checkpoint(opts.start_from, cfg, class_order=benchmark.class_order)
@@ -161,26 +160,17 @@ def shipped_data(benchmark, given=None, fetched=None):
     return ray.put(benchmark.scanned)
 
 
-def _stored(cfg: Config) -> Config:
-    """The config as a run may store it (config.yaml, checkpoints): without the tracking URI's credentials."""
-    from ..tracking import redact_config
-
-    return redact_config(cfg)
-
-
 def _record(cfg: Config, benchmark, opts: RunOptions) -> dict:
     return {"name": cfg.run.name, "class_order": benchmark.class_order, "tasks": benchmark.tasks,
             "dataset_manifest": benchmark.manifest, "versions": versions(), "start_from": opts.start_from,
             "num_workers": cfg.run.num_workers, "code": code_identity(), "accelerator": accelerator()}
 
 
-def _open_tracking(tracker, run: RunDir, record: dict, opts: RunOptions) -> None:
+def _open_tracking(tracker, run: RunDir, record: dict, opts: RunOptions, context: RunContext) -> None:
     """Create (or on resume reopen) the run's MLflow run; failure here stops the run before compute."""
     previous = tracker.load_state(run) if opts.resume else {}
-    from ..tracking import TrackingUnavailable
-
     try:
-        tracker.start(run.name, record, parent_run_id=opts.parent_run_id, resume_run_id=previous.get("run_id"))
+        tracker.start(run.name, record, parent_run_id=context.parent_run_id, resume_run_id=previous.get("run_id"))
     except TrackingUnavailable as e:
         raise PreflightError(str(e)) from None
     tracker.logged_tasks = set(previous.get("logged_tasks", []))
@@ -204,7 +194,8 @@ def checkpoint_config(cfg: Config, num_tasks: int):
                             checkpoint_score_order="max")
 
 
-def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions, num_tasks: int, data=None):
+def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions, context: RunContext, num_tasks: int,
+             data=None):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
     from .trainer import RunTrainer
@@ -216,37 +207,34 @@ def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions, num_
         resources["GPU"] = cfg.run.gpus_per_worker
     return RunTrainer(
         train_worker,
-        train_loop_config={"config": _stored(cfg).to_dict(), "run_dir": run.path, "stop_after_task": opts.stop_after_task,
+        train_loop_config={"config": redact_config(cfg).to_dict(), "run_dir": run.path,
+                           "stop_after_task": opts.stop_after_task,
                            "start_from": opts.start_from, "fault": FaultPlan.from_env(), "data": data},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run.name, storage_path=ray_path, storage_filesystem=ray_fs,
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                              checkpoint_config=checkpoint_config(cfg, num_tasks),
-                             callbacks=list(opts.train_callbacks)),
+                             callbacks=list(context.train_callbacks)),
     )
 
 
-def run_experiment(cfg: Config, name: Optional[str] = None, **options) -> RunResult:
+def run_experiment(cfg: Config, opts: RunOptions = RunOptions(), context: RunContext = RunContext()) -> RunResult:
     """Run (or resume) a continual experiment as a Ray Train job and return its results.
 
-    ``options`` are the fields of :class:`RunOptions`. Raises :class:`PreflightError` (or ``OSError`` for
-    storage) before any compute if the name, model, storage, checkpoint, tracking server or cluster cannot
-    work, ``RuntimeError`` if training fails beyond ``run.max_failures``, and :class:`RunInterrupted` when the
-    driver is stopped (Ctrl-C, SIGTERM) after saving what was done.
+    Raises :class:`PreflightError` (or ``OSError`` for storage) before any compute if the name, model, data,
+    storage, checkpoint, tracking server or cluster cannot work, ``RuntimeError`` if training fails beyond
+    ``run.max_failures``, and :class:`RunInterrupted` when the driver is stopped (Ctrl-C, SIGTERM) after saving
+    what was done.
     """
-    opts = RunOptions(**options)
-    check_ray_address(opts.address)
     if opts.start_from is not None:  # the workers, in other working directories, open the same folder
-        opts.start_from = storage.absolute(opts.start_from)
-    storage_path = check_storage(cfg)
-    run = _run_dir(cfg, name, storage_path)
-    given = opts.data
-    opts.data = _scanned(given)  # an ObjectRef from a sweep's driver is fetched once, here
-    benchmark, tracker, start_config = _preflight(cfg, run, opts)
-    changes, from_task, how = _continuation(cfg, run, opts, start_config)
-    connect_ray(opts.address)
-    check_resources(cfg)
+        opts = replace(opts, start_from=storage.absolute(opts.start_from))
+    storage_path = check_config(cfg, opts.address)
+    run = _run_dir(cfg, opts.name, storage_path)
+    scanned = _scanned(context.data)  # an ObjectRef from a sweep's driver is fetched once, here
+    benchmark, tracker, start_config = _preflight(cfg, run, opts, scanned)
+    changes, from_task, how = _continuation(cfg, run, opts, context, start_config)
+    join_cluster(cfg, opts.address)
     warn_local_paths(cfg, tracker)
 
     cfg = cfg.with_values({"run.name": run.name})
@@ -258,13 +246,13 @@ def run_experiment(cfg: Config, name: Optional[str] = None, **options) -> RunRes
             raise PreflightError(f"{e}; continue it with --resume {run.name} or choose another run.name") from None
     try:
         if tracker is not None:
-            _open_tracking(tracker, run, record, opts)
+            _open_tracking(tracker, run, record, opts, context)
     except BaseException:
         if not opts.resume:
             run.release()
         raise
     if not opts.resume or changes:
-        storage.write_bytes(run.config, _stored(cfg).to_yaml().encode())
+        storage.write_bytes(run.config, redact_config(cfg).to_yaml().encode())
     if not opts.resume:
         storage.write_json(run.record, record)
     if changes:
@@ -274,12 +262,15 @@ def run_experiment(cfg: Config, name: Optional[str] = None, **options) -> RunRes
     log_event(log, "run_start", name=run.name, run_dir=run.path, workers=cfg.run.num_workers, resume=opts.resume,
               method=cfg.method.name, benchmark=cfg.data.benchmark, tasks=benchmark.num_tasks,
               mlflow_run_id=tracker.run_id if tracker else None)
+    print(f"{context.label}{'resuming' if opts.resume else 'run'} {run.name}: {cfg.method.name} on "
+          f"{cfg.data.benchmark}, {benchmark.num_tasks} tasks, {cfg.run.num_workers} worker(s); results in "
+          f"{run.results}, log in {run.log_location}", flush=True)
     if opts.resume:
         clear_fatal(run)
-    data = shipped_data(benchmark, given, opts.data)
-    trainer = _trainer(cfg, run, storage_path, opts, benchmark.num_tasks, data)
-    error, checkpoint = _fit(trainer, run, benchmark.num_tasks, tracker, opts)
-    return _finish(cfg, run, benchmark.num_tasks, tracker, opts, error, checkpoint)
+    data = shipped_data(benchmark, context.data, scanned)
+    trainer = _trainer(cfg, run, storage_path, opts, context, benchmark.num_tasks, data)
+    error, checkpoint = _fit(trainer, run, benchmark.num_tasks, tracker, opts, context)
+    return _finish(cfg, run, benchmark.num_tasks, tracker, opts, context, error, checkpoint)
 
 
 class _Interrupt(Exception):
@@ -304,17 +295,17 @@ def final_checkpoint(result, run: RunDir) -> Optional[str]:
     return storage.join(run.path, checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
 
 
-def _fit(trainer, run: RunDir, num_tasks: int, tracker,
-         opts: RunOptions) -> tuple[Optional[BaseException], Optional[str]]:
+def _fit(trainer, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
+         context: RunContext) -> tuple[Optional[BaseException], Optional[str]]:
     """Fit the trainer while printing (and tracking) each task as it finishes; returns the error, if any
     (a :class:`RunInterrupted` when the driver was stopped), and the final checkpoint of Ray's Result."""
     def task_done(rec: dict) -> None:
         if tracker is not None:
             tracker.log_task(rec, run)
-        if opts.on_task is not None:
-            opts.on_task(rec)
+        if context.on_task is not None:
+            context.on_task(rec)
 
-    watcher = ProgressWatcher(run, num_tasks, on_task=task_done, label=opts.label,
+    watcher = ProgressWatcher(run, num_tasks, on_task=task_done, label=context.label,
                               seen=tracker.logged_tasks if tracker else None)
     main = threading.current_thread() is threading.main_thread()
     # Ray Train installs its own SIGINT handler during fit (it aborts the workers); SIGTERM gets ours.
@@ -327,7 +318,7 @@ def _fit(trainer, run: RunDir, num_tasks: int, tracker,
     except (KeyboardInterrupt, SystemExit, _Interrupt) as e:
         return RunInterrupted(f"interrupted ({type(e).__name__})"), None
     except Exception as e:  # ray.train.TrainingFailedError and friends
-        if opts.stop_requested is not None and opts.stop_requested():
+        if context.stop_requested is not None and context.stop_requested():
             # Tune removes a stopped trial's resources, which kills this run's controller and workers.
             return RunStopped(f"stopped by its caller ({type(e).__name__})"), None
         return _fatal_error(run) or e, None
@@ -344,20 +335,20 @@ def _fit(trainer, run: RunDir, num_tasks: int, tracker,
     return None, final_checkpoint(result, run)
 
 
-def _finish(cfg: Config, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
+def _finish(cfg: Config, run: RunDir, num_tasks: int, tracker, opts: RunOptions, context: RunContext,
             error: Optional[BaseException], checkpoint: Optional[str] = None) -> RunResult:
     """Write the results so far, close the MLflow run, print the table; raise if training failed or stopped."""
     interrupted = isinstance(error, RunInterrupted)
-    tasks, summ = run.collect_results(num_tasks)
-    run.write_final_results(tasks, summ, status="interrupted" if interrupted else "failed" if error else "finished")
+    tasks, summ = read_task_results(run, num_tasks)
+    write_final_results(run, tasks, summ, status="interrupted" if interrupted else "failed" if error else "finished")
     if tracker is not None:
         tracker.finish(run, summ, status="KILLED" if interrupted else "FAILED" if error else "FINISHED",
                        error=f"{type(error).__name__}: {error}" if error is not None else None,
                        checkpoint=checkpoint, close=not isinstance(error, RunStopped))
-    if not opts.quiet_table:
+    if not context.quiet_table:
         print_final_table(run.name, summ, num_tasks)
     if tracker is not None and tracker.lost:
-        print(f"{opts.label}warning: MLflow tracking at {tracker.uri} was lost during the run ({tracker.lost}); "
+        print(f"{context.label}warning: MLflow tracking at {tracker.uri} was lost during the run ({tracker.lost}); "
               f"training went on and every result is in {run.results}", file=sys.stderr, flush=True)
     resume = (f"python -m inflora_ray.run --resume {run.name} "
               f"run.storage_path={run.path.rstrip('/').rsplit('/', 1)[0]}")
@@ -368,7 +359,7 @@ def _finish(cfg: Config, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
                              f"{run.results}\nresume it with: {resume}")
     if error is not None:
         raise RuntimeError(f"run {run.name!r} failed after {len(tasks)} task(s): {type(error).__name__}: {error}\n"
-                           f"resume it with: {resume}") from error
+                           f"the workers' log: {run.log_location}\nresume it with: {resume}") from error
     log_event(log, "run_end", name=run.name, tasks_done=len(tasks), results=run.results,
               mlflow_run_id=tracker.run_id if tracker else None, tracking_lost=tracker.lost if tracker else None)
     return RunResult(run_dir=run.path, name=run.name, tasks=tasks, summary=summ,

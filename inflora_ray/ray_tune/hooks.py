@@ -1,11 +1,13 @@
-"""What a sweep adds to Ray Tune: a record of how each trial ended, MLflow runs that end with that status, and
-an Optuna searcher that learns "pruned" (not a score) from trials the scheduler stopped.
+"""What a sweep adds to Ray Tune: a file saying how each trial ended, MLflow runs that end with that status, the
+sweep's console lines, and an Optuna searcher that learns "pruned" (not a score) from trials the scheduler
+stopped.
 
 Imported by :mod:`.sweep` only when a sweep starts (it imports Ray Tune).
 """
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Optional
 
@@ -13,6 +15,7 @@ from ray import tune
 
 from .. import storage
 from ..logs import log_event
+from ..rundir import split_run_name
 from ..tracking.mlflow_runs import END_REASON_TAG
 
 log = logging.getLogger(__name__)
@@ -37,8 +40,9 @@ def register_tracker(sweep: str, tracker) -> None:
 
 
 def trial_run_names(trial_id: str, names: list[str]) -> list[str]:
-    """The runs of trial ``trial_id`` among run names: ``<trial_id>`` or ``<trial_id>-seed<k>``."""
-    return [n for n in names if n == trial_id or (n.startswith(f"{trial_id}-seed") and n[len(trial_id) + 5:].isdigit())]
+    """The runs of trial ``trial_id`` among run names: ``<trial_id>`` or ``<trial_id>-seed<k>``
+    (:func:`~inflora_ray.rundir.split_run_name`)."""
+    return [n for n in names if split_run_name(n)[0] == trial_id]
 
 
 def end_trial_runs(sweep: str, outcomes: dict[str, dict]) -> int:
@@ -90,8 +94,7 @@ class TrialOutcomes(tune.Callback):
         return storage.read_json(self.path) if storage.exists(self.path) else {}
 
     def _record(self, trial, outcome: str, error: Optional[str] = None) -> None:
-        done = int((trial.last_result or {}).get("tasks_done", 0) or 0)
-        rec = {"outcome": outcome, "tasks_done": done, **({"error": error} if error else {})}
+        rec = {"outcome": outcome, "tasks_done": _tasks_done(trial), **({"error": error} if error else {})}
         with _LOCK:
             states = self.read()
             states[trial.trial_id] = rec
@@ -103,11 +106,51 @@ class TrialOutcomes(tune.Callback):
             log_event(log, "trial_runs_not_closed", level=logging.WARNING, trial=trial.trial_id, error=str(e)[:300])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        done = int((trial.last_result or {}).get("tasks_done", 0) or 0)
-        self._record(trial, "completed" if done >= self.horizon else "pruned")
+        self._record(trial, ended_as(trial, self.horizon))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._record(trial, "error", _last_line(trial.get_error()))
+
+
+def _tasks_done(trial) -> int:
+    return int((trial.last_result or {}).get("tasks_done", 0) or 0)
+
+
+def ended_as(trial, horizon: int) -> str:
+    """How a trial that Tune completed ended: ``completed`` (every task of the horizon) or ``pruned``."""
+    return "completed" if _tasks_done(trial) >= horizon else "pruned"
+
+
+class TrialLines(tune.Callback):
+    """The sweep's console, a line each: a trial starts (with its sampled values), a trial finishes a task (the
+    means over its seeds of ``metric``, the sweep's ranking metric, and of the pooled accuracy), a trial ends
+    (completed, pruned, failed). Runs on the sweep's driver; with ``--verbose`` Ray Tune's own status tables
+    are shown as well."""
+
+    def __init__(self, horizon: int, metric: str):
+        self.horizon, self.metric = horizon, metric
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        values = ", ".join(f"{k}={v}" for k, v in (trial.config or {}).items())
+        print(f"trial {trial.trial_id} started: {values}", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "tasks_done" not in result:
+            return
+        keys = [self.metric] + [k for k in ("pooled_accuracy",) if k != self.metric]
+        figures = "  ".join(f"{k} {result[k]:.4f}" if k == "train_loss" else f"{k} {100 * result[k]:.2f}%"
+                            for k in keys if isinstance(result.get(k), (int, float)))
+        seeds = int(result.get("seeds", 1) or 1)
+        print(f"[trial {trial.trial_id}] task {result['tasks_done']}/{self.horizon}  {figures}"
+              f"{f'  (mean of {seeds} seeds)' if seeds > 1 else ''}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        outcome = ended_as(trial, self.horizon)
+        print(f"trial {trial.trial_id} {outcome} after {_tasks_done(trial)}/{self.horizon} tasks", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"trial {trial.trial_id} failed after {_tasks_done(trial)}/{self.horizon} tasks: "
+              f"{_last_line(trial.get_error())}", file=sys.stderr, flush=True)
 
 
 def _last_line(err) -> str:

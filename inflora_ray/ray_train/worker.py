@@ -1,5 +1,5 @@
 """The Ray Train worker: each worker runs :class:`ContinualLearner` as one data-parallel rank; checkpoints and
-per-task metrics go through ``ray.train.report``; rank 0 also writes each task's results into the run
+per-task metrics go to Ray Train (``ray.train.report``); rank 0 also writes each task's result into the run
 directory.
 
 An error that a restart cannot fix (see :data:`FATAL_AT_SETUP`, :data:`FATAL_WHILE_TRAINING`) is recorded in
@@ -7,9 +7,9 @@ the run's fatal marker (:mod:`.errors`) and never reaches Ray Train's retries, w
 it up to ``run.max_failures`` times, or forever (:func:`train_worker`)."""
 from __future__ import annotations
 
-import io
 import logging
 import math
+import os
 import tempfile
 from typing import Optional
 
@@ -19,17 +19,18 @@ from ray.train import Checkpoint
 
 from .. import storage
 from ..config import Config, ConfigError, config_from_dict
-from ..core.metrics import AccuracyRecord, summary
 from ..data.base import DataError
-from ..logs import log_event, setup_logging
+from ..logs import attach_run_log, detach_run_log, log_event, setup_logging
 from ..provenance import accelerator
-from ..rundir import CheckpointError, RunDir, checkpoint_name, read_checkpoint, write_checkpoint
+from ..results import write_progress, write_task_result
+from ..rundir import RunDir, checkpoint_name
 from ..training import collective
+from ..training.checkpoint import CheckpointError, checkpoint_problems, learner_architecture, read_checkpoint, \
+    write_checkpoint
 from ..training.learner import ContinualLearner, Hooks
-from ..training.state import TaskReport, task_metrics
+from ..training.state import TaskResult, task_metrics
 from .errors import NonRetryableError, fatal_errors_recorded, read_fatal, write_fatal
 from .faults import FaultPlan
-from .preflight import Architecture, checkpoint_problems
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,6 @@ def load_checkpoint_state(checkpoint: Checkpoint) -> dict:
         return read_checkpoint(d, name=str(checkpoint.path))
 
 
-def learner_architecture(learner: ContinualLearner) -> Architecture:
-    """The architecture of a built learner, which a checkpoint must match to load into it."""
-    return Architecture(method=learner.method.name, layers=len(learner.model.adapters),
-                        rank=learner.method.adapter_rank(), width=learner.model.embed_dim,
-                        task_sizes=[len(t) for t in learner.benchmark.tasks],
-                        class_order=[int(c) for c in learner.benchmark.class_order])
-
-
 def restore(learner: ContinualLearner, checkpoint: Checkpoint, state: dict, origin: str, run: RunDir) -> None:
     """Load ``state`` (read from ``checkpoint``) into ``learner`` after checking that it fits
     (:class:`CheckpointError` naming the checkpoint); a branched run's rank 0 also writes the results of the
@@ -67,25 +60,17 @@ def restore(learner: ContinualLearner, checkpoint: Checkpoint, state: dict, orig
     if learner.rank == 0:
         for t in range(learner.next_task):
             if not storage.exists(run.task_result(t)):
-                write_task_record(run, learner, t)
+                save_task_result(run, learner, t)
     log_event(log, "restored", origin=origin, checkpoint=str(checkpoint.path), next_task=learner.next_task,
               mid_task=learner.in_progress is not None, rank=learner.rank, world_size=learner.world_size)
 
 
-def write_task_record(run: RunDir, learner: ContinualLearner, task: int) -> None:
-    """Write ``results/task_<t>.json`` (the task's report and the metrics as they stood after it) and the
-    task's finished adapter."""
-    rows = task + 1
-    record = AccuracyRecord(correct=learner.record.correct[:rows], total=learner.record.total[:rows])
-    own = AccuracyRecord(correct=learner.own_head_record.correct[:rows], total=learner.own_head_record.total[:rows])
-    if task < len(learner.method.history):  # the task's finished adapter (A, B_k, B_v per layer)
-        buf = io.BytesIO()
-        torch.save(learner.method.history[task], buf)
-        storage.write_bytes(run.adapters(task), buf.getvalue())
-    storage.write_json(run.task_result(task), {
-        "report": learner.reports[task].to_dict(), "summary": summary(record),
-        "own_head_accuracy_matrix": own.matrix(), "world_size": learner.world_size,
-        "accelerator": accelerator()})  # rank 0's GPU (the driver's may be a CPU-only head)
+def save_task_result(run: RunDir, learner: ContinualLearner, task: int) -> None:
+    """Write task ``task``'s result file and finished adapter (:func:`~inflora_ray.results.write_task_result`)."""
+    history = learner.method.history
+    write_task_result(run, learner.task_results[task].to_dict(), learner.counts, learner.own_head_counts,
+                      adapters=history[task] if task < len(history) else None, world_size=learner.world_size,
+                      accelerator=accelerator())  # rank 0's GPU (the driver's may be a CPU-only head)
 
 
 # Reported with every checkpoint; Ray Train keeps the checkpoints that score highest (see launch.py): every
@@ -99,7 +84,7 @@ def retention_score(task: int, epoch: Optional[int] = None) -> int:
 
 
 class RayHooks(Hooks):
-    """Report and checkpoint through Ray Train; fire a test's injected fault when planned."""
+    """Checkpoints and per-task metrics to Ray Train; a test's injected fault fired when planned."""
 
     def __init__(self, cfg: Config, run: RunDir, fault: Optional[FaultPlan] = None):
         self.cfg = cfg
@@ -112,20 +97,23 @@ class RayHooks(Hooks):
             self.fault.fire_if_due(self.run.fault_marker, task, epoch, step, self.rank)
 
     def on_epoch_end(self, learner, task, epoch):
+        if self.rank == 0:
+            write_progress(self.run, learner.in_progress, self.cfg.train.epochs)
         k = self.cfg.run.checkpoint_every_epochs
         if k and (epoch + 1) % k == 0 and epoch + 1 < self.cfg.train.epochs:
-            self._report(learner, {"task": task, "epoch": epoch, "kind": "epoch",
-                                   RETENTION_SCORE: retention_score(task, epoch)}, checkpoint_name(task, epoch))
+            self._checkpoint(learner, {"task": task, "epoch": epoch, "kind": "epoch",
+                                       RETENTION_SCORE: retention_score(task, epoch)}, checkpoint_name(task, epoch))
 
-    def on_task_end(self, learner, report: TaskReport):
-        metrics = {"task": report.task, "tasks_done": report.task + 1, "num_tasks": learner.benchmark.num_tasks,
-                   **task_metrics(report.to_dict(), finite_only=False)}
+    def on_task_end(self, learner, result: TaskResult):
+        metrics = {"task": result.task, "tasks_done": result.task + 1, "num_tasks": learner.benchmark.num_tasks,
+                   **task_metrics(result.to_dict(), finite_only=False)}
         if self.rank == 0:
-            write_task_record(self.run, learner, report.task)
-        self._report(learner, {**metrics, "kind": "task", RETENTION_SCORE: retention_score(report.task)},
-                     checkpoint_name(report.task))
+            save_task_result(self.run, learner, result.task)
+        self._checkpoint(learner, {**metrics, "kind": "task", RETENTION_SCORE: retention_score(result.task)},
+                         checkpoint_name(result.task))
 
-    def _report(self, learner, metrics: dict, name: str) -> None:
+    def _checkpoint(self, learner, metrics: dict, name: str) -> None:
+        """Hand Ray Train the metrics and (rank 0) a checkpoint of the learner, in the directory ``name``."""
         # Every worker holds the same state; rank 0 writes it, the others report without a checkpoint.
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
@@ -198,15 +186,19 @@ def train_worker(loop_config: dict) -> None:
     single agreement before training, so none is left waiting in a collective."""
     setup_logging()
     run = RunDir(loop_config["run_dir"])
-    fatal = read_fatal(run)
-    learner = None
-    if fatal is not None:
-        log_event(log, "fatal_marker_found", level=logging.ERROR, rank=collective.rank(), marker=run.fatal_marker,
-                  error=fatal.get("type"), message=fatal.get("message"))
-    else:
-        learner = setup_or_none(loop_config, run)
-    if not all_ranks_ready(learner is not None):
-        log_event(log, "stopped_before_training", rank=collective.rank(), marker=run.fatal_marker)
-        return
-    with fatal_errors_recorded(run, FATAL_WHILE_TRAINING, phase="training", rank=learner.rank):
-        learner.run(stop_after_task=loop_config.get("stop_after_task"))
+    run_log = attach_run_log(run.log_path(f"rank{collective.rank()}-{os.getpid()}"))
+    try:
+        fatal = read_fatal(run)
+        learner = None
+        if fatal is not None:
+            log_event(log, "fatal_marker_found", level=logging.ERROR, rank=collective.rank(),
+                      marker=run.fatal_marker, error=fatal.get("type"), message=fatal.get("message"))
+        else:
+            learner = setup_or_none(loop_config, run)
+        if not all_ranks_ready(learner is not None):
+            log_event(log, "stopped_before_training", rank=collective.rank(), marker=run.fatal_marker)
+            return
+        with fatal_errors_recorded(run, FATAL_WHILE_TRAINING, phase="training", rank=learner.rank):
+            learner.run(stop_after_task=loop_config.get("stop_after_task"))
+    finally:
+        detach_run_log(run_log)

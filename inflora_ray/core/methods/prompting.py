@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .methods import Method
+from .registry import Method
 
 Prefix = tuple[torch.Tensor, torch.Tensor]
 

@@ -3,21 +3,23 @@ what a continuation may change. A change that alters results is refused, unless 
 it is recorded in the run folder (``results/config_history.json``) and on the MLflow run."""
 from __future__ import annotations
 
+import copy
 import json
 import time
 from typing import Any
 
 from .. import storage
-from ..config import Config, ConfigError, alters_results, config_from_dict, flatten
-from ..presets import apply_overrides
-from ..rundir import RunDir, upgrade_stored_config
-from .preflight import PreflightError
+from ..config import Config, ConfigError, RunSection, alters_results, config_from_dict, flatten
+from ..preflight import PreflightError
+from ..presets import apply_overrides, load_config_data
+from ..results import read_stored_config as read_config_file
+from ..rundir import RunDir
 
 
 def read_stored_config(run: RunDir) -> dict:
-    """The config a run stored (``results/config.yaml``) as a dict, in today's keys (:meth:`RunDir.read_config`)."""
+    """The config a run stored (``results/config.yaml``) as a dict; a damaged file is a :class:`PreflightError`."""
     try:
-        return run.read_config()
+        return read_config_file(run)
     except ConfigError as e:
         raise PreflightError(f"{e}: restore it, or start a new run with --start-from CHECKPOINT") from None
 
@@ -39,18 +41,28 @@ def find_run(storage_path: str, run: str) -> tuple[RunDir, str]:
     return folder, parent
 
 
-def load_run_config(storage_path: str, run: str, overrides: list[str]) -> tuple[Config, str]:
-    """The stored config of run ``run`` with ``overrides`` applied, and the run's name."""
+def resume_storage_path(preset_or_path: str, overrides: list[str]) -> str:
+    """Where ``--resume RUN`` looks for a run given by name: ``run.storage_path`` as the preset (or YAML file)
+    and the overrides set it, read without validating the rest of the preset (the run has its own config)."""
+    run = load_config_data(preset_or_path, overrides).get("run")
+    path = run.get("storage_path") if isinstance(run, dict) else None
+    return path if isinstance(path, str) and path.strip() else RunSection.model_fields["storage_path"].default
+
+
+def load_run_config(storage_path: str, run: str, overrides: list[str]) -> tuple[Config, str, dict]:
+    """The stored config of run ``run`` with ``overrides`` applied, the run's name, and the stored config as
+    read (for the comparison of settings)."""
     folder, parent = find_run(storage_path, run)
-    data = read_stored_config(folder)
+    stored = read_stored_config(folder)
+    data = copy.deepcopy(stored)
     data.setdefault("run", {})["storage_path"] = parent
     apply_overrides(data, overrides)
-    return config_from_dict(data), folder.name
+    return config_from_dict(data), folder.name, stored
 
 
 def result_changes(stored: dict, requested: Config) -> dict[str, tuple[Any, Any]]:
     """The config keys whose change alters results: ``{key: (stored value, requested value)}``."""
-    old = flatten(upgrade_stored_config(dict(stored)))  # as stored: it need not validate here any more
+    old = flatten(stored)  # as stored: it need not validate here any more
     new = requested.flat()
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and alters_results(k)}
@@ -71,7 +83,7 @@ def check_config_change(stored: dict, requested: Config, allow: bool, what: str)
 def record_config_change(run: RunDir, changes: dict[str, tuple[Any, Any]], from_task: int, what: str,
                          tracker=None) -> None:
     """Append the change to ``results/config_history.json`` and tag the MLflow run with it."""
-    path = run.result("config_history.json")
+    path = run.config_history
     history = storage.read_json(path) if storage.exists(path) else []
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "how": what, "from_task": from_task,
              "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}

@@ -2,7 +2,7 @@
 
 Trials report after every task (``tasks_done`` is the time attribute), so ASHA stops bad trials at task
 boundaries, comparing trials at the same task. Only trials that completed every task of the sweep compete
-for the winner (:func:`select_best`); a stopped trial is "pruned" for the searcher too (:mod:`.tune_hooks`).
+for the winner (:func:`select_best`); a stopped trial is "pruned" for the searcher too (:mod:`.hooks`).
 Every trial's runs are MLflow children of the sweep's parent run and end with the trial's true status; the
 parent gets the table of all trials and the best config as YAML (``python -m inflora_ray.run --config``).
 """
@@ -12,24 +12,28 @@ import io
 import json
 import logging
 import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from .. import storage
 from ..config import Config, ConfigError
-from ..logs import log_event
-from ..rundir import RunClaimed, SweepDir
+from ..data.registry import get_benchmark
+from ..logs import is_verbose, log_event
+from ..preflight import PreflightError, check_config, checked_benchmark, join_cluster, start_tracker
+from ..rundir import RunClaimed, SweepDir, default_sweep_name
 from ..tracking.store import redact_config
-from .preflight import PreflightError, check_model, check_ray_address, check_resources, connect_ray, start_tracker
 from .search_space import SearchSpace, SpaceError
 
 log = logging.getLogger(__name__)
 
+# Ray Tune's own console (its status tables): only with --verbose; the sweep prints a line per trial event.
+TUNE_SILENT, TUNE_VERBOSE = 0, 2
 
-@dataclass
+
+@dataclass(frozen=True)
 class SweepOptions:
-    """How a sweep searches and schedules its trials."""
+    """What the user asks of a sweep besides its config and space (the flags of ``inflora-tune``): how it
+    searches and schedules its trials."""
     name: Optional[str] = None  # default: sweep-<experiment>-<time>
     num_samples: int = 1  # samples per point of the space (grid: repeats)
     max_concurrent: Optional[int] = None  # default: as many trials as the cluster can ever hold at once
@@ -85,7 +89,7 @@ def default_concurrency(cfg: Config, seeds_per_trial: int = 1, trials: Optional[
     """How many trials to start at once: as many as the cluster can ever hold with all their seeds' workers
     placed (an autoscaling cluster counted at its maximum size, so that waiting trials make it scale up),
     at most ``trials`` and at least 1. Trials beyond what is up now wait for Ray to place their workers."""
-    from .preflight import cluster_capacity
+    from ..preflight import cluster_capacity
 
     have = cluster_capacity()
     runs = max(1, seeds_per_trial)
@@ -213,9 +217,9 @@ def _tuner(sw: _Sweep, study_storage=None):
     from ray.tune import RunConfig as TuneRunConfig
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from .faults import trial_fault_from_env
+    from ..ray_train.faults import trial_fault_from_env
     from .trial import TrialPlan, run_trial
-    from .tune_hooks import TrialOutcomes, optuna_searcher
+    from .hooks import TrialLines, TrialOutcomes, optuna_searcher
 
     base, opts = sw.base, sw.opts
     plan = TrialPlan(base=base.to_dict(), sweep=opts.name, trial_storage=sw.dir.trials_root,
@@ -241,32 +245,28 @@ def _tuner(sw: _Sweep, study_storage=None):
                                     num_samples=opts.num_samples, max_concurrent_trials=concurrency),
         run_config=TuneRunConfig(name=opts.name, storage_path=ray_path, storage_filesystem=ray_fs,
                                  failure_config=tune.FailureConfig(max_failures=opts.trial_retries),
-                                 callbacks=[TrialOutcomes(opts.name, sw.dir.outcomes, sw.horizon)]))
+                                 callbacks=[TrialOutcomes(opts.name, sw.dir.outcomes, sw.horizon),
+                                            TrialLines(sw.horizon, sw.space.metric)],
+                                 verbose=TUNE_VERBOSE if is_verbose() else TUNE_SILENT))
 
 
-def run_sweep(cfg: Config, space: SearchSpace, **options) -> dict:
-    """Run a sweep (``options``: :class:`SweepOptions` fields); returns ``{"best_config": Config,
-    "best_params", "best_metrics", "rows": [...], "final": RunResult | dict | None, ...}``.
+def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions()) -> dict:
+    """Run a sweep; returns ``{"best_config": Config, "best_params", "best_metrics", "rows": [...],
+    "final": RunResult | dict | None, ...}``.
 
-    Raises :class:`~.launch.RunInterrupted` when the sweep was interrupted before every trial ended (the
-    message says how to resume it), ``RuntimeError`` when no trial completed."""
-    from ..data import build_benchmark
-    from ..data.registry import get_benchmark
-
-    opts = SweepOptions(**options)
+    Raises :class:`~inflora_ray.ray_train.launch.RunInterrupted` when the sweep was interrupted before every
+    trial ended (the message says how to resume it), ``RuntimeError`` when no trial completed."""
     _check_options(space, opts)
-    check_ray_address(opts.address)
-    check_model(cfg)
-    benchmark = build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model)  # the sweep's one scan
+    check_config(cfg, opts.address)
+    benchmark = checked_benchmark(cfg)  # the sweep's one scan
     num_tasks = benchmark.num_tasks
     if opts.first_tasks is not None and not 1 <= opts.first_tasks <= num_tasks:
         raise PreflightError(f"--first-tasks {opts.first_tasks}: must be in 1..{num_tasks}")
-    opts.name = opts.name or f"sweep-{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    opts = replace(opts, name=opts.name or default_sweep_name(cfg))
     try:
         sweep = SweepDir.of(cfg.run.storage_path, opts.name)
     except ConfigError as e:
         raise SpaceError(f"--name: {e}") from None
-    storage.check_writable(storage.absolute(cfg.run.storage_path))
     if opts.resume and not storage.exists(sweep.path):
         raise PreflightError(f"--resume: no sweep {opts.name!r} in {cfg.run.storage_path}")
     if not opts.resume and storage.exists(sweep.path):
@@ -282,8 +282,7 @@ def run_sweep(cfg: Config, space: SearchSpace, **options) -> dict:
     if opts.resume:
         _check_resumed(sw)
     sw.tracker = start_tracker(base)
-    connect_ray(opts.address)
-    check_resources(base)
+    join_cluster(base, opts.address)
     if not get_benchmark(cfg.data.benchmark).in_memory:  # trials build their runs from it, not a rescan
         import ray
 
@@ -303,7 +302,10 @@ def run_sweep(cfg: Config, space: SearchSpace, **options) -> dict:
     log_event(log, "sweep_start", name=opts.name, trials=planned_trials(space, opts.num_samples),
               scheduler=opts.scheduler, search=opts.search, metric=space.metric, horizon=sw.horizon,
               seeds_per_trial=opts.seeds_per_trial, resume=opts.resume)
-    from .tune_hooks import end_open_runs, register_tracker
+    print(f"{'resuming sweep' if opts.resume else 'sweep'} {opts.name}: {planned_trials(space, opts.num_samples)} "
+          f"trial(s) ({opts.search} search, {opts.scheduler}), {opts.seeds_per_trial} seed(s) each over "
+          f"{sw.horizon} task(s), ranked on {space.metric}; trials' runs in {sweep.trials_root}", flush=True)
+    from .hooks import end_open_runs, register_tracker
 
     register_tracker(opts.name, sw.tracker)
     study_storage = _study_storage(opts)
@@ -336,8 +338,8 @@ def _study_storage(opts: SweepOptions):
 def _conclude(sw: _Sweep, results) -> dict:
     """Close every trial's MLflow runs with its true status, write the trial table, name the winner (a trial
     that completed the horizon), write its config, run it over all tasks if asked, close the parent run."""
-    from .launch import RunInterrupted
-    from .tune_hooks import TrialOutcomes, end_trial_runs
+    from ..ray_train.launch import RunInterrupted
+    from .hooks import TrialOutcomes, end_trial_runs
 
     space, opts, sweep = sw.space, sw.opts, sw.dir
     rows = trial_table(results, space, sw.horizon, TrialOutcomes(opts.name, sweep.outcomes, sw.horizon).read())
@@ -387,14 +389,15 @@ def _print_table(sw: _Sweep, rows: list[dict]) -> None:
 def _run_final(sw: _Sweep, best_cfg: Config) -> dict:
     """``--first-tasks``: the winner over every task, with the sweep's seeds; returns its summary (means over
     the seeds as ``final_accuracy`` etc. with more than one seed)."""
-    from .launch import run_experiment
-    from .seeds import run_seeds
+    from ..ray_train.launch import RunContext, RunOptions, run_experiment
+    from ..ray_train.seeds import run_seeds
 
     print(f"first-task protocol: running the best config over all {sw.num_tasks} tasks")
     cfg = best_cfg.with_values({"tracking.sweep_id": sw.opts.name, "tracking.uri": sw.base.tracking.uri})
-    name = f"{sw.opts.name}-final"
+    opts = RunOptions(name=f"{sw.opts.name}-final", address=sw.opts.address)
     if sw.opts.seeds_per_trial == 1:
-        return run_experiment(cfg, name, parent_run_id=sw.parent_id, label="[final] ", data=sw.scanned).summary
+        context = RunContext(parent_run_id=sw.parent_id, label="[final] ", data=sw.scanned)
+        return run_experiment(cfg, opts, context).summary
     seeds = [cfg.experiment.seed + k for k in range(sw.opts.seeds_per_trial)]
-    agg = run_seeds(cfg, seeds, name=name, data=sw.scanned)["aggregate"]
+    agg = run_seeds(cfg, seeds, opts, RunContext(data=sw.scanned))["aggregate"]
     return {k[:-5]: v for k, v in agg.items() if k.endswith("_mean")}

@@ -1,7 +1,7 @@
 """One Ray Tune trial of a sweep: the sampled config run with K seeds (K continual runs side by side), whose
-per-task results are averaged over the seeds and reported to Tune once every seed has finished that task.
+per-task results are averaged over the seeds and sent to Tune once every seed has finished that task.
 
-The report after the sweep's last task is sent only after every seed's run has ended (results written,
+The means after the sweep's last task are sent only after every seed's run has ended (results written,
 MLflow run closed), so Tune's stop at the end of the horizon never cuts a run short. A trial that Tune
 restarts (its process or node was lost) resumes each seed's run from its last task checkpoint; a seed whose
 run failed for good (``run.max_failures`` spent, or an error no restart can fix) is not run again.
@@ -18,14 +18,15 @@ from typing import Any, Optional
 from .. import storage
 from ..config import Config, config_from_dict
 from ..logs import setup_logging
-from ..rundir import RunDir
+from ..ray_train.errors import NonRetryableError
+from ..ray_train.faults import exit_trial_once
+from ..ray_train.launch import RunContext, RunOptions, run_experiment
+from ..results import RESULT, read_metrics, read_task_result
+from ..rundir import RunDir, run_name
 from ..training.state import task_metrics
-from .errors import NonRetryableError
-from .faults import exit_trial_once
-from .launch import run_experiment
 from .search_space import check_sample
 
-# Metrics reported with their spread over the seeds (``<name>_std``), beside the mean.
+# Metrics sent with their spread over the seeds (``<name>_std``), beside the mean.
 SPREAD_METRICS = ("pooled_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer")
 
 
@@ -46,8 +47,9 @@ class TrialPlan:
         return [cfg.experiment.seed + k for k in range(self.seeds_per_trial)]
 
     def run_name(self, trial_id: str, seed: int) -> str:
-        """The run directory / MLflow run name of one seed of a trial."""
-        return trial_id if self.seeds_per_trial == 1 else f"{trial_id}-seed{seed}"
+        """The run directory / MLflow run name of one seed of a trial: the trial id, with ``-seed<k>``
+        (:func:`~inflora_ray.rundir.run_name`) when the trial runs several seeds."""
+        return run_name(trial_id, None if self.seeds_per_trial == 1 else seed)
 
 
 def mean_over_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
@@ -74,7 +76,7 @@ def _check_not_failed_before(run: RunDir, metrics: dict | None) -> None:
 
 class TrialStop:
     """Whether Ray Tune has asked the trial running in this process to stop (its scheduler stopped it, or the
-    sweep is stopping); the trial reports through :meth:`report`.
+    sweep is stopping); the trial sends its metrics through :meth:`send`.
 
     Tune asks a trial to stop between two of its results, while the trial's thread waits in
     ``ray.tune.report``, which then leaves with ``SystemExit``. That happens before Tune removes the trial's
@@ -84,8 +86,9 @@ class TrialStop:
     def __init__(self):
         self._stopped = threading.Event()
 
-    def report(self, metrics: dict) -> None:
-        """``ray.tune.report(metrics)``, noting the ``SystemExit`` by which Tune ends a trial it stops."""
+    def send(self, metrics: dict) -> None:
+        """Hand ``metrics`` to Tune (``ray.tune.report``), noting the ``SystemExit`` by which Tune ends a trial
+        it stops."""
         import ray.tune
 
         try:
@@ -100,7 +103,7 @@ class TrialStop:
 
 
 def run_trial(params: dict, *, plan: TrialPlan) -> None:
-    """The Tune trainable: run the sampled config with the plan's seeds and report per-task means to Tune."""
+    """The Tune trainable: run the sampled config with the plan's seeds and send per-task means to Tune."""
     import ray.tune
 
     setup_logging()
@@ -109,7 +112,7 @@ def run_trial(params: dict, *, plan: TrialPlan) -> None:
     cfg = cfg.with_values({"run.storage_path": plan.trial_storage, "tracking.sweep_id": plan.sweep})
     seeds = plan.seeds(cfg)
     stop = TrialStop()
-    records: queue.Queue = queue.Queue()
+    results: queue.Queue = queue.Queue()
     errors: dict[int, BaseException] = {}
 
     def one(seed: int) -> None:
@@ -118,68 +121,68 @@ def run_trial(params: dict, *, plan: TrialPlan) -> None:
         try:
             resume = storage.exists(run.config)  # Tune restarted this trial: continue from the last checkpoint
             if resume:
-                metrics = run.read_metrics()  # read once: failed before? finished already?
+                metrics = read_metrics(run)  # read once: failed before? finished already?
                 _check_not_failed_before(run, metrics)
-                for t in run.finished_tasks():  # reported again: the restarted trial's Tune session starts empty
-                    records.put((seed, storage.read_json(run.task_result(t))))
+                for t in run.finished_tasks():  # sent again: the restarted trial's Tune session starts empty
+                    results.put((seed, read_task_result(run, t)))
                 if metrics is not None and metrics.get("complete", 0) >= plan.horizon:
                     return
-            run_experiment(cfg.with_values({"experiment.seed": seed}), name, resume=resume,
-                           stop_after_task=plan.horizon - 1, parent_run_id=plan.parent_run_id, quiet_table=True,
-                           label=f"[{name}] ", on_task=lambda rec: records.put((seed, rec)), data=plan.data,
-                           stop_requested=stop.requested)
-        except BaseException as e:  # reported by the trial thread once every seed has ended
+            run_experiment(cfg.with_values({"experiment.seed": seed}),
+                           RunOptions(name=name, resume=resume, stop_after_task=plan.horizon - 1),
+                           RunContext(parent_run_id=plan.parent_run_id, quiet_table=True, label=f"[{name}] ",
+                                      on_task=lambda rec: results.put((seed, rec)), data=plan.data,
+                                      stop_requested=stop.requested))
+        except BaseException as e:  # raised by the trial thread once every seed has ended
             errors[seed] = e
 
     threads = [threading.Thread(target=one, args=(s,), name=f"seed-{s}", daemon=True) for s in seeds]
     for t in threads:
         t.start()
-    report = stop.report
+    send = stop.send
     if plan.exit_after_task is not None:
         marker = storage.join(plan.trial_storage, "trial.fault")
 
-        def report(metrics: dict) -> None:
-            stop.report(metrics)
+        def send(metrics: dict) -> None:
+            stop.send(metrics)
             if metrics["tasks_done"] == plan.exit_after_task + 1:
                 exit_trial_once(marker, plan.exit_after_task)
 
-    _report_as_tasks_finish(records, threads, seeds, plan.horizon, report)
+    _send_as_tasks_finish(results, threads, seeds, plan.horizon, send)
     if errors:
         seed, err = sorted(errors.items())[0]
         raise RuntimeError(f"trial {trial_id}: seed(s) {sorted(errors)} failed; seed {seed}: "
                            f"{type(err).__name__}: {err}") from err
 
 
-def _report_as_tasks_finish(records: queue.Queue, threads: list[threading.Thread], seeds: list[int],
-                            horizon: int, report) -> None:
-    """Report task t's mean over seeds as soon as every seed has finished it, in task order; the last task's
-    report waits until every seed's run has ended."""
+def _send_as_tasks_finish(results: queue.Queue, threads: list[threading.Thread], seeds: list[int],
+                          horizon: int, send) -> None:
+    """Send task t's mean over seeds to Tune as soon as every seed has finished it, in task order; the last
+    task's mean waits until every seed's run has ended."""
     per_task: dict[int, dict[int, dict[str, float]]] = {}
     next_task = 0
 
     def drain(block: bool) -> None:
         try:
             while True:
-                seed, rec = records.get(timeout=0.5) if block else records.get_nowait()
+                seed, rec = results.get(timeout=0.5) if block else results.get_nowait()
                 block = False
-                per_task.setdefault(int(rec["report"]["task"]), {})[seed] = task_metrics(rec["report"],
-                                                                                        finite_only=False)
+                per_task.setdefault(int(rec[RESULT]["task"]), {})[seed] = task_metrics(rec[RESULT], finite_only=False)
         except queue.Empty:
             pass
 
     while any(t.is_alive() for t in threads):
         drain(block=True)
         while next_task < horizon - 1 and len(per_task.get(next_task, {})) == len(seeds):
-            report(_task_report(per_task[next_task], next_task, seeds))
+            send(_task_means(per_task[next_task], next_task, seeds))
             next_task += 1
     for t in threads:
         t.join()
     drain(block=False)
     while next_task < horizon and len(per_task.get(next_task, {})) == len(seeds):
-        report(_task_report(per_task[next_task], next_task, seeds))
+        send(_task_means(per_task[next_task], next_task, seeds))
         next_task += 1
 
 
-def _task_report(by_seed: dict[int, dict[str, float]], task: int, seeds: list[int]) -> dict:
+def _task_means(by_seed: dict[int, dict[str, float]], task: int, seeds: list[int]) -> dict:
     return {**mean_over_seeds([by_seed[s] for s in seeds]), "task": task, "tasks_done": task + 1,
             "seeds": len(seeds)}

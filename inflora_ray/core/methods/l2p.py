@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from .prompting import PromptMethod, cosine, frozen_query, prompted_tokens, uniform_
+from .registry import register_method
 
 
+@register_method
 class L2P(PromptMethod):
     """Prompt pool with key-query matching, prompts prepended at the input, prompt-token-average head."""
     name = "l2p"

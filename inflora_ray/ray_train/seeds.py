@@ -4,33 +4,35 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import sys
+from dataclasses import replace
 from typing import Optional
 
 from ..config import Config
 from ..core.metrics import aggregate_over_seeds
 from ..data.registry import get_benchmark
-from .launch import RunResult, default_run_name, run_experiment
-from .preflight import PreflightError, connect_ray
+from ..preflight import PreflightError, check_config, checked_benchmark, connect_ray
+from ..rundir import default_run_name, run_name
+from .launch import RunContext, RunOptions, RunResult, run_experiment
 
 
-def run_seeds(cfg: Config, seeds: list[int], name: Optional[str] = None, **options) -> dict:
-    """Run one experiment per seed (runs ``<name>-seed<k>``), concurrently where the cluster has room.
+def run_seeds(cfg: Config, seeds: list[int], opts: RunOptions = RunOptions(),
+              context: RunContext = RunContext()) -> dict:
+    """Run one experiment per seed (runs ``<name>-seed<k>``, :func:`~inflora_ray.rundir.run_name`, with
+    ``opts.name`` as the base), concurrently where the cluster has room.
 
-    ``options`` are :class:`~inflora_ray.distributed.launch.RunOptions` fields. Returns
-    ``{"runs": {seed: RunResult | None}, "aggregate": {...}, "parent_run_id": ...}``; raises ``RuntimeError``
-    naming the failed seeds after the others finished.
+    Returns ``{"runs": {seed: RunResult | None}, "aggregate": {...}, "parent_run_id": ...}``; raises
+    ``RuntimeError`` naming the failed seeds after the others finished.
     """
     if len(set(seeds)) != len(seeds) or not seeds:
         raise PreflightError(f"seeds {seeds}: give each seed once (each seed is one run)")
-    base = name or cfg.run.name or default_run_name(cfg, with_seed=False)
-    connect_ray(options.get("address"))  # once, before the seeds' threads
-    if options.get("data") is None and not get_benchmark(cfg.data.benchmark).in_memory:
-        from ..data import scan_data
-
-        try:  # the dataset is listed (and verified) once for every seed's run
-            options["data"] = scan_data(cfg.data, cfg.model.img_size)
-        except (OSError, ValueError) as e:
-            raise PreflightError(f"data: {e}") from None
+    if opts.resume:
+        raise PreflightError("several seeds cannot be resumed together; resume each seed's run by name")
+    base = opts.name or cfg.run.name or default_run_name(cfg, with_seed=False)
+    check_config(cfg, opts.address)
+    connect_ray(opts.address)  # once, before the seeds' threads
+    if context.data is None and not get_benchmark(cfg.data.benchmark).in_memory:
+        # the dataset is listed (and verified) once for every seed's run
+        context = replace(context, data=checked_benchmark(cfg).scanned)
     parent = None
     if cfg.tracking.enabled:
         from ..tracking import start_parent
@@ -42,9 +44,9 @@ def run_seeds(cfg: Config, seeds: list[int], name: Optional[str] = None, **optio
     results: dict[int, Optional[RunResult]] = {}
 
     def one(seed: int) -> RunResult:
-        return run_experiment(cfg.with_values({"experiment.seed": seed}), f"{base}-seed{seed}",
-                              parent_run_id=parent.run_id if parent else None, label=f"[seed {seed}] ",
-                              quiet_table=True, **options)
+        return run_experiment(cfg.with_values({"experiment.seed": seed}), replace(opts, name=run_name(base, seed)),
+                              replace(context, parent_run_id=parent.run_id if parent else None,
+                                      label=f"[seed {seed}] ", quiet_table=True))
 
     with cf.ThreadPoolExecutor(max_workers=len(seeds)) as pool:
         futures = {pool.submit(one, s): s for s in seeds}

@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from ..config import Config, ConfigError
-from ..config_errors import _strip, _type_name
-from .preflight import PreflightError, check_model
+from ..config_errors import strip_optional, type_name
+from ..preflight import PreflightError, check_model
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 DEFAULT_METRIC = "average_incremental_accuracy"
@@ -127,7 +127,7 @@ def field_type(key: str) -> Any:
     """The type a config field ``section.key`` declares in its pydantic model, without ``| None`` and annotations
     (``int`` for ``method.rank``, ``float`` for ``train.lr``, a ``Literal`` for ``train.optimizer``)."""
     section, name = key.split(".", 1)
-    return _strip(Config.model_fields[section].annotation.model_fields[name].annotation)
+    return strip_optional(Config.model_fields[section].annotation.model_fields[name].annotation)
 
 
 def check_type(p: Param, path: str) -> None:
@@ -144,7 +144,7 @@ def check_type(p: Param, path: str) -> None:
         if bad:
             raise SpaceError(f"{path}: {p.key} is an integer field; {p.kind} value(s) {bad} are not integers")
     if tp not in (int, float) and p.kind in RANGES:
-        raise SpaceError(f"{path}: {p.key} takes {_type_name(tp)}: only choice: [...] or grid: [...] apply, "
+        raise SpaceError(f"{path}: {p.key} takes {type_name(tp)}: only choice: [...] or grid: [...] apply, "
                          f"not {p.kind}")
 
 

@@ -1,0 +1,272 @@
+"""The checks a run and a sweep make on the driver before any compute, in one place: the config against the
+model and the data, the storage, a ``--start-from`` checkpoint, the tracking server, the Ray cluster. Each
+failure raises :class:`PreflightError` with a message that says what to fix.
+
+The order is the same for both: :func:`check_config` (cheap, no Ray started), :func:`checked_benchmark` (the
+dataset listed once), :func:`start_tracker` (the tracking server asked), :func:`join_cluster` (Ray started or
+joined, and asked whether it can ever place the workers)."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Optional, Sequence
+from urllib.parse import urlparse
+
+from . import storage
+from .config import Config
+from .logs import is_verbose, log_event
+
+log = logging.getLogger(__name__)
+
+
+class PreflightError(RuntimeError):
+    """Something that would make the run fail, found before any compute; the message says what to fix."""
+
+
+def in_submitted_job() -> bool:
+    """True inside a ``ray job submit`` entrypoint."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def check_model(cfg: Config) -> int:
+    """Build the architecture on the meta device (no weights, no memory) to check it and the rank against the
+    adapted layers' width; returns that width."""
+    from .core.lora import check_rank
+    from .core.methods import METHODS
+    from .core.model import check_builtin_weights, meta_backbone
+
+    try:
+        model = meta_backbone(cfg.model)
+        if cfg.model.weights_file is not None and cfg.model.weights_file.startswith("builtin:"):
+            check_builtin_weights(cfg.model)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    dim = int(getattr(model, "embed_dim", 0))
+    if METHODS[cfg.method.name].uses_adapters:
+        try:
+            check_rank(cfg.method.rank, dim)
+        except ValueError as e:
+            raise PreflightError(f"{e} ({cfg.model.name})") from None
+    return dim
+
+
+def check_data(cfg: Config) -> None:
+    """The data settings against the benchmark (which options apply; the dataset is where they say)."""
+    from .config import ConfigError
+    from .data.registry import check_data_config
+
+    try:
+        check_data_config(cfg.data)
+    except ConfigError as e:
+        raise PreflightError(str(e)) from None
+
+
+def check_config(cfg: Config, address: Optional[str] = None) -> str:
+    """What every run and sweep checks first, before anything is read or started: the Ray address answers (when
+    one is given), the model builds with the method's rank, the data settings fit the benchmark, the storage path
+    is writable. Returns the storage path, absolute."""
+    check_ray_address(address)
+    check_model(cfg)
+    check_data(cfg)
+    return check_storage(cfg)
+
+
+def checked_benchmark(cfg: Config, scanned=None):
+    """The run's :class:`~inflora_ray.data.Benchmark`: the dataset listed (and verified) now, or built from
+    ``scanned``, a caller's scan of it; an unusable dataset is a :class:`PreflightError`."""
+    from .data import build_benchmark
+
+    try:
+        return build_benchmark(cfg.data, cfg.model.img_size, model=cfg.model, scanned=scanned)
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"data: {e}") from None
+
+
+def join_cluster(cfg: Config, address: Optional[str]) -> None:
+    """Start or join Ray (:func:`connect_ray`) and check that it can ever place the config's workers."""
+    connect_ray(address)
+    check_resources(cfg)
+
+
+def check_storage(cfg: Config) -> str:
+    """The absolute storage path, after checking it is usable (writable; absolute under ``ray job submit``)."""
+    path = cfg.run.storage_path
+    if in_submitted_job() and not (storage.is_uri(path) or os.path.isabs(path)):
+        raise PreflightError(f"run.storage_path={path!r} is relative: under `ray job submit` it would "
+                             "land in the job's temporary copy of the working dir and be lost; give --storage-path "
+                             "an absolute shared path (NFS) or an s3:// / gs:// URI")
+    absolute = storage.absolute(path)
+    storage.check_writable(absolute)
+    return absolute
+
+
+def start_tracker(cfg: Config):
+    """The MLflow tracker of this config (None when tracking is off), after checking that its store answers:
+    a redacted URI given back, the server's health check, the database driver, MLflow 3's refusal of file
+    stores, the credentials, a look-up of the experiment. Any problem is a :class:`PreflightError` that says
+    what to fix (credentials redacted), raised before any compute."""
+    if not cfg.tracking.enabled:
+        return None
+    from .tracking import Tracker, TrackingUnavailable
+
+    try:
+        tracker = Tracker(cfg)
+        tracker.probe()
+    except TrackingUnavailable as e:
+        raise PreflightError(str(e)) from None
+    return tracker
+
+
+def _tcp_reachable(address: str, timeout: float = 5.0) -> None:
+    if address in ("auto", "local", ""):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname, parsed.port
+    if host is None or port is None:
+        raise PreflightError(f"RAY_ADDRESS={address!r} is not host:port, ray://host:port or 'auto'")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise PreflightError(f"cannot reach the Ray cluster at RAY_ADDRESS={address!r} ({e}); is the head node "
+                             "up and the address right? Unset RAY_ADDRESS to run on a local Ray.") from None
+
+
+def check_ray_address(address: Optional[str]) -> None:
+    """Fail fast, before the dataset scan and the model check, when ``address`` (RAY_ADDRESS) names a cluster
+    that cannot be reached; nothing without an address or once this process is connected."""
+    import ray
+
+    if address and not ray.is_initialized():
+        _tcp_reachable(address)
+
+
+_RAY_LOCK = threading.Lock()
+
+
+def connect_ray(address: Optional[str]) -> None:
+    """Use the running Ray, connect to ``address`` (RAY_ADDRESS), or start a local Ray (once per process). The
+    workers' output reaches this console only with ``--verbose`` (:func:`~inflora_ray.logs.is_verbose`); it is
+    always in the run's log and in Ray's logs."""
+    import ray
+
+    verbose = is_verbose()
+    quiet = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
+    with _RAY_LOCK:
+        if ray.is_initialized():
+            return
+        if not address:
+            ray.init(**quiet)
+            return
+        _tcp_reachable(address)
+        try:
+            ray.init(address=address, **quiet)
+        except Exception as e:
+            raise PreflightError(f"cannot connect to Ray at {address!r}: {e}") from None
+
+
+_FETCH = object()
+
+
+def _autoscaler_config():
+    """The autoscaler's record of its node groups (Ray Train sizes its worker groups from it too), or None
+    without an autoscaler."""
+    try:
+        from ray._private.state import state as ray_state
+
+        return ray_state.get_cluster_config()
+    except Exception:  # a Ray without this record
+        return None
+
+
+def node_shapes(autoscaler=_FETCH) -> list[dict[str, float]]:
+    """The resources of each node the cluster has now, and of one node of each autoscaler node group that may
+    have nodes (``autoscaler``: a record already fetched by :func:`_autoscaler_config`)."""
+    import ray
+
+    config = _autoscaler_config() if autoscaler is _FETCH else autoscaler
+    groups = [] if config is None else [dict(g.resources) for g in config.node_group_configs if g.max_count != 0]
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")] + groups
+
+
+def cluster_capacity(autoscaler=_FETCH) -> dict[str, float]:
+    """The most of each resource the cluster can ever hold: what it has now, or, on an autoscaling cluster,
+    what its node groups reach at their maximum size (whichever is more)."""
+    import ray
+    from ray._private.state import GlobalState
+
+    config = _autoscaler_config() if autoscaler is _FETCH else autoscaler
+    have = dict(ray.cluster_resources())
+    keys = {k for g in config.node_group_configs for k in g.resources} if config is not None else set()
+    for key in keys:
+        ceiling = GlobalState._calculate_max_resource_from_cluster_config(config, key) or 0
+        have[key] = max(float(have.get(key, 0)), float(ceiling))
+    return have
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail if the cluster can never place the workers, even scaled up (unless run.wait_for_resources)."""
+    r = cfg.run
+    need = {"CPU": r.num_workers * r.cpus_per_worker}
+    if r.use_gpu:
+        need["GPU"] = r.num_workers * r.gpus_per_worker
+    autoscaler = _autoscaler_config()  # fetched once for both views
+    have = cluster_capacity(autoscaler)
+    fits_one = any(n.get("CPU", 0) >= r.cpus_per_worker and (not r.use_gpu or n.get("GPU", 0) >= r.gpus_per_worker)
+                   for n in node_shapes(autoscaler))
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
+    if (short or not fits_one) and not r.wait_for_resources:
+        detail = ", ".join(f"{k}: needs {n:g}, cluster has {h:g}" for k, (n, h) in short.items()) or \
+            "no single node can hold one worker"
+        raise PreflightError(
+            f"the cluster can never place {r.num_workers} worker(s) x ({r.cpus_per_worker:g} CPU"
+            f"{f', {r.gpus_per_worker:g} GPU' if r.use_gpu else ''}) ({detail}); lower run.num_workers / "
+            "run.cpus_per_worker, or set run.wait_for_resources=true on an autoscaling cluster")
+
+
+def warn_local_paths(cfg: Config, tracker) -> None:
+    """Warn about places that only this machine sees when the run spans several."""
+    import ray
+
+    if not storage.is_uri(cfg.run.storage_path) and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+        log_event(log, "storage_warning", level=logging.WARNING, storage_path=cfg.run.storage_path,
+                  message="local storage path on a multi-node cluster: every node must see it at the same "
+                          "path (NFS), else use an s3:// or gs:// URI")
+    if in_submitted_job() and tracker is not None and tracker.uri.startswith(("sqlite:", "file:")) \
+            and not cfg.tracking.uri and "MLFLOW_TRACKING_URI" not in os.environ:
+        log_event(log, "tracking_warning", level=logging.WARNING, uri=tracker.uri,
+                  message="MLflow's local default store inside a submitted job lives in the job's temporary "
+                          "working dir; set MLFLOW_TRACKING_URI (runtime env) or --tracking-uri")
+
+
+def check_start_checkpoint(path: str, cfg: Config, class_order: Optional[Sequence[int]] = None) -> Optional[dict]:
+    """``--start-from path``: an absolute path or URI; ``state.pt`` is there, intact (the SHA-256 that
+    ``meta.json`` records), holds only tensors and plain containers, has a supported version, and fits
+    ``cfg``: the method, the adapted layers' count, rank and width, the task heads against the config's tasks,
+    and the class order (``class_order``, the built benchmark's, when given; else what ``cfg.data`` resolves
+    to, see :func:`~inflora_ray.training.checkpoint.config_architecture`). Raises :class:`PreflightError`
+    naming the checkpoint; returns the config saved in the checkpoint (None if it holds none), for the
+    comparison of settings."""
+    what = f"--start-from {path!r}"
+    if not storage.is_uri(path) and not os.path.isabs(path):
+        raise PreflightError(f"{what}: give an absolute path or a URI (the workers open it, not this shell), "
+                             f"e.g. {os.path.abspath(path)!r}")
+    from .training.checkpoint import CheckpointError, checkpoint_problems, config_architecture, read_checkpoint
+
+    try:
+        state = read_checkpoint(path)
+    except CheckpointError as e:  # the message names the checkpoint
+        raise PreflightError(f"--start-from: {e}") from None
+    except OSError as e:
+        raise PreflightError(f"{what}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+    try:
+        arch = config_architecture(cfg, class_order)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    problems = checkpoint_problems(state, arch)
+    if problems:
+        raise PreflightError(f"{what} does not fit the config: {'; '.join(problems)}")
+    saved = state.get("config")
+    return saved if isinstance(saved, dict) else None
