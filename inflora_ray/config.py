@@ -243,7 +243,9 @@ class TrainConfig(_Model):
     momentum: Float = Field(0.9, ge=0, lt=1)
     betas: Floats = Field(default_factory=lambda: [0.9, 0.999])
     weight_decay: Float = Field(0.0, ge=0)
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    # cosine: factor f(e) = cos(99 pi e / (200 (K - 1))) in epoch e of K; cosine-repeat-first: f(0), f(0), f(1),
+    # ..., f(K - 2), the factors the InfLoRA and CODA-Prompt reference code applies (docs/method.md#learning-rate)
+    schedule: Literal["cosine", "cosine-repeat-first", "step", "constant"] = "cosine"
     step_milestones: Ints = Field(default_factory=list)
     step_gamma: Float = 0.1
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -9,11 +9,24 @@ from torch import nn
 from ..config import TrainConfig
 
 
+def _cosine(epoch: int, epochs: int) -> float:
+    """The paper's factor ``cos(99 pi e / (200 (K - 1)))`` for epoch ``e`` of ``K`` (1 when ``K`` is 1)."""
+    return 1.0 if epochs <= 1 else math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
+
+
 def lr_factor(cfg_train: TrainConfig, epoch: int) -> float:
-    """Per-epoch learning-rate multiplier (the paper's cosine: cos(99 pi e / (200 (K - 1))))."""
+    """Per-epoch learning-rate multiplier of epoch ``epoch`` (0-based) of ``train.epochs``.
+
+    ``cosine`` applies the paper's factor ``f(e)`` in epoch ``e``: ``f(0), f(1), ..., f(K - 1)``, ending near
+    1.6% of the rate. ``cosine-repeat-first`` applies ``f(0), f(0), f(1), ..., f(K - 2)``: the reference code's
+    scheduler sets ``f(0)`` when it is built, then rewinds its epoch counter, so its first step after epoch 0
+    sets ``f(0)`` again and every later epoch runs one factor behind (it integrates 32% more learning rate
+    over 5 epochs, 7.7% over 20). ``step`` multiplies by ``train.step_gamma`` at each milestone; ``constant``
+    is 1."""
     if cfg_train.schedule == "cosine":
-        k = cfg_train.epochs
-        return 1.0 if k <= 1 else math.cos(99 * math.pi * epoch / (200 * (k - 1)))
+        return _cosine(epoch, cfg_train.epochs)
+    if cfg_train.schedule == "cosine-repeat-first":
+        return _cosine(max(epoch - 1, 0), cfg_train.epochs)
     if cfg_train.schedule == "step":
         return cfg_train.step_gamma ** sum(1 for m in cfg_train.step_milestones if epoch >= m)
     return 1.0
