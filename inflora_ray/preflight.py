@@ -63,13 +63,19 @@ def check_data(cfg: Config) -> None:
         raise PreflightError(str(e)) from None
 
 
-def check_config(cfg: Config, address: Optional[str] = None) -> str:
-    """What every run and sweep checks first, before anything is read or started: the Ray address answers (when
-    one is given), the model builds with the method's rank, the data settings fit the benchmark, the storage path
-    is writable. Returns the storage path, absolute."""
-    check_ray_address(address)
+def check_settings(cfg: Config) -> None:
+    """The checks of a config that need neither Ray, nor storage, nor training: the model builds with the
+    method's rank (and shipped weights match), the data settings fit the benchmark (``--print-config`` runs
+    these)."""
     check_model(cfg)
     check_data(cfg)
+
+
+def check_config(cfg: Config, address: Optional[str] = None) -> str:
+    """What every run and sweep checks first, before anything is read or started: the Ray address answers (when
+    one is given), :func:`check_settings`, the storage path is writable. Returns the storage path, absolute."""
+    check_ray_address(address)
+    check_settings(cfg)
     return check_storage(cfg)
 
 
@@ -241,32 +247,40 @@ def warn_local_paths(cfg: Config, tracker) -> None:
                           "working dir; set MLFLOW_TRACKING_URI (runtime env) or --tracking-uri")
 
 
-def check_start_checkpoint(path: str, cfg: Config, class_order: Optional[Sequence[int]] = None) -> Optional[dict]:
-    """``--start-from path``: an absolute path or URI; ``state.pt`` is there, intact (the SHA-256 that
-    ``meta.json`` records), holds only tensors and plain containers, has a supported version, and fits
-    ``cfg``: the method, the adapted layers' count, rank and width, the task heads against the config's tasks,
-    and the class order (``class_order``, the built benchmark's, when given; else what ``cfg.data`` resolves
-    to, see :func:`~inflora_ray.training.checkpoint.config_architecture`). Raises :class:`PreflightError`
-    naming the checkpoint; returns the config saved in the checkpoint (None if it holds none), for the
-    comparison of settings."""
+def read_start_checkpoint(path: str) -> dict:
+    """The learner state of the ``--start-from`` checkpoint at ``path``, an absolute path or a URI (the workers
+    open it, not this shell): ``state.pt`` is there, intact (the SHA-256 that ``meta.json`` records) and holds
+    only tensors and plain containers. Raises :class:`PreflightError` naming the checkpoint."""
     what = f"--start-from {path!r}"
     if not storage.is_uri(path) and not os.path.isabs(path):
         raise PreflightError(f"{what}: give an absolute path or a URI (the workers open it, not this shell), "
                              f"e.g. {os.path.abspath(path)!r}")
-    from .training.checkpoint import CheckpointError, checkpoint_problems, config_architecture, read_checkpoint
+    from .training.checkpoint import CheckpointError, read_checkpoint
 
     try:
-        state = read_checkpoint(path)
+        return read_checkpoint(path)
     except CheckpointError as e:  # the message names the checkpoint
         raise PreflightError(f"--start-from: {e}") from None
     except OSError as e:
         raise PreflightError(f"{what}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+
+
+def check_start_checkpoint(path: str, cfg: Config, class_order: Optional[Sequence[int]] = None,
+                           state: Optional[dict] = None) -> dict:
+    """``--start-from path``: the checkpoint is readable and intact (:func:`read_start_checkpoint`, unless its
+    ``state`` was read already), has a supported version, and fits ``cfg``: the method, the adapted layers'
+    count, rank and width, the task heads against the config's tasks, and the class order (``class_order``,
+    the built benchmark's, when given; else what ``cfg.data`` resolves to, see
+    :func:`~inflora_ray.training.checkpoint.config_architecture`). Raises :class:`PreflightError` naming the
+    checkpoint; returns its learner state (its ``config`` and ``next_task`` say what a branch continues)."""
+    from .training.checkpoint import checkpoint_problems, config_architecture
+
+    state = read_start_checkpoint(path) if state is None else state
     try:
         arch = config_architecture(cfg, class_order)
     except ValueError as e:
         raise PreflightError(str(e)) from None
     problems = checkpoint_problems(state, arch)
     if problems:
-        raise PreflightError(f"{what} does not fit the config: {'; '.join(problems)}")
-    saved = state.get("config")
-    return saved if isinstance(saved, dict) else None
+        raise PreflightError(f"--start-from {path!r} does not fit the config: {'; '.join(problems)}")
+    return state

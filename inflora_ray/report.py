@@ -48,8 +48,11 @@ def _main(args: argparse.Namespace) -> None:
     if args.runs and args.log_to_mlflow is not None:
         check_server(uri)  # before reading anything
     where = {"benchmark": args.benchmark, "method": args.method, "sweep": args.sweep}
-    runs = runs_from_folders(args.runs, where) if args.runs else runs_from_mlflow(uri, args.experiment,
-                                                                                  args.filter, where)
+    skipped: list[str] = []
+    runs = runs_from_folders(args.runs, where, skipped) if args.runs else runs_from_mlflow(uri, args.experiment,
+                                                                                           args.filter, where)
+    for item in skipped:
+        print(f"skipped {item}", file=sys.stderr)
     table = report_table.build_table(runs, tuple(k.strip() for k in args.group_by.split(",") if k.strip()))
     sys.stdout.write(report_table.to_markdown(table))
     if table.notes or table.left_out():

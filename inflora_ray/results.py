@@ -16,6 +16,20 @@ from .rundir import RunDir
 
 RESULT, SUMMARY = "result", "summary"  # keys of a task's result file: its TaskResult, the metrics after it
 
+# How a run ended: one word, the same in metrics.json, on its MLflow run (tag run_status) and in the report.
+RUN_STATUSES = ("finished", "stopped", "interrupted", "failed")
+
+
+def run_status(tasks_done: int, num_tasks: int, failed: bool = False, interrupted: bool = False) -> str:
+    """How a run ended (:data:`RUN_STATUSES`): ``failed`` (an error ended it), ``interrupted`` (Ctrl-C,
+    SIGTERM, or its caller stopped it; ``--resume`` continues it), ``stopped`` (it ended well, but before its
+    last task: ``--stop-after-task``; ``--resume`` continues it), ``finished`` (every task done)."""
+    if failed:
+        return "failed"
+    if interrupted:
+        return "interrupted"
+    return "finished" if tasks_done >= num_tasks else "stopped"
+
 
 def write_task_result(run: RunDir, result: dict, counts: AccuracyCounts, own_head_counts: AccuracyCounts,
                       adapters: Optional[list] = None, **facts) -> None:
@@ -54,9 +68,11 @@ def read_task_results(run: RunDir, num_tasks: int) -> tuple[list[dict], dict]:
     return tasks, summary(counts)
 
 
-def write_final_results(run: RunDir, tasks: list[dict], summ: dict, status: str = "finished") -> None:
-    """The accuracy matrix as Parquet (long format) and the metrics as JSON; ``status`` (finished,
-    failed, interrupted) and ``incomplete`` say whether every task ran."""
+def write_final_results(run: RunDir, tasks: list[dict], summ: dict, status: str) -> None:
+    """The accuracy matrix as Parquet (long format) and the metrics as JSON; ``status`` (:func:`run_status`)
+    and ``incomplete`` say how the run ended and whether every task ran."""
+    if status not in RUN_STATUSES:
+        raise ValueError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
     import pyarrow as pa
     import pyarrow.parquet as pq
 

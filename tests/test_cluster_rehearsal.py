@@ -155,10 +155,26 @@ def preempted(rehearsal, shards, sweep):
     wait_node_dead(cluster, where["node_id"])
     logs = _finish(rehearsal, sid)
     stopped = {"task_1_done": storage.exists(run.task_result(1)), "task_2_done": storage.exists(run.task_result(2))}
+    metrics = storage.read_json(run.metrics)
+    stopped["status"], stopped["incomplete"] = metrics["status"], metrics["incomplete"]
+    mlflow_run = _mlflow_run(rehearsal, "preempted")
+    stopped["mlflow"] = (mlflow_run.info.status, mlflow_run.data.tags.get("run_status"),
+                         mlflow_run.data.tags.get("end_reason", ""))
     entry = [*RUN, f"data.shards={shards['uri']}", "--storage-path", rehearsal.uri("runs"), "--resume", "preempted"]
     resumed = _submit(rehearsal, "resumed", entry)
     return {"removed": k, "replacement": replacement, "job": cluster.job(sid), "logs": logs, "stopped": stopped,
             "resumed_logs": _finish(rehearsal, resumed), "resumed_job": cluster.job(resumed)}
+
+
+def _mlflow_run(r: Rehearsal, name: str):
+    """The one MLflow run of the run ``name`` on the rehearsal's tracking server."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=r.tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.run_name = '{name}'")
+    assert len(runs) == 1, runs
+    return runs[0]
 
 
 # ------------------------------------------------------------------------------------------------ cluster
@@ -195,7 +211,14 @@ def test_node_removed_mid_task_replaced_then_resumed_from_s3_gives_the_same_matr
     nodes = {worker_of(cluster, a["node_id"]) for a in cluster.actors(preempted["job"]["job_id"], "RayTrainWorker")}
     # The restarted group used the new node.
     assert preempted["replacement"] in nodes and preempted["removed"] in nodes, nodes
-    assert preempted["stopped"] == {"task_1_done": True, "task_2_done": False}  # --stop-after-task 1
+    stopped = preempted["stopped"]
+    assert (stopped["task_1_done"], stopped["task_2_done"]) == (True, False)  # --stop-after-task 1
+    # Stopped after task 1 of 3: never "finished", in metrics.json or MLflow, until the resume finished it.
+    assert (stopped["status"], stopped["incomplete"]) == ("stopped", True)
+    assert stopped["mlflow"][:2] == ("KILLED", "stopped") and "--stop-after-task" in stopped["mlflow"][2]
+    resumed = _mlflow_run(rehearsal, "preempted")
+    assert (resumed.info.status, resumed.data.tags["run_status"]) == ("FINISHED", "finished")
+    assert "end_reason" not in resumed.data.tags
     assert _matrix(rehearsal, "preempted") == _reference_matrix(sweep), preempted["resumed_logs"][-4000:]
 
 

@@ -175,7 +175,8 @@ def test_sections_built_directly_raise_config_error():
 
 # ------------------------------------------------------------------------------------------ loader processes
 def test_loader_workers_are_data_loader_processes():
-    with pytest.raises(ConfigError, match=r"data: unknown key\(s\) \['num_workers'\]; valid keys are .*'loader_workers'"):
+    with pytest.raises(ConfigError,
+                       match=r"data: unknown key\(s\) \['num_workers'\]; valid keys are .*'loader_workers'"):
         load_config("quickstart", ["data.num_workers=2"])
     assert load_config("quickstart", ["data.loader_workers=2"]).data.loader_workers == 2
     with pytest.raises(ConfigError, match="data.loader_workers: must be >= 0"):
@@ -285,3 +286,18 @@ def test_resume_refuses_a_stored_config_with_an_unknown_key(tmp_path):
     (tmp_path / "old" / "results" / "config.yaml").write_text(yaml.safe_dump(data))
     cfg, name, stored = load_run_config(str(tmp_path), "old", ["data.loader_workers=2"])
     assert name == "old" and cfg.data.loader_workers == 2 and stored["data"]["loader_workers"] == 0
+
+def test_print_config_refuses_what_a_run_would_refuse_before_training(capsys, tmp_path, monkeypatch):
+    from inflora_ray.run import main
+
+    monkeypatch.chdir(tmp_path)  # the default storage path, runs/, would be made here: it must not be
+
+    assert main(["--print-config", "method.rank=1000"]) == 2
+    err = capsys.readouterr().err
+    assert "error: method.rank=1000 is larger than the adapted layers' input dim 192" in err
+    assert main(["--print-config", "--config", "cifar100-10", f"data.root={tmp_path / 'nope'}"]) == 2
+    assert "data.root: path not found" in capsys.readouterr().err
+    assert main(["--print-config", "method.rank=8"]) == 0
+    out = capsys.readouterr().out
+    assert load_config("quickstart", ["method.rank=8"]).to_dict() == __import__("yaml").safe_load(out)
+    assert list(tmp_path.iterdir()) == []

@@ -4,7 +4,6 @@ manifest, Parquet shards (round trip, per-worker reads), presets, preprocessing,
 from __future__ import annotations
 
 import codecs
-import io
 import json
 import os
 import pickle
@@ -14,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from inflora_ray.data.registry import check_data_config
 from inflora_ray.config import ConfigError, DataConfig
@@ -25,74 +23,13 @@ from inflora_ray.data.imagenet_r import SPLIT_VERSION, split_class
 from inflora_ray.data.loader import block_bounds
 from inflora_ray.data.raw import load_raw_sources
 from inflora_ray.data.shard_writer import prepare_shards
+from inflora_ray.data.sample import (DN_CLASSES, DOMAINS, STYLES, WNIDS, write_cifar, write_domainnet,  # noqa: F401
+                                     write_imagenet_r)
 from inflora_ray.data.shards import ParquetSource, verify_shards
 from inflora_ray.storage import file_digest
 
-WNIDS = ["n01443537", "n01484850", "n01494475", "n01496331", "n01498041", "n01514859"]
-STYLES = ["art", "cartoon", "graffiti", "painting", "sketch"]
-DOMAINS = ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]
-DN_CLASSES = ["aircraft_carrier", "airplane", "alarm_clock", "ambulance", "angel", "animal_migration", "ant",
-              "anvil", "apple", "arm"]
-
-
-def _jpeg(rng, h, w) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-# ------------------------------------------------------------------------------------------ fixtures
-# The writers are plain functions so that tests/test_hostile_data.py can build damaged copies from them.
-def write_cifar(root):
-    """root/cifar-100-python/{train,test,meta}: Python-2-style pickles (bytes keys, protocol 2), 100 classes x 2
-    train + 1 test, rows in a shuffled class order like the release. Their MD5 cannot be the official one, so
-    they are read with verify_release=False."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, per_class in (("train", 2), ("test", 1)):
-        labels = rng.permutation(np.repeat(np.arange(100), per_class)).tolist()
-        n = len(labels)
-        d = {b"filenames": [f"img_{i}.png".encode() for i in range(n)], b"batch_label": f"{split} batch".encode(),
-             b"fine_labels": labels, b"coarse_labels": [lab // 5 for lab in labels],
-             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
-        with open(folder / split, "wb") as f:
-            pickle.dump(d, f, protocol=2)
-    meta = {b"fine_label_names": [f"class_{i:02d}".encode() for i in range(100)],
-            b"coarse_label_names": [f"super_{i:02d}".encode() for i in range(20)]}
-    with open(folder / "meta", "wb") as f:
-        pickle.dump(meta, f, protocol=2)
-    return root
-
-
-def write_imagenet_r(root):
-    """root/<wnid>/<style>_<k>.jpg: 6 classes x 5 JPEGs of varied sizes, plus the release's README."""
-    rng = np.random.default_rng(1)
-    for c, wnid in enumerate(WNIDS):
-        (root / wnid).mkdir(parents=True)
-        for k, style in enumerate(STYLES):
-            (root / wnid / f"{style}_{k}.jpg").write_bytes(_jpeg(rng, 20 + 3 * k, 24 + c))
-    (root / "README.txt").write_text("n01443537 goldfish\n")
-    return root
-
-
-def write_domainnet(root):
-    """root/<domain>/<class>/<domain>_<c>_<k>.jpg for the six domains, 10 classes, and <domain>_{train,test}.txt."""
-    rng = np.random.default_rng(2)
-    for domain in DOMAINS:
-        lines = {"train": [], "test": []}
-        for c, cls in enumerate(DN_CLASSES):
-            (root / domain / cls).mkdir(parents=True)
-            for k in range(3):
-                rel = f"{domain}/{cls}/{domain}_{c:03d}_{k:06d}.jpg"
-                (root / rel).write_bytes(_jpeg(rng, 12, 10 + k))
-                lines["train" if k < 2 else "test"].append(f"{rel} {c}")
-        for split, ls in lines.items():
-            rng.shuffle(ls)
-            (root / f"{domain}_{split}.txt").write_text("\n".join(ls) + "\n")
-    return root
-
-
+# The fixtures' writers are the package's own sample datasets (inflora-data sample); tests/test_hostile_data.py
+# builds damaged copies from them.
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory):
     return write_cifar(tmp_path_factory.mktemp("cifar"))
@@ -516,7 +453,8 @@ def test_presets_load_with_root_override(preset, benchmark, tasks, tmp_path):
     assert (cfg.data.benchmark, cfg.data.num_tasks, cfg.data.root) == (benchmark, tasks, str(tmp_path))
     assert cfg.model.name == "vit_base_patch16_224.augreg_in21k" and cfg.model.pretrained
     assert cfg.data.batch_size == 128 and cfg.train.weight_decay == 0 and cfg.data.normalize == "none"
-    expect = {"cifar100": ("adam", 5e-4, 20, 10, 0.95, "cosine"), "imagenet-r": ("adam", 5e-4, 50, 10, 0.98, "cosine"),
+    expect = {"cifar100": ("adam", 5e-4, 20, 10, 0.95, "cosine-repeat-first"),
+              "imagenet-r": ("adam", 5e-4, 50, 10, 0.98, "cosine-repeat-first"),
               "domainnet": ("sgd", 5e-3, 5, 30, 0.95, "step")}[benchmark]
     t, m = cfg.train, cfg.method
     assert (t.optimizer, t.lr, t.epochs, m.rank, m.lamb, t.schedule) == expect and m.lame == 1.0
@@ -544,3 +482,22 @@ def test_shards_through_a_uri_filesystem(imr_root, tmp_path):
     raw = bench("imagenet-r", imr_root, num_tasks=3)
     assert all(b.test.encoded(i)[0] == raw.test.encoded(i)[0] for i in range(len(raw.test)))
     assert verify_shards(uri)["rows"] == {"train": 24, "test": 6}
+
+
+@pytest.mark.parametrize("benchmark", ["cifar100", "imagenet-r", "domainnet"])
+def test_sample_dataset_on_demand_goes_through_prepare_and_verify(benchmark, tmp_path, capsys):
+    """``inflora-data sample`` writes a small dataset in the benchmark's layout that ``prepare`` and ``verify``
+    take as they take the release; a bad ``--num-tasks`` is named as the flag the user typed."""
+    src, out = tmp_path / benchmark, tmp_path / "shards"
+    assert data_cli(["sample", benchmark, "--out", str(src)]) == 0
+    classes = json.loads(capsys.readouterr().out)["num_classes"]
+    extra = ["--no-verify-release"] if benchmark == "cifar100" else []
+    assert data_cli(["prepare", benchmark, "--source", str(src), "--out", str(out), "--num-tasks", "2", *extra]) == 0
+    assert json.loads(capsys.readouterr().out)["num_classes"] == classes
+    assert data_cli(["verify", str(out)]) == 0 and json.loads(capsys.readouterr().out)["hashes_checked"]
+    assert data_cli(["prepare", benchmark, "--source", str(src), "--out", str(tmp_path / "x"), "--num-tasks",
+                     str(classes + 1), *extra]) == 2
+    assert f"error: --num-tasks {classes + 1}: must be between 1 and the {classes} classes" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert data_cli(["sample", benchmark, "--out", str(src)]) == 2  # never written over
+    assert "exists and is not empty" in capsys.readouterr().err

@@ -168,7 +168,7 @@ def test_password_and_tokens_reach_no_param_tag_file_log_or_console(tmp_path, ml
     run_id = tracker.start("r", _RECORD)
     tracker.save_state(run)
     tracker.log_task(_record(0), run)
-    tracker.finish(run, {}, status="FINISHED")
+    tracker.finish(run, {}, run_status="finished")
     assert tracker.lost is None
 
     from mlflow import MlflowClient
@@ -220,13 +220,16 @@ def _fake_checkpoint(run: RunDir) -> None:
         (folder / name).write_text("x")
 
 
-@pytest.mark.parametrize("status, checkpoint_logged", [("KILLED", False), ("FAILED", True), ("FINISHED", True)])
-def test_run_ends_with_the_status_given(tmp_path, sqlite_uri, status, checkpoint_logged):
+@pytest.mark.parametrize("run_status, status, checkpoint_logged", [
+    ("interrupted", "KILLED", False), ("stopped", "KILLED", True), ("failed", "FAILED", True),
+    ("finished", "FINISHED", True)])
+def test_run_ends_with_the_status_given(tmp_path, sqlite_uri, run_status, status, checkpoint_logged):
     tracker, run = _sqlite_tracker(tmp_path, sqlite_uri), _run_dir(tmp_path)
     _fake_checkpoint(run)
     run_id = tracker.start("r", _RECORD)
-    tracker.finish(run, {}, status=status)
-    assert tracker.client.get_run(run_id).info.status == status
+    tracker.finish(run, {}, run_status=run_status)
+    ended = tracker.client.get_run(run_id)
+    assert ended.info.status == status and ended.data.tags["run_status"] == run_status
     top = {a.path for a in tracker.client.list_artifacts(run_id)}
     assert ("checkpoint" in top) is checkpoint_logged  # an interrupted run is resumed: no checkpoint upload
 
@@ -268,8 +271,9 @@ def test_a_trials_runs_are_found_by_name_among_the_parents_children(tmp_path, sq
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda t, run: t.finish(run, {}, status="CANCELLED"), "status must be one of FINISHED, FAILED, KILLED"),
-    (lambda t, run: t.finish(run, {}, status="killed"), "status must be one of"),
+    (lambda t, run: t.finish(run, {}, run_status="CANCELLED"),
+     "run_status must be one of finished, stopped, interrupted, failed"),
+    (lambda t, run: t.finish(run, {}, run_status="FINISHED"), "run_status must be one of"),
     (lambda t, run: t.finish_parent({}, ok=False, status="FINISHED"), "a failed run cannot end as FINISHED"),
 ])
 def test_bad_status_is_refused_before_anything_is_written(tmp_path, sqlite_uri, call, message):
@@ -304,7 +308,7 @@ def test_resumed_run_logs_each_metric_once_per_step(tmp_path, sqlite_uri, saved_
     second.logged_tasks = set(previous["logged_tasks"])
     for task in (0, 1, 2):
         second.log_task(_record(task), run)
-    second.finish(run, {}, status="FINISHED")
+    second.finish(run, {}, run_status="finished")
 
     client = second.client
     metrics = client.get_run(run_id).data.metrics

@@ -14,6 +14,7 @@ import pytest
 from ray.train import UserCallback
 
 from helpers import run_in_process
+from inflora_ray.config import flatten
 from inflora_ray.presets import load_config
 from inflora_ray.ray_train.faults import ENV_VAR
 from inflora_ray.ray_train.launch import RunContext, RunOptions, run_experiment
@@ -186,3 +187,32 @@ def test_unreachable_ray_address_fails_fast(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cannot reach the Ray cluster at RAY_ADDRESS='127.0.0.1:9'" in proc.stderr
     assert time.time() - t0 < 60
+
+
+def test_a_branch_keeps_the_checkpoints_settings_and_records_its_overrides(runs, capsys):
+    """``inflora-run --start-from``: the checkpoint's config is the base (its epochs, rank, ... kept, not the
+    quickstart preset's), the override is applied and recorded with the first task it applies to; without
+    --allow-config-change nothing is written; --config is refused."""
+    import yaml
+
+    from inflora_ray.run import main
+
+    root = runs["root"]
+    ckpt = str(root / "one" / "checkpoint_task000")
+    saved = yaml.safe_load((root / "one" / "results" / "config.yaml").read_text())
+    assert main(["--start-from", ckpt, "--name", "refused", "train.lr=0.001"]) == 2
+    assert "would change settings that alter results (train.lr: 0.002 -> 0.001)" in capsys.readouterr().err
+    assert main(["--start-from", ckpt, "--config", "quickstart", "--name", "refused"]) == 2
+    assert "not --config" in capsys.readouterr().err
+    assert not (root / "refused").exists()
+
+    assert main(["--start-from", ckpt, "--name", "cli-branch", "train.lr=0.001", "--allow-config-change"]) == 0
+    branch = yaml.safe_load((root / "cli-branch" / "results" / "config.yaml").read_text())
+    flat_saved, flat_branch = flatten(saved), flatten(branch)
+    differ = {k for k in flat_saved if flat_saved[k] != flat_branch.get(k)}
+    assert differ == {"train.lr", "run.name"} and flat_branch["train.epochs"] == RUN["train.epochs"]
+    history = json.loads((root / "cli-branch" / "results" / "config_history.json").read_text())
+    assert [(h["how"], h["from_task"], h["changes"]) for h in history] == [
+        ("--start-from", 1, {"train.lr": {"from": 0.002, "to": 0.001}})]
+    metrics = json.loads((root / "cli-branch" / "results" / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["complete"] == RUN["data.num_tasks"]

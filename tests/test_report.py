@@ -19,7 +19,7 @@ from helpers import free_port, tiny_overrides
 
 from inflora_ray import storage
 from inflora_ray.ray_train.worker import save_task_result
-from inflora_ray.results import read_task_results, write_final_results
+from inflora_ray.results import read_metrics, read_task_results, run_status, write_final_results
 from inflora_ray.presets import load_config
 from inflora_ray.report import main
 from inflora_ray.rundir import RunDir
@@ -35,8 +35,8 @@ METRICS = ("final_accuracy", "average_incremental_accuracy", "forgetting")
 
 def _train(cfg, name: str, storage_path, stop_after_task: int | None = None) -> RunDir:
     """One run's folder as the driver writes it (``results/config.yaml``, ``task_NNN.json``, ``metrics.json``
-    with ``status`` finished also when it stopped early by ``stop_after_task``), with the learner in this
-    process instead of a Ray Train worker."""
+    with ``status`` stopped when it stopped early by ``stop_after_task``), with the learner in this process
+    instead of a Ray Train worker."""
     run = RunDir.of(str(storage_path), name)
     run.claim()
     storage.write_bytes(run.config, cfg.with_values({"run.name": name}).to_yaml().encode())
@@ -45,7 +45,8 @@ def _train(cfg, name: str, storage_path, stop_after_task: int | None = None) -> 
     learner.run(stop_after_task)
     for task in range(learner.next_task):
         save_task_result(run, learner, task)
-    write_final_results(run, *read_task_results(run, learner.benchmark.num_tasks))
+    tasks, summ = read_task_results(run, learner.benchmark.num_tasks)
+    write_final_results(run, tasks, summ, run_status(len(tasks), learner.benchmark.num_tasks))
     return run
 
 
@@ -55,7 +56,7 @@ def _log(cfg, run: RunDir, parent_run_id: str | None) -> None:
     tracker.start(run.name, storage.read_json(run.record), parent_run_id=parent_run_id)
     for task in run.finished_tasks():
         tracker.log_task(storage.read_json(run.task_result(task)), run)
-    tracker.finish(run, read_task_results(run, cfg.data.num_tasks)[1])
+    tracker.finish(run, read_task_results(run, cfg.data.num_tasks)[1], run_status=read_metrics(run)["status"])
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def _expected(runs_root) -> dict[tuple[str, str], tuple[float, float]]:
     for path in sorted(runs_root.glob("*/results/metrics.json")):
         data = json.loads(path.read_text())
         if path.parent.parent.name == "inflora-stopped":
-            assert data["status"] == "finished" and data["complete"] == 1  # ended well, but after 1 of 2 tasks
+            assert data["status"] == "stopped" and data["complete"] == 1 and data["incomplete"]  # 1 of 2 tasks
             continue
         method = path.parent.parent.name.rsplit("-seed", 1)[0]
         for metric in METRICS:
@@ -126,7 +127,7 @@ def test_table_from_run_folders_reproduces_metrics_json(world, capsys, tmp_path)
     code, out, err = _report(capsys, "--runs", str(world["runs"]), "--csv", str(tmp_path / "t.csv"),
                              "--plot", str(tmp_path / "t.png"))
     assert code == 0, err
-    _check_table(out, (tmp_path / "t.csv").read_text(), _expected(world["runs"]), "finished")
+    _check_table(out, (tmp_path / "t.csv").read_text(), _expected(world["runs"]), "stopped")
     assert "1 unfinished run(s) not included" in err
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # one run folder, and a selection
@@ -143,7 +144,7 @@ def test_table_from_mlflow_and_logged_back(world, capsys, tmp_path):
     code, out, err = _report(capsys, "--experiment", EXPERIMENT, "--tracking-uri", uri, "--csv",
                              str(tmp_path / "t.csv"), "--log-to-mlflow", "cmp")
     assert code == 0, err
-    _check_table(out, (tmp_path / "t.csv").read_text(), _expected(world["runs"]), "FINISHED")
+    _check_table(out, (tmp_path / "t.csv").read_text(), _expected(world["runs"]), "stopped")
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
     [parent] = client.search_runs([exp.experiment_id], "tags.report = 'parent'")
@@ -249,3 +250,26 @@ def test_a_pickle_in_place_of_metrics_json_is_never_unpickled(damaged, capsys, t
     assert code == 2 and "metrics.json is not valid JSON" in err, err
     assert not (tmp_path / "ran").exists()
 
+
+
+def test_a_storage_folder_with_runs_a_sweep_and_strays_is_accounted_for(world, capsys, tmp_path):
+    """Run folders are tabled, a sweep folder's trials too, and every other entry is named as skipped."""
+    store = tmp_path / "store"
+    for seed in (0, 1, 2):
+        shutil.copytree(world["runs"] / f"inflora-seed{seed}", store / f"inflora-seed{seed}")
+        shutil.copytree(world["runs"] / f"seq-lora-seed{seed}", store / "sw" / "runs" / f"t_0000{seed}")
+    (store / "sw" / "sweep.json").write_text(json.dumps({"name": "sw"}))
+    (store / "empty-sweep").mkdir()
+    (store / "empty-sweep" / "sweep.json").write_text("{}")
+    (store / "notes").mkdir()
+    (store / "readme.txt").write_text("x")
+    code, out, err = _report(capsys, "--runs", str(store))
+    assert code == 0, err
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert rows["inflora"].rstrip().endswith("| 3 |") and rows["seq-lora"].rstrip().endswith("| 3 |")
+    skipped = sorted(line for line in err.splitlines() if line.startswith("skipped "))
+    assert skipped == [f"skipped {store}/empty-sweep: a sweep folder with no trial run in it yet",
+                       f"skipped {store}/notes: neither a run folder (no results/config.yaml) nor a sweep folder "
+                       "(no sweep.json)",
+                       f"skipped {store}/readme.txt: neither a run folder (no results/config.yaml) nor a sweep "
+                       "folder (no sweep.json)"]

@@ -103,7 +103,7 @@ def test_local_default_store_with_no_environment(tmp_path, monkeypatch):
     tracker = start_tracker(cfg)
     run_id = tracker.start("local", {"class_order": list(range(10))})
     (tmp_path / "runs" / "local" / "results").mkdir(parents=True)
-    tracker.finish(RunDir(str(tmp_path / "runs" / "local")), {}, status="FINISHED")
+    tracker.finish(RunDir(str(tmp_path / "runs" / "local")), {}, run_status="finished")
     import mlflow
     uri = mlflow.get_tracking_uri()
     assert str(tmp_path) in uri  # MLflow's default store lives in the working directory
@@ -128,8 +128,8 @@ def test_server_killed_mid_run_does_not_stop_training(ray_session, tmp_path, cap
             stop_server(proc)
             killed.append(True)
 
-    res = run_experiment(_cfg(tmp_path / "runs", **{"tracking.uri": uri, "data.num_tasks": 3}), RunOptions(name="dying"),
-                         RunContext(on_task=kill_after_first_task, quiet_table=True))
+    res = run_experiment(_cfg(tmp_path / "runs", **{"tracking.uri": uri, "data.num_tasks": 3}),
+                         RunOptions(name="dying"), RunContext(on_task=kill_after_first_task, quiet_table=True))
     assert killed and len(res.tasks) == 3  # training completed
     assert res.tracking_lost is not None and "task 1" in res.tracking_lost
     err = capsys.readouterr().err

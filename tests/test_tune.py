@@ -13,6 +13,8 @@ import statistics
 import threading
 import time
 
+from pathlib import Path
+
 import pytest
 
 from helpers import run_in_process
@@ -161,6 +163,34 @@ def test_a_trial_whose_process_died_resumed_to_the_result_of_an_uninterrupted_ru
         resumed = json.load(open(f"{out['sweep_dir']}/runs/{first['trial_id']}-seed{seed}/results/metrics.json"))
         assert resumed["status"] == "finished"
         assert resumed["accuracy_matrix"] == reproduced["runs"][seed]["accuracy_matrix"]
+
+
+def test_a_resume_that_would_change_the_sweep_is_refused_and_changes_nothing(sweep):
+    """A resume with another override, another space or other options would rewrite a finished sweep's
+    records with settings its trials never ran: refused, naming the differences; nothing written, the MLflow
+    parent run as it was."""
+    from mlflow import MlflowClient
+
+    from inflora_ray.preflight import PreflightError
+    from inflora_ray.ray_tune.search_space import Param, SearchSpace
+
+    cfg, space, folder = sweep["cfg"], sweep["space"], Path(sweep["out"]["sweep_dir"])
+    files = {p: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert {"best_config.yaml", "trials.csv", "trials.parquet", "sweep.json"} <= {p.name for p in files}
+    client = MlflowClient(sweep["uri"])
+    parent = client.get_run(sweep["out"]["mlflow_parent_run_id"]).info
+    cases = [
+        (cfg.with_values({"train.epochs": 2}), space, SWEEP, r"train\.epochs: 1 -> 2"),
+        (cfg, SearchSpace([Param("train.lr", "choice", [0.003])]), SWEEP, r"--space space: .*0\.003"),
+        (cfg, space, {**SWEEP, "scheduler": "fifo"}, r"--scheduler asha -> fifo"),
+        (cfg, space, {**SWEEP, "num_samples": 5}, r"--num-samples 2 -> 5"),
+    ]
+    for c, sp, options, message in cases:
+        with pytest.raises(PreflightError, match=message):
+            run_sweep(c, sp, SweepOptions(**options, resume=True))
+    assert {p: p.read_bytes() for p in folder.iterdir() if p.is_file()} == files
+    after = client.get_run(parent.run_id).info
+    assert (after.status, after.end_time) == (parent.status, parent.end_time)
 
 
 def test_resume_reuses_finished_trials(sweep):

@@ -6,12 +6,15 @@
         write the split manifest (per file: path, split, label, size, sha256) of a copy (ImageNet-R)
     inflora-data verify URI [--no-hashes]
         check prepared shards against their manifest (sizes; sha256 unless --no-hashes)
+    inflora-data sample BENCHMARK --out DIR
+        write a small generated dataset (random images) in the benchmark's on-disk layout, to try the others
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .base import DataError
 from .registry import get_benchmark, shardable_benchmarks, split_manifest_benchmarks
@@ -63,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     pv = sub.add_parser("verify", help="check prepared shards against their manifest")
     pv.add_argument("uri")
     pv.add_argument("--no-hashes", action="store_true", help="sizes only (no full read)")
+
+    ps = sub.add_parser("sample", help="write a small generated dataset in a benchmark's on-disk layout")
+    ps.add_argument("benchmark", choices=shardable_benchmarks())
+    ps.add_argument("--out", required=True, help="a new or empty local folder (what data.root / --source name)")
     return p
 
 
@@ -86,6 +93,12 @@ def _run(args: argparse.Namespace) -> dict:
         storage.write_json(args.out, man)
         return {"out": args.out, "version": man["version"], "classes": len(man["classes"]),
                 "train": man["num_train"], "test": man["num_test"]}
+    if args.command == "sample":
+        from . import sample
+
+        sample.WRITERS[args.benchmark](Path(args.out).expanduser())
+        return {"out": args.out, "benchmark": args.benchmark, "num_classes": sample.CLASSES[args.benchmark],
+                "note": "random images: for trying the tools, not for training"}
     return shards.verify_shards(args.uri, hashes=not args.no_hashes)
 
 

@@ -184,6 +184,9 @@ def prepare_shards(benchmark: str, source: str, out: str, rows_per_group: int = 
     train, test, names, provenance = load_raw_sources(benchmark, source, download=download, manifest=split_manifest,
                                                       verify_hashes=verify_hashes, verify_release=verify_release)
     num_tasks = num_tasks or get_benchmark(benchmark).default_num_tasks
+    if not 1 <= num_tasks <= len(names):
+        raise DataError(f"--num-tasks {num_tasks}: must be between 1 and the {len(names)} classes of {source} "
+                        f"(the default is the paper's {get_benchmark(benchmark).default_num_tasks} tasks)")
     tasks = split_tasks(list(range(len(names))), num_tasks)
     task_of = np.empty(len(names), dtype=np.int32)
     for t, classes in enumerate(tasks):

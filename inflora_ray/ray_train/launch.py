@@ -18,7 +18,7 @@ from ..logs import log_event
 from ..preflight import (PreflightError, check_config, check_start_checkpoint, checked_benchmark, join_cluster,
                          start_tracker, warn_local_paths)
 from ..provenance import accelerator, code_identity
-from ..results import read_task_results, write_final_results
+from ..results import read_task_results, run_status, write_final_results
 from ..rundir import RunClaimed, RunDir, default_run_name
 from ..tracking.store import TrackingUnavailable, redact_config
 from .errors import NonRetryableError, clear_fatal, fatal_message, read_fatal
@@ -57,6 +57,7 @@ class RunContext:
     # for the caller to end (the sweep ends it as its trial ended: pruned, unfinished).
     stop_requested: Optional[Callable[[], bool]] = None
     stored_config: Optional[dict] = None  # --resume: the run's stored config, as the caller already read it
+    start_state: Optional[dict] = None  # --start-from: the checkpoint's learner state, as the caller read it
 
 
 class RunInterrupted(RuntimeError):
@@ -106,36 +107,37 @@ def _run_dir(cfg: Config, name: Optional[str], storage_path: str) -> RunDir:
 
 
 def _continuation(cfg: Config, run: RunDir, opts: RunOptions, context: RunContext,
-                  start_config: Optional[dict]) -> tuple[dict, int, str]:
-    """For --resume / --start-from: the changes against the stored config (``results/config.yaml``, or
-    ``start_config``, the one saved in the checkpoint) that alter results (refused unless allowed), the task
-    from which they apply, and how the run continues."""
+                  start_state: Optional[dict]) -> tuple[dict, int, str]:
+    """For --resume / --start-from: the changes against the stored config (``results/config.yaml``, or the
+    config saved in the ``--start-from`` checkpoint's ``start_state``) that alter results (refused unless
+    allowed), the first task they apply to, and how the run continues."""
     if opts.resume:
         stored = context.stored_config if context.stored_config is not None else read_stored_config(run)
         how, from_task = "--resume", next_task_of(run)
     elif opts.start_from is not None:
-        stored, how, from_task = start_config, "--start-from", 0
-        if stored is None:
-            return {}, 0, how
+        stored, how, from_task = start_state.get("config"), "--start-from", int(start_state["next_task"])
+        if not isinstance(stored, dict):
+            return {}, from_task, how
     else:
         return {}, 0, ""
     return check_config_change(stored, cfg, opts.allow_config_change, how), from_task, how
 
 
-def _preflight(cfg: Config, run: RunDir, opts: RunOptions, scanned):
+def _preflight(cfg: Config, run: RunDir, opts: RunOptions, scanned, context: RunContext):
     """The run's own checks before Ray starts (after :func:`~inflora_ray.preflight.check_config`); returns the
     benchmark (built from ``scanned``, the caller's scan, when given), the tracker (None without tracking) and
-    the config saved in the ``--start-from`` checkpoint (None without one)."""
+    the ``--start-from`` checkpoint's learner state (None without one)."""
     if not opts.resume and storage.exists(run.path):
         raise PreflightError(f"run {run.name!r} already exists in {cfg.run.storage_path}; continue it with "
                              f"--resume {run.name} or choose another run.name")
     benchmark = checked_benchmark(cfg, scanned)
-    start_config = None
+    start_state = None
     if opts.start_from is not None:
-        start_config = check_start_checkpoint(opts.start_from, cfg, class_order=benchmark.class_order)
+        start_state = check_start_checkpoint(opts.start_from, cfg, class_order=benchmark.class_order,
+                                             state=context.start_state)
     if opts.stop_after_task is not None and not 0 <= opts.stop_after_task < benchmark.num_tasks:
         raise PreflightError(f"--stop-after-task {opts.stop_after_task}: must be in 0..{benchmark.num_tasks - 1}")
-    return benchmark, start_tracker(cfg), start_config
+    return benchmark, start_tracker(cfg), start_state
 
 
 def _scanned(data):
@@ -232,8 +234,8 @@ def run_experiment(cfg: Config, opts: RunOptions = RunOptions(), context: RunCon
     storage_path = check_config(cfg, opts.address)
     run = _run_dir(cfg, opts.name, storage_path)
     scanned = _scanned(context.data)  # an ObjectRef from a sweep's driver is fetched once, here
-    benchmark, tracker, start_config = _preflight(cfg, run, opts, scanned)
-    changes, from_task, how = _continuation(cfg, run, opts, context, start_config)
+    benchmark, tracker, start_state = _preflight(cfg, run, opts, scanned, context)
+    changes, from_task, how = _continuation(cfg, run, opts, context, start_state)
     join_cluster(cfg, opts.address)
     warn_local_paths(cfg, tracker)
 
@@ -340,11 +342,15 @@ def _finish(cfg: Config, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
     """Write the results so far, close the MLflow run, print the table; raise if training failed or stopped."""
     interrupted = isinstance(error, RunInterrupted)
     tasks, summ = read_task_results(run, num_tasks)
-    write_final_results(run, tasks, summ, status="interrupted" if interrupted else "failed" if error else "finished")
+    status = run_status(len(tasks), num_tasks, failed=error is not None and not interrupted, interrupted=interrupted)
+    write_final_results(run, tasks, summ, status)
+    reason = f"{type(error).__name__}: {error}" if error is not None else None
+    if status == "stopped":
+        reason = (f"stopped after task {len(tasks) - 1} of 0..{num_tasks - 1} (--stop-after-task); "
+                  f"--resume {run.name} continues it")
     if tracker is not None:
-        tracker.finish(run, summ, status="KILLED" if interrupted else "FAILED" if error else "FINISHED",
-                       error=f"{type(error).__name__}: {error}" if error is not None else None,
-                       checkpoint=checkpoint, close=not isinstance(error, RunStopped))
+        tracker.finish(run, summ, run_status=status, reason=reason, checkpoint=checkpoint,
+                       close=not isinstance(error, RunStopped))
     if not context.quiet_table:
         print_final_table(run.name, summ, num_tasks)
     if tracker is not None and tracker.lost:

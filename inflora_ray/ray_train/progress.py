@@ -149,7 +149,9 @@ class ProgressWatcher(threading.Thread):
             return
         key = (progress["task"], progress["epochs_done"])
         long_task = progress.get("train_seconds", 0) >= EPOCH_LINE_SECONDS
-        if key != self._epoch_shown and long_task and time.monotonic() - self._last_line >= EPOCH_LINE_SECONDS:
+        last_epoch = progress["epochs_done"] >= progress["epochs"]  # the task's own line follows at once
+        if key != self._epoch_shown and long_task and not last_epoch and \
+                time.monotonic() - self._last_line >= EPOCH_LINE_SECONDS:
             self._epoch_shown, self._last_line = key, time.monotonic()
             print_epoch_line(progress, self.num_tasks, self.label)
 

@@ -1,6 +1,8 @@
-"""Continuing a run (``--resume``) or branching from a checkpoint (``--start-from``): the stored config, and
-what a continuation may change. A change that alters results is refused, unless the user allows it; then
-it is recorded in the run folder (``results/config_history.json``) and on the MLflow run."""
+"""Continuing a run (``--resume``) or branching from a checkpoint (``--start-from``): the stored config a
+continuation starts from (the run's ``results/config.yaml``, or the config saved in the checkpoint), with
+the command's overrides on top, and what a continuation may change. A change that alters results is
+refused, unless the user allows it; then it is recorded in the run folder (``results/config_history.json``)
+and on the MLflow run."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +12,8 @@ from typing import Any
 
 from .. import storage
 from ..config import Config, ConfigError, RunSection, alters_results, config_from_dict, flatten
-from ..preflight import PreflightError
+from ..data.registry import check_data_config
+from ..preflight import PreflightError, read_start_checkpoint
 from ..presets import apply_overrides, load_config_data
 from ..results import read_stored_config as read_config_file
 from ..rundir import RunDir
@@ -58,6 +61,27 @@ def load_run_config(storage_path: str, run: str, overrides: list[str]) -> tuple[
     data.setdefault("run", {})["storage_path"] = parent
     apply_overrides(data, overrides)
     return config_from_dict(data), folder.name, stored
+
+
+# What names a run rather than setting it: a branch is a new run, and no sweep's trial.
+_IDENTITY = {"run": {"name": None}, "tracking": {"sweep_id": None}}
+
+
+def load_start_config(checkpoint: str, overrides: list[str]) -> tuple[Config, dict]:
+    """``--start-from CHECKPOINT``: the config saved in the checkpoint (the run it branches from), without that
+    run's name and sweep, with ``overrides`` applied; and the checkpoint's learner state, read and verified
+    once (:func:`~inflora_ray.preflight.read_start_checkpoint`)."""
+    state = read_start_checkpoint(checkpoint)
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise PreflightError(f"--start-from {checkpoint!r}: the checkpoint holds no config to start from")
+    data = copy.deepcopy(saved)
+    for section, values in _IDENTITY.items():
+        data.setdefault(section, {}).update(values)
+    apply_overrides(data, overrides)
+    cfg = config_from_dict(data)
+    check_data_config(cfg.data)
+    return cfg, state
 
 
 def result_changes(stored: dict, requested: Config) -> dict[str, tuple[Any, Any]]:

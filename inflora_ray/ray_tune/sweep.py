@@ -186,15 +186,35 @@ def _check_options(space: SearchSpace, opts: SweepOptions) -> None:
             raise PreflightError("--search optuna needs the optuna package: pip install 'inflora-ray[optuna]'") from None
 
 
+def _options_record(opts: SweepOptions) -> dict:
+    """The options that decide which trials a sweep runs and how it ranks them (recorded in sweep.json)."""
+    return {k: getattr(opts, k) for k in ("num_samples", "scheduler", "search", "grace_period", "reduction_factor",
+                                          "seeds_per_trial", "first_tasks")}
+
+
 def _check_resumed(sw: _Sweep) -> None:
-    """``--resume`` must not change what the recorded sweep's trials ran (seeds per trial, horizon); keeps the
-    record on ``sw`` for :func:`_open_parent`."""
-    sw.record = rec = storage.read_json(sw.dir.record) if storage.exists(sw.dir.record) else {}
-    for key, now in (("seeds_per_trial", sw.opts.seeds_per_trial), ("first_tasks", sw.opts.first_tasks)):
-        if key in rec and rec[key] != now:
-            flag = "--" + key.replace("_", "-")
-            raise PreflightError(f"--resume: sweep {sw.opts.name!r} ran with {flag} {rec[key]}, not {now}; "
-                                 f"give {flag} {rec[key]} to continue it")
+    """``--resume`` must not change what the recorded sweep ran: its options (seeds per trial, horizon, search,
+    scheduler, samples), its space and metric, and every config setting that alters results. Any difference is
+    refused with the list of them, before anything is written or started. Keeps the record on ``sw`` for
+    :func:`_open_parent`."""
+    from ..ray_train.resume import result_changes
+
+    name = sw.opts.name
+    if not storage.exists(sw.dir.record):
+        raise PreflightError(f"--resume: {sw.dir.path} holds no sweep.json: sweep {name!r} never started, or the "
+                             "folder is not a sweep's; start it anew under another --name")
+    sw.record = rec = storage.read_json(sw.dir.record)
+    stored = rec.get("options", {})
+    differ = [f"--{k.replace('_', '-')} {stored[k]} -> {v}" for k, v in _options_record(sw.opts).items()
+              if k in stored and stored[k] != v]
+    for key, now in (("space", sw.space.as_dict()), ("metric", sw.space.metric), ("mode", sw.space.mode)):
+        if rec.get(key) != now:
+            differ.append(f"--space {key}: {rec.get(key)!r} -> {now!r}")
+    differ += [f"{k}: {a!r} -> {b!r}" for k, (a, b) in result_changes(rec.get("config", {}), sw.base).items()]
+    if differ:
+        raise PreflightError(f"--resume: sweep {name!r} would continue with settings its trials did not run with "
+                             f"({'; '.join(differ)}); resume it with the command, preset, space and overrides it "
+                             "was started with (its sweep.json holds them), or start a new sweep")
 
 
 def _open_parent(sw: _Sweep) -> None:
@@ -298,7 +318,8 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
         storage.write_json(sweep.record, {"name": opts.name, "mlflow_parent_run_id": sw.parent_id,
                                           "space": space.as_dict(), "metric": space.metric, "mode": space.mode,
                                           "first_tasks": opts.first_tasks, "seeds_per_trial": opts.seeds_per_trial,
-                                          "horizon": sw.horizon, "config": redact_config(base).to_dict()})
+                                          "horizon": sw.horizon, "options": _options_record(opts),
+                                          "config": redact_config(base).to_dict()})
     log_event(log, "sweep_start", name=opts.name, trials=planned_trials(space, opts.num_samples),
               scheduler=opts.scheduler, search=opts.search, metric=space.metric, horizon=sw.horizon,
               seeds_per_trial=opts.seeds_per_trial, resume=opts.resume)

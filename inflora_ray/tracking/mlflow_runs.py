@@ -39,10 +39,13 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 _PARAM_CHARS = 6000  # MLflow's limit on a param value
 _BATCH = 100  # params per log_batch call
 STATUSES = ("FINISHED", "FAILED", "KILLED")  # how a run (or a parent run) can end
-_STEP_PROBE = "pooled_accuracy"
+_STEP_PROBE = "pooled_accuracy"  # a metric every task logs: its steps are the tasks already in the store
 _KIND_TAG = "mlflow.experimentKind"  # MLflow 3: which view the UI opens an experiment in
 EXPERIMENT_KIND = "custom_model_development"  # the training view (not the GenAI one)
-END_REASON_TAG = "end_reason"  # why a run ended FAILED or KILLED  # a metric every task logs: its steps are the tasks already in the store
+END_REASON_TAG = "end_reason"  # why a run ended FAILED or KILLED
+RUN_STATUS_TAG = "run_status"  # how a run ended, in the word its metrics.json and the report use
+# A run's status (inflora_ray.results.RUN_STATUSES) -> its MLflow status: KILLED for what --resume continues.
+MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "interrupted": "KILLED", "failed": "FAILED"}
 
 
 def param_text(value: object) -> str:
@@ -236,19 +239,27 @@ class Tracker:
         self.guard(f"logging task {task}", do)
 
     # ---------------------------------------------------------------- end
-    def finish(self, run: RunDir, summ: dict, status: str = "FINISHED", error: Optional[str] = None,
+    def finish(self, run: RunDir, summ: dict, run_status: str = "finished", reason: Optional[str] = None,
                checkpoint: Optional[str] = None, close: bool = True) -> None:
-        """Final metrics and artifacts (results, record, config and, unless KILLED, the final checkpoint) and
-        the run's status: FINISHED, FAILED or KILLED (the driver was interrupted; a resume reopens the run).
-        ``error``: why it failed or stopped, kept as the run's ``end_reason`` tag. ``checkpoint``: the final
-        checkpoint from Ray Train's Result; a failed run has none, and its last task checkpoint is logged.
-        ``close=False``: neither status nor ``end_reason`` is written (a sweep ends the runs of the trials Ray
-        Tune stopped, and two writers of them would race)."""
-        status = _terminal_status(status, failed=False)
+        """Final metrics and artifacts (results, record, config and, unless interrupted, the final checkpoint)
+        and how the run ended: ``run_status`` (:data:`~inflora_ray.results.RUN_STATUSES`) as the tag
+        ``run_status``, and the MLflow status it maps to (:data:`MLFLOW_STATUS`: FINISHED, or KILLED for a run
+        that ``--resume`` continues, or FAILED). ``reason``: why it failed or did not finish, kept as the run's
+        ``end_reason`` tag. ``checkpoint``: the final checkpoint from Ray Train's Result; a failed run has none,
+        and its last task checkpoint is logged. ``close=False``: none of status, ``run_status`` and
+        ``end_reason`` is written (a sweep ends the runs of the trials Ray Tune stopped, and two writers of them
+        would race)."""
+        if run_status not in MLFLOW_STATUS:
+            raise ValueError(f"run_status must be one of {', '.join(MLFLOW_STATUS)}, got {run_status!r}")
+        status = MLFLOW_STATUS[run_status]
 
         def do():
-            if error and close:
-                self.client.set_tag(self.run_id, END_REASON_TAG, self.redact(error)[:500])
+            if close:
+                self.client.set_tag(self.run_id, RUN_STATUS_TAG, run_status)
+            if reason and close:
+                self.client.set_tag(self.run_id, END_REASON_TAG, self.redact(reason)[:500])
+            elif close and END_REASON_TAG in self.client.get_run(self.run_id).data.tags:
+                self.client.delete_tag(self.run_id, END_REASON_TAG)  # why an earlier attempt ended: no longer so
             if summ:
                 final = {"final_accuracy": summ["final_accuracy"],
                          "final_average_incremental_accuracy": summ["average_incremental_accuracy"],
@@ -256,7 +267,7 @@ class Tracker:
                 self.log_metrics({k: v for k, v in final.items() if v == v})  # NaN != NaN
             self._log_files((run.metrics, run.accuracy_matrix, run.record, run.config), "results")
             last = None
-            if self.cfg.tracking.log_checkpoint and status != "KILLED":
+            if self.cfg.tracking.log_checkpoint and run_status != "interrupted":
                 last = checkpoint if checkpoint is not None else run.latest_task_checkpoint()
             if last is not None:
                 self._log_files([storage.join(last, name) for name in (STATE_FILE, META_FILE)], "checkpoint")

@@ -11,7 +11,7 @@ from .. import storage
 from ..config import ConfigError, flatten
 from ..results import read_metrics, read_stored_config
 from ..rundir import RunDir, SweepDir
-from .mlflow_runs import param_text
+from .mlflow_runs import RUN_STATUS_TAG, param_text
 from .redact import redact_uri
 from .store import TrackingUnavailable, check_server, explain_store_error, store_call
 
@@ -41,7 +41,8 @@ class ComparedRun:
     name: str
     source: str  # the run folder, or "mlflow run <id>"
     params: dict[str, str]
-    status: str  # finished / failed / interrupted / ... (folders), FINISHED / RUNNING / ... (MLflow)
+    status: str  # finished / stopped / interrupted / failed (metrics.json, or the MLflow run's run_status tag);
+    # MLflow's own RUNNING / KILLED / ... for a run that wrote no run_status
     tasks_done: int
     metrics: dict[str, float] = field(default_factory=dict)
     pooled: list[float] = field(default_factory=list)
@@ -75,25 +76,48 @@ def _selected(params: dict[str, str], where: dict[str, str | None]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- run folders
-def _run_dirs(path: str) -> list[RunDir]:
-    """The runs of ``--runs PATH``: the run folder itself, or the run folders directly under a storage folder
-    (or under a sweep folder's ``runs/``)."""
+def _folder_runs(base: str, shown: str, skipped: list[str]) -> list[RunDir]:
+    """The run folders directly under ``base``, and those of every sweep folder there (its trials under
+    ``runs/``); every other entry is added to ``skipped`` with why (``shown``: how ``base`` is named)."""
+    try:
+        names = storage.list_names(base)
+    except OSError as e:  # a file, or a folder that cannot be listed
+        raise ReportError(f"--runs {shown}: cannot list it as a folder ({type(e).__name__}: {e})") from None
+    found = []
+    for name in names:
+        entry = storage.join(base, name)
+        if storage.exists(RunDir(entry).config):
+            found.append(RunDir(entry))
+        elif storage.exists(SweepDir(entry).record):
+            trials = _folder_runs(SweepDir(entry).trials_root, f"{shown}/{name}/runs", skipped)
+            found += trials
+            if not trials:
+                skipped.append(f"{name}: a sweep folder with no trial run in it yet")
+        elif not name.startswith("."):
+            skipped.append(f"{name}: neither a run folder (no results/config.yaml) nor a sweep folder "
+                           "(no sweep.json)")
+    return found
+
+
+def _run_dirs(path: str, skipped: list[str]) -> list[RunDir]:
+    """The runs of ``--runs PATH``: the run folder itself, the trials of a sweep folder, or the run folders and
+    sweep folders' trials under a storage folder; what else is there goes to ``skipped`` with the reason."""
     root = storage.absolute(path)
     if not storage.exists(root):
         raise ReportError(f"--runs {path}: no such folder")
     if storage.exists(RunDir(root).config):
         return [RunDir(root)]
     sweep = SweepDir(root)
-    base = sweep.trials_root if storage.exists(sweep.record) else root
-    try:
-        found = [RunDir(storage.join(base, name)) for name in storage.list_names(base)]
-    except OSError as e:  # a file, or a folder that cannot be listed
-        raise ReportError(f"--runs {path}: cannot list it as a folder ({type(e).__name__}: {e})") from None
-    found = [run for run in found if storage.exists(run.config)]
+    inner: list[str] = []
+    if storage.exists(sweep.record):
+        found = _folder_runs(sweep.trials_root, f"{path}/runs", inner)
+    else:
+        found = _folder_runs(root, path, inner)
     if not found:
         raise ReportError(f"--runs {path}: not a run folder (it has no results/config.yaml) and it holds no run "
-                          "folders; give a run folder (<run.storage_path>/<run name>) or the storage path that "
-                          "holds run folders")
+                          "folders or sweep folders with runs; give a run folder (<run.storage_path>/<run name>), "
+                          "a sweep folder, or the storage path that holds them")
+    skipped += [f"{path}/{item}" for item in inner]
     return found
 
 
@@ -140,10 +164,13 @@ def _from_folder(run: RunDir) -> ComparedRun:
     return ComparedRun(run.name, run.path, params, status, done, metrics, pooled)
 
 
-def runs_from_folders(paths: list[str], where: dict[str, str | None] | None = None) -> list[ComparedRun]:
-    """The runs under ``paths`` (run folders, storage folders holding run folders, sweep folders) that match
-    ``where`` (``{"benchmark" | "method" | "sweep": value or None}``)."""
-    runs = [_from_folder(run) for path in paths for run in _run_dirs(path)]
+def runs_from_folders(paths: list[str], where: dict[str, str | None] | None = None,
+                      skipped: list[str] | None = None) -> list[ComparedRun]:
+    """The runs under ``paths`` (run folders, sweep folders, storage folders holding either) that match
+    ``where`` (``{"benchmark" | "method" | "sweep": value or None}``); every entry of a storage folder that is
+    neither is appended to ``skipped`` (when given) with the reason."""
+    skipped = [] if skipped is None else skipped
+    runs = [_from_folder(run) for path in paths for run in _run_dirs(path, skipped)]
     return [r for r in runs if _selected(r.params, where or {})]
 
 
@@ -178,8 +205,9 @@ def _from_mlflow(client, run) -> ComparedRun:
     metrics = {k: float(run.data.metrics[m]) for k, m in FINAL_METRICS.items() if m in run.data.metrics}
     if "final_backward_transfer" in run.data.metrics:
         metrics["backward_transfer"] = float(run.data.metrics["final_backward_transfer"])
+    status = run.data.tags.get(RUN_STATUS_TAG) or run.info.status  # the run's own word, else MLflow's
     return ComparedRun(run.info.run_name or run.info.run_id, f"mlflow run {run.info.run_id}", dict(run.data.params),
-                     run.info.status, len(pooled), metrics, pooled)
+                       status, len(pooled), metrics, pooled)
 
 
 def runs_from_mlflow(uri: str, experiment: str, filter_string: str = "",
