@@ -359,3 +359,16 @@ def test_basic_auth_server(tmp_path, monkeypatch):
         assert SECRET not in json.dumps(tracker.client.get_run(run_id).data.params)
     finally:
         stop_server(proc)
+
+
+def test_reopening_a_run_remembers_how_it_had_ended(tmp_path, sqlite_uri):
+    """What a failed resume of a finished sweep restores its parent run to (ray_tune/sweep.py)."""
+    tracker = _sqlite_tracker(tmp_path, sqlite_uri)
+    parent = tracker.create("sweep", tags={"sweep": "parent"}, params={})
+    tracker.finish_parent({}, status="FINISHED")
+    again = _sqlite_tracker(tmp_path, sqlite_uri)
+    assert again.reopened_from is None
+    again.reopen(parent)
+    assert again.reopened_from == "FINISHED" and again.client.get_run(parent).info.status == "RUNNING"
+    again.finish_parent({}, status=again.reopened_from)
+    assert again.client.get_run(parent).info.status == "FINISHED"

@@ -336,7 +336,10 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
     except BaseException as e:
         if sw.tracker is not None and not sw.parent_closed:
             end_open_runs(opts.name, "KILLED", f"sweep stopped: {type(e).__name__}: {e}")
-            sw.tracker.finish_parent({}, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            # A resume that fails leaves a finished sweep's parent as it was: its results stand.
+            finished = opts.resume and sw.tracker.reopened_from == "FINISHED"
+            sw.tracker.finish_parent({}, status="FINISHED" if finished else
+                                     "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         register_tracker(opts.name, None)

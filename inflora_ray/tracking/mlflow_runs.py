@@ -84,6 +84,7 @@ class Tracker:
         self.run_id: Optional[str] = None
         self.lost: Optional[str] = None  # first error after which tracking stopped
         self.logged_tasks: set[int] = set()
+        self.reopened_from: Optional[str] = None  # the status of the run :meth:`reopen` reopened
         self._steps_in_store: set[int] = set()  # on resume: tasks whose metrics the MLflow run already holds
         if is_redacted(self._uri):
             raise TrackingUnavailable(
@@ -180,9 +181,11 @@ class Tracker:
         return self.create(run_name, tags, params, parent_run_id)
 
     def reopen(self, run_id: str) -> str:
-        """Make ``run_id`` this tracker's run again: set it RUNNING and read which tasks it already holds
-        metrics of (a resumed run or sweep parent). Errors raise :class:`TrackingUnavailable`."""
+        """Make ``run_id`` this tracker's run again: set it RUNNING (its status before is kept in
+        ``reopened_from``) and read which tasks it already holds metrics of (a resumed run or sweep parent).
+        Errors raise :class:`TrackingUnavailable`."""
         def do() -> set[int]:
+            self.reopened_from = self.client.get_run(run_id).info.status
             self.client.update_run(run_id, status="RUNNING")
             return {m.step for m in self.client.get_metric_history(run_id, _STEP_PROBE)}
 
