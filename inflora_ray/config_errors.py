@@ -19,6 +19,15 @@ class ConfigError(ValueError):
     """An invalid configuration; the message says which field and what to change."""
 
 
+SHOWN_CHARS = 200  # a value quoted in a message is cut to this many characters
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for a message, cut to :data:`SHOWN_CHARS` characters (a user's value can be huge)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
+
+
 def strip_optional(tp: Any) -> Any:
     """``Annotated[X, ...]`` and ``X | None`` -> X."""
     while typing.get_origin(tp) in (Annotated, Union, types.UnionType):
@@ -88,4 +97,4 @@ def config_error(err: ValidationError, root: type[BaseModel]) -> ConfigError:
         return ConfigError(f"{where}: must be a finite number")
     if first["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and info:
         return ConfigError(f"{where}: must be {_bounds(info)}")
-    return ConfigError(f"{where}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return ConfigError(f"{where}: expected {type_name(tp)}, got {shown(value)} ({type(value).__name__})")

@@ -12,7 +12,9 @@ from typing import Any
 import yaml
 
 from .config import Config, ConfigError, config_from_dict, set_dotted
+from .config_errors import shown
 from .data.registry import check_data_config
+from .yaml_io import BoundedYAMLError, load_yaml
 
 RECIPE_PREFIX = "recipe-"
 BASE_ACCEPTS = "a preset name, a YAML file path, or a non-empty list of them (merged left to right)"
@@ -74,7 +76,7 @@ def _read_yaml(name: str, chain: _Chain = (), folder: Path | None = None) -> dic
     if ident in [i for i, _ in chain[:-1]]:
         raise ConfigError(f"--config {chain[0][1]}: base: cycle {' -> '.join(n for _, n in chain)}")
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {name!r}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -106,7 +108,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not keys:
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else None
+        value = load_yaml(raw) if raw.strip() != "" else None
+    except BoundedYAMLError as e:
+        raise ConfigError(f"override {shown(text)}: {e}") from None
     except yaml.YAMLError:
         value = raw
     return keys, value

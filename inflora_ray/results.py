@@ -13,6 +13,7 @@ from . import storage
 from .config import ConfigError
 from .core.metrics import AccuracyCounts, summary
 from .rundir import RunDir
+from .yaml_io import load_yaml
 
 RESULT, SUMMARY = "result", "summary"  # keys of a task's result file: its TaskResult, the metrics after it
 
@@ -131,7 +132,7 @@ def read_stored_config(run: RunDir) -> dict:
     """The config the run stored (``results/config.yaml``) as a dict; :class:`ConfigError` when the file is
     damaged."""
     try:
-        data = yaml.safe_load(storage.read_bytes(run.config))
+        data = load_yaml(storage.read_bytes(run.config))
     except yaml.YAMLError as e:
         raise ConfigError(f"{run.config} is not valid YAML ({str(e)[:200]}); the run's stored config is "
                           "damaged") from None

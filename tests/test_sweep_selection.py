@@ -137,3 +137,17 @@ def test_run_names_are_made_and_read_back_by_one_pair_of_functions():
         assert split_run_name(run_name(base, seed)) == (base, seed)
     assert split_run_name("t_00001-seedx") == ("t_00001-seedx", None)
     assert split_run_name("-seed3") == ("-seed3", None)
+
+
+def test_a_trial_that_never_started_is_tabled_as_unfinished():
+    """A sweep stopped (Ctrl-C) with trials still pending: Tune gives those no config and no metrics; the
+    trial table names them unfinished (and the sweep then says how to resume) instead of failing."""
+    from inflora_ray.ray_tune.sweep import trial_table
+
+    space = SearchSpace([Param("train.lr", "choice", [0.001, 0.002])])
+    pending = SimpleNamespace(error=None, metrics=None, config=None, path="/s/sw/run_trial_0000a_00001")
+    done = SimpleNamespace(error=None, metrics={"trial_id": "0000a_00000", "tasks_done": 3,
+                                                "pooled_accuracy": 0.8}, config={"train.lr": 0.002}, path=None)
+    rows = trial_table([done, pending], space, horizon=3)
+    assert [(r["trial_id"], r["status"], r["param.train.lr"]) for r in rows] == [
+        ("0000a_00000", "completed", 0.002), ("run_trial_0000a_00001", "unfinished", None)]

@@ -18,6 +18,7 @@ import yaml
 
 from ..config import Config, ConfigError
 from ..config_errors import strip_optional, type_name
+from ..yaml_io import MAX_CHARS, load_yaml
 from ..preflight import PreflightError, check_model
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -79,7 +80,7 @@ def load_space(path: str, base: Config) -> SearchSpace:
     """Read and validate a search-space YAML against the base config; raises :class:`SpaceError`."""
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f.read(MAX_CHARS + 1))
     except FileNotFoundError:
         raise SpaceError(f"--space: file not found: {path!r}") from None
     except yaml.YAMLError as e:

@@ -123,7 +123,7 @@ def trial_table(results, space: SearchSpace, horizon: int, outcomes: Optional[di
         tid = m.get("trial_id") or (r.path.rstrip("/").rsplit("/", 1)[-1] if r.path else None)
         row = {"trial_id": tid, "status": trial_status(r, outcomes, horizon),
                "tasks_done": int(m.get("tasks_done", 0) or 0), "seeds": m.get("seeds")}
-        row.update({f"param.{p.key}": r.config.get(p.key) for p in space.params})
+        row.update({f"param.{p.key}": (r.config or {}).get(p.key) for p in space.params})
         for k in ("pooled_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer"):
             for key in (k, f"{k}_std"):
                 v = m.get(key)
