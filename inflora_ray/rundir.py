@@ -7,6 +7,7 @@ A run directory (``<run.storage_path>/<run name>``, a local path or an ``s3://``
     checkpoint_task<TTT>_epoch<EEE>/      mid-task checkpoint (run.checkpoint_every_epochs)
     run.log                               the run's log: every worker's events, one per line (logs/ on s3, gs)
     progress.json                         the epoch the task under way has reached (rank 0, after each epoch)
+    .held-by.json                         the driver that runs or continues the run (pid, host, renewed)
     results/config.yaml                   the resolved config (what --resume reads)
     results/config_history.json           settings changed by --resume / --start-from, and from which task
     results/record.json                   the run's record: class order, tasks, dataset manifest, versions, code
@@ -22,7 +23,10 @@ trials' run directories under ``runs/``, ``best_config.yaml`` and ``trials.csv``
 """
 from __future__ import annotations
 
+import json
 import os
+import socket
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -76,6 +80,89 @@ def _inside(storage_path: str, name: str, what: str) -> str:
         if os.path.commonpath([real_root, real]) != real_root:  # e.g. a symlink planted under the storage path
             raise ConfigError(f"{what}: {name!r} resolves to {real}, outside the storage path {real_root}")
     return path
+
+
+def check_contained(path: str, what: str) -> None:
+    """Refuse a local folder below which anything is a symbolic link, or neither a regular file nor a folder
+    (a device, a pipe): writes there could land outside the folder, reads could block. Object stores have no
+    links, so a URI passes. Raises :class:`ConfigError` naming the entry and what to do."""
+    if storage.is_uri(path) or not os.path.isdir(path):
+        return
+    for folder, dirs, files in os.walk(path):  # os.walk never follows a link to a folder
+        for name in sorted(dirs + files):
+            entry = os.path.join(folder, name)
+            mode = os.lstat(entry).st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                kind = f"a symbolic link to {os.readlink(entry)!r}" if stat.S_ISLNK(mode) else "not a regular file"
+                raise ConfigError(f"{what} {path!r}: {entry} is {kind}; a run's files are written and read only "
+                                  "inside its folder: remove it (or restore the folder from a copy) and try again")
+
+
+def _create_exclusive(path: str, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists: atomically (``O_EXCL``) on a file system; on an object
+    store, write it if it was not there when looked at. False when it existed."""
+    if storage.is_uri(path):
+        if storage.exists(path):
+            return False
+        storage.write_bytes(path, data)
+        return True
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
+# A run's hold not renewed for this long is taken over (its holder renews it about every 10 s).
+HOLD_STALE_SECONDS = 120.0
+
+
+def _holder(since: Optional[str] = None) -> dict:
+    """This process as a hold's holder: pid, host, when it took the hold, when it last renewed it."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": since or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "renewed": time.time()}
+
+
+def _is_mine(holder: dict) -> bool:
+    return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+
+
+def _read_claim(path: str) -> dict:
+    """A hold's holder (:func:`_holder`; empty when it is gone or unreadable)."""
+    try:
+        data = json.loads(storage.read_bytes(path))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _gone(holder: dict) -> bool:
+    """True when the hold's process is known to have ended: it stopped renewing the hold, or it ran on this host
+    and its pid is not alive (a hold that cannot be read counts as gone)."""
+    if not holder:
+        return True
+    renewed = holder.get("renewed")
+    if not isinstance(renewed, (int, float)) or time.time() - renewed > HOLD_STALE_SECONDS:
+        return True
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _delete(path: str) -> None:
+    try:
+        fs, p = storage.filesystem(path)
+        fs.delete_file(p)
+    except (OSError, FileNotFoundError):
+        pass
 
 
 class RunClaimed(ConfigError):
@@ -143,6 +230,41 @@ class RunDir:
     def release(self) -> None:
         """Give the folder back if nothing was written to it (:func:`release_folder`)."""
         release_folder(self.path)
+
+    @property
+    def hold_file(self) -> str:
+        """Held by the one process that runs or continues the run (its driver)."""
+        return storage.join(self.path, ".held-by.json")
+
+    def hold(self, take_over: bool = False) -> None:
+        """Hold the run for this process while it runs or continues it: another process is refused
+        (:class:`RunClaimed`, naming the holder), so two drivers never write into one folder. The holder
+        renews its hold (:meth:`renew_hold`); a hold not renewed for :data:`HOLD_STALE_SECONDS`, or left by
+        a process of this host that is gone, is taken over, and so is any hold with ``take_over`` (a caller
+        that knows the holder is gone: Ray Tune restarts a trial only once its process has died). Atomic on a
+        file system; best effort on an object store."""
+        for _ in range(2):
+            if _create_exclusive(self.hold_file, json.dumps(_holder()).encode()):
+                return
+            holder = _read_claim(self.hold_file)
+            if not take_over and not _gone(holder):
+                raise RunClaimed(f"run {self.name!r} is being run by process {holder.get('pid')} on "
+                                 f"{holder.get('host')} (since {holder.get('since')}); wait for it to end, or, if "
+                                 f"that process is gone, remove {self.hold_file} (it is taken over by itself "
+                                 f"{HOLD_STALE_SECONDS:.0f} s after its holder stops renewing it)")
+            _delete(self.hold_file)  # its process is gone: take the run over
+        raise RunClaimed(f"run {self.name!r}: another process took {self.hold_file} at the same time")
+
+    def renew_hold(self) -> None:
+        """Say that this process still holds the run (its driver does every few seconds)."""
+        holder = _read_claim(self.hold_file)
+        if _is_mine(holder):
+            storage.write_bytes(self.hold_file, json.dumps(_holder(since=holder.get("since"))).encode())
+
+    def release_hold(self) -> None:
+        """Give up :meth:`hold` (if this process holds the run)."""
+        if _is_mine(_read_claim(self.hold_file)):
+            _delete(self.hold_file)
 
     @property
     def name(self) -> str:

@@ -82,13 +82,21 @@ def file_digest(path: str, algorithm: str = "sha256") -> str:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file + move), creating parent directories."""
+    """Write ``data`` to ``path`` atomically (temporary file + move), creating parent directories. A failed
+    write (a full disk, a lost connection) leaves no temporary file and raises ``OSError`` naming ``path``."""
     fs, p = filesystem(path)
-    fs.create_dir(posixpath.dirname(p) if is_uri(path) else os.path.dirname(p), recursive=True)
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as out:
-        out.write(data)
-    fs.move(tmp, p)
+    try:
+        fs.create_dir(posixpath.dirname(p) if is_uri(path) else os.path.dirname(p), recursive=True)
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        fs.move(tmp, p)
+    except Exception as e:  # pyarrow raises OSError and ArrowInvalid variants
+        try:
+            fs.delete_file(tmp)
+        except Exception:  # noqa: S110 (never written, or the store is gone: nothing more to do)
+            pass
+        raise OSError(getattr(e, "errno", None), f"cannot write {path} ({type(e).__name__}: {e})") from e
 
 
 def read_bytes(path: str) -> bytes:

@@ -145,6 +145,39 @@ def test_resume_with_settings_that_alter_results_is_refused(tmp_path, overrides,
     assert (results / "config.yaml").read_text() == stored and not (results / "config_history.json").exists()
 
 
+def _link_results(run: Path, outside: Path) -> None:
+    os.rename(run / "results", outside / "results")
+    os.symlink(outside / "results", run / "results")
+
+
+def _link_checkpoint(run: Path, outside: Path) -> None:
+    (outside / "checkpoint_task002").mkdir()
+    (outside / "checkpoint_task002" / "state.pt").write_bytes(b"precious")
+    os.symlink(outside / "checkpoint_task002", run / "checkpoint_task002")
+
+
+def _fifo(run: Path, outside: Path) -> None:
+    os.mkfifo(run / "results" / "task_000.json")
+
+
+@pytest.mark.parametrize("plant, entry", [
+    (_link_results, "results is a symbolic link"), (_link_checkpoint, "checkpoint_task002 is a symbolic link"),
+    (_fifo, "task_000.json is not a regular file")], ids=["results/ linked out", "checkpoint linked out", "fifo"])
+def test_a_resume_into_a_run_folder_with_a_planted_link_is_refused(tmp_path, cli, plant, entry):
+    """Writes and reads of a run stay inside its folder: a symbolic link (or a fifo) planted below it is
+    refused before anything is written or started; what it points to is untouched."""
+    _stored_run(tmp_path)
+    run, outside = tmp_path / "runs" / "stored", tmp_path / "outside"
+    outside.mkdir()
+    plant(run, outside)
+    before = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    proc = cli("inflora_ray.run", ["--resume", "stored", "--storage-path", str(tmp_path / "runs"), "--no-tracking"],
+               cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert entry in proc.stderr and "only inside its folder" in proc.stderr, proc.stderr[-2000:]
+    assert {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
+
+
 def test_placement_changes_on_resume_are_free(tmp_path):
     from inflora_ray.ray_train.resume import result_changes
 
@@ -251,3 +284,64 @@ def test_ctrl_c_saves_what_was_done_and_resume_finishes_the_same_run(ray_session
     assert resumed.checkpoint == os.path.join(resumed.run_dir, "checkpoint_task002")
     assert sorted(n for n in os.listdir(resumed.run_dir) if n.startswith("checkpoint_task")) == [
         "checkpoint_task000", "checkpoint_task001", "checkpoint_task002", "checkpoint_task002_epoch000"]
+
+
+def test_a_sweep_resume_into_a_folder_with_a_planted_link_is_refused(tmp_path):
+    from inflora_ray.preflight import PreflightError
+    from inflora_ray.ray_tune.search_space import Param, SearchSpace
+    from inflora_ray.ray_tune.sweep import SweepOptions, run_sweep
+
+    cfg = load_config("quickstart", tiny_overrides(**{"run.storage_path": str(tmp_path / "sweeps"),
+                                                      "tracking.enabled": "false"}))
+    trial = tmp_path / "sweeps" / "sw" / "runs" / "t_00000"
+    trial.mkdir(parents=True)
+    (tmp_path / "sweeps" / "sw" / "sweep.json").write_text("{}")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", trial / "results")
+    with pytest.raises(PreflightError, match=r"t_00000/results is a symbolic link .*only inside its folder"):
+        run_sweep(cfg, SearchSpace([Param("train.lr", "choice", [0.001])]), SweepOptions(name="sw", resume=True))
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def _hold_and_wait(path: str, held, stop) -> None:
+    RunDir(path).hold()
+    held.set()
+    stop.wait(60)
+    RunDir(path).release_hold()
+
+
+def test_one_driver_holds_a_run_at_a_time(tmp_path, cli):
+    """Two drivers continuing one run: the second is refused while the first is alive, naming it; the hold of
+    a process that is gone (same host), or of one that stopped renewing it (any host), is taken over."""
+    import socket
+
+    _stored_run(tmp_path)
+    run = RunDir(str(tmp_path / "runs" / "stored"))
+    ctx = multiprocessing.get_context("fork")
+    held, stop = ctx.Event(), ctx.Event()
+    other = ctx.Process(target=_hold_and_wait, args=(run.path, held, stop))
+    other.start()
+    try:
+        assert held.wait(30)
+        proc = cli("inflora_ray.run", ["--resume", "stored", "--storage-path", str(tmp_path / "runs"),
+                                       "--no-tracking"], cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"run 'stored' is being run by process {other.pid} on {socket.gethostname()}" in proc.stderr
+        with pytest.raises(RunClaimed, match="is being run by process"):
+            run.hold()
+    finally:
+        stop.set()
+        other.join(30)
+    run.hold()  # released by its holder: free
+    run.release_hold()
+    dead = ctx.Process(target=run.hold)  # holds, then exits without releasing
+    dead.start()
+    dead.join(30)
+    assert json.loads(Path(run.hold_file).read_text())["pid"] == dead.pid
+    run.hold()  # its process is gone: taken over
+    assert json.loads(Path(run.hold_file).read_text())["pid"] == os.getpid()
+    Path(run.hold_file).write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then",
+                                               "renewed": time.time() - 500}))
+    run.hold()  # another host's hold, not renewed for 500 s: taken over
+    run.release_hold()
+    assert not os.path.exists(run.hold_file)

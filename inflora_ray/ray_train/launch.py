@@ -19,7 +19,7 @@ from ..preflight import (PreflightError, check_config, check_start_checkpoint, c
                          start_tracker, warn_local_paths)
 from ..provenance import accelerator, code_identity
 from ..results import read_task_results, run_status, write_final_results
-from ..rundir import RunClaimed, RunDir, default_run_name
+from ..rundir import RunClaimed, RunDir, check_contained, default_run_name
 from ..tracking.store import TrackingUnavailable, redact_config
 from .errors import NonRetryableError, clear_fatal, fatal_message, read_fatal
 from .faults import FaultPlan
@@ -57,6 +57,9 @@ class RunContext:
     # for the caller to end (the sweep ends it as its trial ended: pruned, unfinished).
     stop_requested: Optional[Callable[[], bool]] = None
     stored_config: Optional[dict] = None  # --resume: the run's stored config, as the caller already read it
+    # The caller knows no other driver runs this run (a sweep's trial: Tune restarts a trial only once its
+    # process has died), so the run's hold is taken over whoever held it.
+    sole_driver: bool = False
     start_state: Optional[dict] = None  # --start-from: the checkpoint's learner state, as the caller read it
 
 
@@ -130,6 +133,10 @@ def _preflight(cfg: Config, run: RunDir, opts: RunOptions, scanned, context: Run
     if not opts.resume and storage.exists(run.path):
         raise PreflightError(f"run {run.name!r} already exists in {cfg.run.storage_path}; continue it with "
                              f"--resume {run.name} or choose another run.name")
+    try:
+        check_contained(run.path, "run")
+    except ConfigError as e:
+        raise PreflightError(str(e)) from None
     benchmark = checked_benchmark(cfg, scanned)
     start_state = None
     if opts.start_from is not None:
@@ -236,6 +243,22 @@ def run_experiment(cfg: Config, opts: RunOptions = RunOptions(), context: RunCon
     scanned = _scanned(context.data)  # an ObjectRef from a sweep's driver is fetched once, here
     benchmark, tracker, start_state = _preflight(cfg, run, opts, scanned, context)
     changes, from_task, how = _continuation(cfg, run, opts, context, start_state)
+    if opts.resume:  # a new run's folder is its own once claimed; a resumed one is held by one driver at a time
+        try:
+            run.hold(take_over=context.sole_driver)
+        except RunClaimed as e:
+            raise PreflightError(str(e)) from None
+    try:
+        return _launch(cfg, run, storage_path, benchmark, tracker, (changes, from_task, how), opts, context, scanned)
+    finally:
+        run.release_hold()
+
+
+def _launch(cfg: Config, run: RunDir, storage_path: str, benchmark, tracker, continuation: tuple, opts: RunOptions,
+            context: RunContext, scanned) -> RunResult:
+    """Join the cluster, claim a new run's folder, open its MLflow run and write its config and record, then
+    fit the Ray Train job and write the results (:func:`run_experiment` after its checks)."""
+    changes, from_task, how = continuation
     join_cluster(cfg, opts.address)
     warn_local_paths(cfg, tracker)
 
@@ -244,6 +267,7 @@ def run_experiment(cfg: Config, opts: RunOptions = RunOptions(), context: RunCon
     if not opts.resume:
         try:
             run.claim()
+            run.hold()
         except RunClaimed as e:
             raise PreflightError(f"{e}; continue it with --resume {run.name} or choose another run.name") from None
     try:
@@ -251,6 +275,7 @@ def run_experiment(cfg: Config, opts: RunOptions = RunOptions(), context: RunCon
             _open_tracking(tracker, run, record, opts, context)
     except BaseException:
         if not opts.resume:
+            run.release_hold()
             run.release()
         raise
     if not opts.resume or changes:
@@ -307,7 +332,7 @@ def _fit(trainer, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
         if context.on_task is not None:
             context.on_task(rec)
 
-    watcher = ProgressWatcher(run, num_tasks, on_task=task_done, label=context.label,
+    watcher = ProgressWatcher(run, num_tasks, on_task=task_done, label=context.label, renew=run.renew_hold,
                               seen=tracker.logged_tasks if tracker else None)
     main = threading.current_thread() is threading.main_thread()
     # Ray Train installs its own SIGINT handler during fit (it aborts the workers); SIGTERM gets ours.
@@ -343,7 +368,10 @@ def _finish(cfg: Config, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
     interrupted = isinstance(error, RunInterrupted)
     tasks, summ = read_task_results(run, num_tasks)
     status = run_status(len(tasks), num_tasks, failed=error is not None and not interrupted, interrupted=interrupted)
-    write_final_results(run, tasks, summ, status)
+    try:
+        write_final_results(run, tasks, summ, status)
+    except OSError as e:  # a full disk, a lost store: the tasks' results and checkpoints are kept
+        error, interrupted, status = e, False, "failed"
     reason = f"{type(error).__name__}: {error}" if error is not None else None
     if status == "stopped":
         reason = (f"stopped after task {len(tasks) - 1} of 0..{num_tasks - 1} (--stop-after-task); "

@@ -19,6 +19,7 @@ from ..rundir import RunDir
 
 log = logging.getLogger(__name__)
 
+RENEW_SECONDS = 10.0  # how often the driver renews its hold on the run (rundir.HOLD_STALE_SECONDS: 120)
 # A task that has trained this many seconds gets a line per epoch, never more than one in this many seconds
 # (short tasks get none).
 EPOCH_LINE_SECONDS = 10.0
@@ -129,8 +130,10 @@ class ProgressWatcher(threading.Thread):
     (the content of its result file); while a task runs, prints its epochs (:data:`EPOCH_LINE_SECONDS`)."""
 
     def __init__(self, run: RunDir, num_tasks: int, on_task: Optional[Callable[[dict], None]] = None,
-                 interval: float = 1.0, label: str = "", seen: Optional[set[int]] = None):
+                 interval: float = 1.0, label: str = "", seen: Optional[set[int]] = None,
+                 renew: Optional[Callable[[], None]] = None):
         super().__init__(daemon=True)
+        self.renew, self._renewed = renew, time.monotonic()  # renew: keeps the driver's hold on the run
         self.run_dir, self.num_tasks, self.on_task, self.interval = run, num_tasks, on_task, interval
         self.label = label
         self.seen: set[int] = set(seen or ())
@@ -175,6 +178,12 @@ class ProgressWatcher(threading.Thread):
     def run(self) -> None:
         while not self._halt.wait(self.interval):
             self.poll()
+            if self.renew is not None and time.monotonic() - self._renewed >= RENEW_SECONDS:
+                self._renewed = time.monotonic()
+                try:
+                    self.renew()
+                except OSError as e:  # the store is not answering: the next renewal tries again
+                    log_event(log, "hold_not_renewed", level=logging.WARNING, error=str(e)[:300])
 
     def _show_alerts(self, now: bool = False) -> None:
         try:

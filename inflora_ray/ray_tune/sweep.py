@@ -20,7 +20,7 @@ from ..config import Config, ConfigError
 from ..data.registry import get_benchmark
 from ..logs import is_verbose, log_event
 from ..preflight import PreflightError, check_config, checked_benchmark, join_cluster, start_tracker
-from ..rundir import RunClaimed, SweepDir, default_sweep_name
+from ..rundir import RunClaimed, SweepDir, check_contained, default_sweep_name
 from ..tracking.store import redact_config
 from .search_space import SearchSpace, SpaceError
 
@@ -289,6 +289,10 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
         raise SpaceError(f"--name: {e}") from None
     if opts.resume and not storage.exists(sweep.path):
         raise PreflightError(f"--resume: no sweep {opts.name!r} in {cfg.run.storage_path}")
+    try:
+        check_contained(sweep.path, "sweep")
+    except ConfigError as e:
+        raise PreflightError(str(e)) from None
     if not opts.resume and storage.exists(sweep.path):
         raise PreflightError(f"sweep {opts.name!r} already exists in {cfg.run.storage_path}; use --resume or another --name")
     # Trials checkpoint at task boundaries only, and log to the store this driver resolved (trials run in

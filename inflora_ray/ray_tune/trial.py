@@ -131,7 +131,7 @@ def run_trial(params: dict, *, plan: TrialPlan) -> None:
                            RunOptions(name=name, resume=resume, stop_after_task=plan.horizon - 1),
                            RunContext(parent_run_id=plan.parent_run_id, quiet_table=True, label=f"[{name}] ",
                                       on_task=lambda rec: results.put((seed, rec)), data=plan.data,
-                                      stop_requested=stop.requested))
+                                      stop_requested=stop.requested, sole_driver=True))
         except BaseException as e:  # raised by the trial thread once every seed has ended
             errors[seed] = e
 
