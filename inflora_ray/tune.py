@@ -10,8 +10,8 @@ from typing import Optional
 from .cli import add_config_flags, flag_overrides, run_cli
 from .logs import setup_logging
 from .presets import load_config
-from .ray_tune.search_space import SpaceError, load_space
-from .ray_tune.sweep import SweepOptions, run_sweep
+from .ray_tune.search_space import SpaceError, check_combinations, read_space
+from .ray_tune.sweep import SweepOptions, check_size, run_sweep
 
 FLAGS = ["--storage-path", "--num-workers", "--use-gpu", "--tracking-uri"]
 
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trials at once (default: as many as the cluster can ever hold, autoscaling included)")
     p.add_argument("--seeds-per-trial", type=int, default=1, metavar="K",
                    help="seeds each trial runs side by side; trials are ranked on the mean (default 1)")
+    p.add_argument("--max-trials", type=int, default=1000,
+                   help="refuse a sweep that would start more trials than this (default 1000)")
     p.add_argument("--trial-retries", type=int, default=2,
                    help="restarts of a trial whose process or node was lost (default 2)")
     p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
@@ -52,13 +54,16 @@ def _main(args: argparse.Namespace) -> None:
     if args.num_samples < 1:
         raise SpaceError("--num-samples must be >= 1")
     cfg = load_config(args.config, list(args.overrides) + flag_overrides(args, FLAGS))
-    space = load_space(args.space, cfg)
-    run_sweep(cfg, space, SweepOptions(
+    opts = SweepOptions(
         name=args.sweep_name, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
         scheduler=args.scheduler, search=args.search, first_tasks=args.first_tasks, resume=args.resume,
         address=args.address or os.environ.get("RAY_ADDRESS"), grace_period=args.grace_period,
         reduction_factor=args.reduction_factor, seeds_per_trial=args.seeds_per_trial,
-        trial_retries=args.trial_retries))
+        trial_retries=args.trial_retries, max_trials=args.max_trials)
+    space = read_space(args.space)
+    check_size(space, opts)  # before the space's values are checked against the config, which builds models
+    check_combinations(space, cfg, args.space)
+    run_sweep(cfg, space, opts)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

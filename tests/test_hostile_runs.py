@@ -63,7 +63,17 @@ HOSTILE_CLI = {
     "sweep name with ..": ("inflora_ray.tune", ["--space", "SPACE", "--name", "../../escaped"],
                            "cannot name a folder"),
     "infinite learning rate": ("inflora_ray.run", ["train.lr=.inf"], "train.lr: must be a finite number"),
+    "runaway --num-samples": ("inflora_ray.tune", ["--space", "SPACE", "--num-samples", "100000000"],
+                              "would start 100000000 trials (100000000 sample(s) x grid no grid)"),
+    "runaway grid": ("inflora_ray.tune", ["--space", "GRID"], "would start 100000000 trials (1 sample(s) x grid "
+                                                              "100 x 100 x 100 x 100)"),
 }
+# Four grid parameters of 100 values each: 10^8 points.
+GRID = "params:\n" + "".join(f"  {key}: {{grid: [{', '.join(str(v) for v in values)}]}}\n" for key, values in [
+    ("train.lr", [round(1e-4 * (i + 1), 6) for i in range(100)]), ("method.lamb", [round(0.5 + 0.004 * i, 4)
+                                                                                    for i in range(100)]),
+    ("train.weight_decay", [round(1e-5 * i, 6) for i in range(100)]), ("experiment.log_every_steps",
+                                                                       list(range(1, 101)))])
 
 
 @pytest.mark.parametrize("what", sorted(HOSTILE_CLI))
@@ -72,7 +82,8 @@ def test_hostile_cli_input_is_refused_before_anything_is_written(what, tmp_path,
     work = tmp_path / "work" / "deep"
     work.mkdir(parents=True)
     space = Path(__file__).resolve().parent.parent / "tune_spaces" / "lr.yaml"
-    args = [str(space) if a == "SPACE" else a for a in args]
+    (tmp_path / "grid.yaml").write_text(GRID)
+    args = [str(space) if a == "SPACE" else str(tmp_path / "grid.yaml") if a == "GRID" else a for a in args]
     before = _files(tmp_path)
     proc = cli(module, [*args, "--storage-path", str(work / "runs"), "--no-tracking" if module.endswith("run")
                         else "tracking.enabled=false", *tiny_overrides()], cwd=work)

@@ -78,6 +78,14 @@ def valid_param_keys() -> list[str]:
 
 def load_space(path: str, base: Config) -> SearchSpace:
     """Read and validate a search-space YAML against the base config; raises :class:`SpaceError`."""
+    space = read_space(path)
+    check_combinations(space, base, path)
+    return space
+
+
+def read_space(path: str) -> SearchSpace:
+    """Read a search-space YAML and check each parameter on its own (keys, distributions, types); the checks
+    against a config, which build models, are :func:`check_combinations`. Raises :class:`SpaceError`."""
     try:
         with open(path) as f:
             data = load_yaml(f.read(MAX_CHARS + 1))
@@ -119,9 +127,7 @@ def load_space(path: str, base: Config) -> SearchSpace:
                 raise SpaceError(f"{path}: {key}: randint needs integer bounds, got {values!r}")
         params.append(Param(key, kind, list(values)))
         check_type(params[-1], path)
-    space = SearchSpace(params, metric, mode, str(data.get("description", "")))
-    check_combinations(space, base, path)
-    return space
+    return SearchSpace(params, metric, mode, str(data.get("description", "")))
 
 
 def field_type(key: str) -> Any:

@@ -46,6 +46,7 @@ class SweepOptions:
     reduction_factor: float = 2.0  # ASHA
     seeds_per_trial: int = 1  # seeds each trial runs; trials are ranked on the mean
     trial_retries: int = 2  # restarts of a trial whose process or node was lost
+    max_trials: int = 1000  # a sweep that would start more trials is refused (raise it knowingly)
 
 
 @dataclass
@@ -168,7 +169,19 @@ def write_trial_table(sweep: SweepDir, rows: list[dict]) -> None:
     storage.write_bytes(parquet_path, sink.getvalue().to_pybytes())
 
 
+def check_size(space: SearchSpace, opts: SweepOptions) -> None:
+    """Refuse a sweep that would start more than ``opts.max_trials`` trials (before anything is built)."""
+    trials = planned_trials(space, opts.num_samples)
+    if trials > opts.max_trials:
+        grids = " x ".join(str(len(p.values)) for p in space.params if p.kind == "grid") or "no grid"
+        raise SpaceError(f"the sweep would start {trials} trials ({opts.num_samples} sample(s) x grid {grids}), "
+                         f"{trials * opts.seeds_per_trial} runs with --seeds-per-trial {opts.seeds_per_trial}; "
+                         f"the limit is --max-trials {opts.max_trials}: shrink the space or --num-samples, or raise "
+                         "--max-trials if you mean it")
+
+
 def _check_options(space: SearchSpace, opts: SweepOptions) -> None:
+    check_size(space, opts)
     if opts.seeds_per_trial < 1:
         raise SpaceError("--seeds-per-trial must be >= 1")
     if opts.trial_retries < 0:
@@ -189,7 +202,7 @@ def _check_options(space: SearchSpace, opts: SweepOptions) -> None:
 def _options_record(opts: SweepOptions) -> dict:
     """The options that decide which trials a sweep runs and how it ranks them (recorded in sweep.json)."""
     return {k: getattr(opts, k) for k in ("num_samples", "scheduler", "search", "grace_period", "reduction_factor",
-                                          "seeds_per_trial", "first_tasks")}
+                                          "seeds_per_trial", "first_tasks")}  # max_trials: a guard, not a setting
 
 
 def _check_resumed(sw: _Sweep) -> None:
@@ -327,9 +340,10 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
     log_event(log, "sweep_start", name=opts.name, trials=planned_trials(space, opts.num_samples),
               scheduler=opts.scheduler, search=opts.search, metric=space.metric, horizon=sw.horizon,
               seeds_per_trial=opts.seeds_per_trial, resume=opts.resume)
-    print(f"{'resuming sweep' if opts.resume else 'sweep'} {opts.name}: {planned_trials(space, opts.num_samples)} "
-          f"trial(s) ({opts.search} search, {opts.scheduler}), {opts.seeds_per_trial} seed(s) each over "
-          f"{sw.horizon} task(s), ranked on {space.metric}; trials' runs in {sweep.trials_root}", flush=True)
+    trials = planned_trials(space, opts.num_samples)
+    print(f"{'resuming sweep' if opts.resume else 'sweep'} {opts.name}: {trials} trial(s) x {opts.seeds_per_trial} "
+          f"seed(s) x {sw.horizon} task(s) = {trials * opts.seeds_per_trial} runs at most ({opts.search} search, "
+          f"{opts.scheduler}), ranked on {space.metric}; trials' runs in {sweep.trials_root}", flush=True)
     from .hooks import end_open_runs, register_tracker
 
     register_tracker(opts.name, sw.tracker)
