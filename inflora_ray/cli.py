@@ -7,6 +7,7 @@ import sys
 from typing import Callable
 
 from .config import ConfigError
+from .redact import redact_text
 
 # Flags that are shortcuts for a config key: flag -> (config key, argparse keyword arguments).
 CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
@@ -56,13 +57,13 @@ def run_cli(body: Callable[[], None], usage_errors: tuple = ()) -> int:
     try:
         body()
     except (ConfigError, PreflightError, NonRetryableError, OSError, *usage_errors) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {redact_text(str(e))}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except (RunInterrupted, KeyboardInterrupt) as e:
-        print(f"stopped: {e or 'interrupted before the run started; nothing was trained'}", file=sys.stderr,
-              flush=True)
+        print(f"stopped: {redact_text(str(e)) or 'interrupted before the run started; nothing was trained'}",
+              file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {redact_text(str(e))}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     return EXIT_OK

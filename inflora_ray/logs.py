@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+from .redact import redact_text
+
 _FIELDS = "_inflora_fields"
 
 
@@ -31,6 +33,10 @@ class _Formatter(logging.Formatter):
         self.as_json = as_json
 
     def format(self, record: logging.LogRecord) -> str:
+        """The event as one line, with the credentials of every URL in it redacted."""
+        return redact_text(self._line(record))
+
+    def _line(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         fields = getattr(record, _FIELDS, None)
         if self.as_json:

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "inflora_ray"
 # is in the layer of the longest prefix listed here.
 LAYERS: list[tuple[str, ...]] = [
     ("inflora_ray.storage", "inflora_ray.logs", "inflora_ray.config_errors", "inflora_ray.provenance",
-     "inflora_ray.yaml_io", "inflora_ray.tools.processes", "inflora_ray.tools.glyphs"),
+     "inflora_ray.yaml_io", "inflora_ray.redact", "inflora_ray.tools.processes", "inflora_ray.tools.glyphs"),
     ("inflora_ray.config",),
     ("inflora_ray.data", "inflora_ray.rundir", "inflora_ray.presets"),
     ("inflora_ray.core",),

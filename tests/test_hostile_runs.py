@@ -356,3 +356,12 @@ def test_one_driver_holds_a_run_at_a_time(tmp_path, cli):
     run.hold()  # another host's hold, not renewed for 500 s: taken over
     run.release_hold()
     assert not os.path.exists(run.hold_file)
+
+
+def test_credentials_in_a_storage_path_never_reach_the_console(tmp_path, cli):
+    """A storage path with a secret in it (a token in the query, a password in the user info): the error
+    message shows the path with the secret as ***."""
+    for path in ("file:///proc/nope?access_token=SECRETVALUE", "s3://AKIA:SECRETVALUE@[bad/runs"):
+        proc = cli("inflora_ray.run", ["--storage-path", path, "--no-tracking", *tiny_overrides()], cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr[-2000:]
+        assert "SECRETVALUE" not in proc.stderr and "***" in proc.stderr, proc.stderr

@@ -18,6 +18,7 @@ from ..logs import log_event
 from ..preflight import (PreflightError, check_config, check_start_checkpoint, checked_benchmark, join_cluster,
                          start_tracker, warn_local_paths)
 from ..provenance import accelerator, code_identity
+from ..redact import redact_text
 from ..results import read_task_results, run_status, write_final_results
 from ..rundir import RunClaimed, RunDir, check_contained, default_run_name
 from ..tracking.store import TrackingUnavailable, redact_config
@@ -289,9 +290,9 @@ def _launch(cfg: Config, run: RunDir, storage_path: str, benchmark, tracker, con
     log_event(log, "run_start", name=run.name, run_dir=run.path, workers=cfg.run.num_workers, resume=opts.resume,
               method=cfg.method.name, benchmark=cfg.data.benchmark, tasks=benchmark.num_tasks,
               mlflow_run_id=tracker.run_id if tracker else None)
-    print(f"{context.label}{'resuming' if opts.resume else 'run'} {run.name}: {cfg.method.name} on "
-          f"{cfg.data.benchmark}, {benchmark.num_tasks} tasks, {cfg.run.num_workers} worker(s); results in "
-          f"{run.results}, log in {run.log_location}", flush=True)
+    print(redact_text(f"{context.label}{'resuming' if opts.resume else 'run'} {run.name}: {cfg.method.name} on "
+                      f"{cfg.data.benchmark}, {benchmark.num_tasks} tasks, {cfg.run.num_workers} worker(s); results "
+                      f"in {run.results}, log in {run.log_location}"), flush=True)
     if opts.resume:
         clear_fatal(run)
     data = shipped_data(benchmark, context.data, scanned)

@@ -20,6 +20,7 @@ from ..config import Config, ConfigError
 from ..data.registry import get_benchmark
 from ..logs import is_verbose, log_event
 from ..preflight import PreflightError, check_config, checked_benchmark, join_cluster, start_tracker
+from ..redact import redact_text
 from ..rundir import RunClaimed, SweepDir, check_contained, default_sweep_name
 from ..tracking.store import redact_config
 from .search_space import SearchSpace, SpaceError
@@ -341,9 +342,10 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
               scheduler=opts.scheduler, search=opts.search, metric=space.metric, horizon=sw.horizon,
               seeds_per_trial=opts.seeds_per_trial, resume=opts.resume)
     trials = planned_trials(space, opts.num_samples)
-    print(f"{'resuming sweep' if opts.resume else 'sweep'} {opts.name}: {trials} trial(s) x {opts.seeds_per_trial} "
-          f"seed(s) x {sw.horizon} task(s) = {trials * opts.seeds_per_trial} runs at most ({opts.search} search, "
-          f"{opts.scheduler}), ranked on {space.metric}; trials' runs in {sweep.trials_root}", flush=True)
+    print(redact_text(f"{'resuming sweep' if opts.resume else 'sweep'} {opts.name}: {trials} trial(s) x "
+                      f"{opts.seeds_per_trial} seed(s) x {sw.horizon} task(s) = {trials * opts.seeds_per_trial} runs "
+                      f"at most ({opts.search} search, {opts.scheduler}), ranked on {space.metric}; trials' runs in "
+                      f"{sweep.trials_root}"), flush=True)
     from .hooks import end_open_runs, register_tracker
 
     register_tracker(opts.name, sw.tracker)

@@ -2,7 +2,7 @@
 No credential of the tracking URI is ever stored, logged or printed (:mod:`.redact`)."""
 from .mlflow_runs import (STATUSES, Tracker, TrackingUnavailable, check_server, git_commit, redact_config,
                           resolve_uri, start_parent)
-from .redact import is_redacted, redact_text, redact_uri
+from ..redact import is_redacted, redact_text, redact_uri
 
 __all__ = ["STATUSES", "Tracker", "TrackingUnavailable", "check_server", "git_commit", "is_redacted",
            "redact_config", "redact_text", "redact_uri", "resolve_uri", "start_parent"]

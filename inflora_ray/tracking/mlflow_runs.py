@@ -21,7 +21,7 @@ from ..rundir import RunDir
 from ..training.checkpoint import META_FILE, STATE_FILE
 from ..training.state import task_metrics
 from .plots import plot_accuracy_curve, plot_accuracy_matrix
-from .redact import has_secrets, is_redacted, redact_text, redact_uri
+from ..redact import has_secrets, is_redacted, redact_text, redact_uri
 from .store import (TrackingUnavailable, check_server, explain_store_error, redact_config,  # noqa: F401
                     resolve_uri, store_call)
 

@@ -12,7 +12,7 @@ from ..config import ConfigError, flatten
 from ..results import read_metrics, read_stored_config
 from ..rundir import RunDir, SweepDir
 from .mlflow_runs import RUN_STATUS_TAG, param_text
-from .redact import redact_uri
+from ..redact import redact_uri
 from .store import TrackingUnavailable, check_server, explain_store_error, store_call
 
 SEED_KEY, BENCHMARK_KEY, TASKS_KEY = "experiment.seed", "data.benchmark", "data.num_tasks"

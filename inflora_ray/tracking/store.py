@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Optional, TypeVar
 
 from ..config import Config
-from .redact import has_secrets, is_redacted, redact_text, redact_uri
+from ..redact import has_secrets, is_redacted, redact_text, redact_uri
 
 # The module that a database URI's SQLAlchemy dialect imports -> how to install it.
 _DRIVERS = {
