@@ -1,5 +1,6 @@
 """Hostile and damaged data, one table row each: crafted CIFAR-100 pickles, altered release files, damaged
-Parquet shards and manifests, broken images, relative paths.
+Parquet shards and manifests, broken images, links and special files in a source folder, decompression
+bombs, relative paths.
 
 Each row says what the input is, how to build it under ``tmp_path``, and which exception (with which message
 fragment) the operation that meets it raises: building the benchmark (the driver, before Ray starts),
@@ -7,8 +8,9 @@ fragment) the operation that meets it raises: building the benchmark (the driver
 value instead. Around every operation a ``sys.audit`` hook records the files opened for writing, the files and
 folders created, moved or removed, and the processes started; afterwards the test checks that none of them
 was outside ``tmp_path``, that no process started, that the file a crafted pickle would create does not
-exist, and that no shard file was left behind in ``out``. (Files written by pyarrow's C++ code are not
-audited; the check of ``out`` covers the shard writer.)
+exist, and that ``out`` (where the refused ``prepare`` commands write) does not exist: no shard file and no
+folder was left behind. (Files written by pyarrow's C++ code are not audited; the check of ``out`` covers
+the shard writer.)
 """
 from __future__ import annotations
 
@@ -20,19 +22,27 @@ import os
 import pickle
 import re
 import shlex
+import shutil
+import struct
 import sys
 import tempfile
+import threading
+import time
+import zlib
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from test_data import bench, write_cifar, write_domainnet, write_imagenet_r
 
 from inflora_ray.config import DataConfig
-from inflora_ray.data import DataError, build_benchmark, cifar100
+from inflora_ray.data import DataError, build_benchmark, cifar100, shard_writer, shards
 from inflora_ray.data.__main__ import main as data_cli
 from inflora_ray.data.shard_writer import prepare_shards
 
 MARKER = "code-ran"  # the file a crafted pickle creates if it runs
 SHARD = "train/task-000/part-00000.parquet"
+WNID = "n01443537"  # the first class folder of the ImageNet-R fixture
 
 
 # ------------------------------------------------------------------------------------------ crafted pickles
@@ -269,6 +279,229 @@ def domainnet_missing_image_prepare(tmp, mp):
     return lambda: prepare_shards("domainnet", str(root), str(tmp / "out"), rows_per_group=2, num_tasks=5)
 
 
+# ------------------------------------------------------------------------------------------ hostile source files
+def _prepare(tmp, benchmark: str, root, out: str = "out"):
+    """The operation ``inflora-data prepare BENCHMARK --source root --out tmp/out --num-tasks 3`` (its exit code
+    and stderr)."""
+    return lambda: _cli("prepare", benchmark, "--source", str(root), "--out", str(tmp / out), "--num-tasks", "3")
+
+
+def _imagenet_r(tmp, damage):
+    """The ImageNet-R fixture at tmp/imagenet-r with ``damage(class folder n01443537)`` applied; the operation
+    that prepares it into tmp/out."""
+    root = write_imagenet_r(tmp / "imagenet-r")
+    damage(root / WNID)
+    return _prepare(tmp, "imagenet-r", root)
+
+
+def _link(path, target) -> None:
+    """Replace ``path`` by a symbolic link to ``target``."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    path.symlink_to(target)
+
+
+def _png(width: int, height: int) -> bytes:
+    """A valid PNG of ``width`` x ``height`` black one-bit pixels, compressed row by row: 20000 x 20000 takes
+    about 50 KB, and nothing of the decoded size is ever held in memory."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row = zlib.compressobj(9), bytes(1 + (width + 7) // 8)  # filter byte 0, then the row's bits
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _bomb(width: int, height: int):
+    """``damage``: put a ``width`` x ``height`` PNG (made in under 2 s) into the class folder as bomb.png."""
+    def damage(folder):
+        start = time.perf_counter()
+        data = _png(width, height)
+        assert time.perf_counter() - start < 2 and len(data) < 100_000
+        (folder / "bomb.png").write_bytes(data)
+    return damage
+
+
+def imagenet_r_link_to_file_outside(tmp, mp):
+    def damage(folder):
+        (tmp / "secret.jpg").write_bytes((folder / "art_0.jpg").read_bytes())
+        _link(folder / "art_0.jpg", tmp / "secret.jpg")
+    return _imagenet_r(tmp, damage)
+
+
+def imagenet_r_link_to_folder_outside(tmp, mp):
+    def damage(folder):
+        shutil.copytree(folder, tmp / "elsewhere")
+        _link(folder, tmp / "elsewhere")
+    return _imagenet_r(tmp, damage)
+
+
+def imagenet_r_relative_link_outside(tmp, mp):
+    def damage(folder):
+        (tmp / "secret.jpg").write_bytes((folder / "art_0.jpg").read_bytes())
+        _link(folder / "art_0.jpg", "../../secret.jpg")
+    return _imagenet_r(tmp, damage)
+
+
+def imagenet_r_link_inside(tmp, mp):
+    """A link to another image of the same copy is read like the file it points to."""
+    root = write_imagenet_r(tmp / "imagenet-r")
+    _link(root / WNID / "art_0.jpg", "../n01484850/art_0.jpg")
+    return _prepare(tmp, "imagenet-r", root, out="shards")
+
+
+def domainnet_list_linked_outside(tmp, mp):
+    """A published list replaced by a link: refused before it is read (its lines would be quoted in errors)."""
+    root = write_domainnet(tmp / "domainnet")
+    (tmp / "list.txt").write_bytes((root / "clipart_train.txt").read_bytes())
+    _link(root / "clipart_train.txt", tmp / "list.txt")
+    return _prepare(tmp, "domainnet", root)
+
+
+@contextlib.contextmanager
+def _reader_released(fifo):
+    """While the block runs, whenever a reader has opened ``fifo``, open and close its writing end: the reader
+    gets an empty file instead of blocking for ever (a check that fails makes its test fail, not hang)."""
+    done = threading.Event()
+
+    def release():
+        while not done.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # ENXIO: no reader
+                done.wait(0.05)
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def domainnet_fifo_named_jpg(tmp, mp):
+    """A FIFO where a listed image should be: reading it would block prepare for ever."""
+    root = write_domainnet(tmp / "domainnet")
+    image = root / "sketch" / "arm" / "sketch_009_000000.jpg"
+    image.unlink()
+    os.mkfifo(image)
+    prepare = _prepare(tmp, "domainnet", root)
+
+    def run():
+        with _reader_released(image):
+            return prepare()
+    return run
+
+
+def imagenet_r_zero_byte_jpeg(tmp, mp):
+    return _imagenet_r(tmp, lambda folder: (folder / "cartoon_1.jpg").write_bytes(b""))
+
+
+def imagenet_r_truncated_prepare(tmp, mp):
+    return _imagenet_r(tmp, lambda folder: _truncate(folder / "cartoon_1.jpg"))
+
+
+def imagenet_r_eps_named_jpg(tmp, mp):
+    """PostScript, which Pillow would hand to Ghostscript to decode, under an image's name."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto showpage\n"
+    return _imagenet_r(tmp, lambda folder: (folder / "cartoon_1.jpg").write_bytes(eps))
+
+
+def _shard_formats(folder) -> dict[str, str]:
+    """key -> format of every row of the shards in ``folder``."""
+    formats = {}
+    for f in sorted(folder.rglob("*.parquet")):
+        t = pq.read_table(f, columns=["key", "format"]).to_pydict()
+        formats.update(zip(t["key"], t["format"]))
+    return formats
+
+
+def imagenet_r_png_named_jpg(tmp, mp):
+    """A PNG under a .jpg name is kept (renaming it would change the ImageNet-R split), as format png."""
+    root = write_imagenet_r(tmp / "imagenet-r")
+    (root / WNID / "cartoon_1.jpg").write_bytes(_png(30, 20))
+
+    def run():
+        prepared = _prepare(tmp, "imagenet-r", root, out="shards")().split(":")[0]
+        formats = _shard_formats(tmp / "shards")
+        verified = _cli("verify", str(tmp / "shards")).split(":")[0]
+        return f"{prepared}; {formats[f'{WNID}/cartoon_1.jpg']}, {formats[f'{WNID}/art_0.jpg']}; {verified}"
+    return run
+
+
+def imagenet_r_decompression_bomb(tmp, mp):
+    return _imagenet_r(tmp, _bomb(20000, 20000))
+
+
+def imagenet_r_over_the_pixel_limit(tmp, mp):
+    """Above the limit but below Pillow's own error threshold (twice its warning threshold): refused by ours."""
+    return _imagenet_r(tmp, _bomb(10000, 10000))
+
+
+def domainnet_truncated_last_test_image(tmp, mp):
+    """The last image written (the test split comes after every train file): the files and folders written
+    before it are removed."""
+    root = write_domainnet(tmp / "domainnet")
+    _truncate(root / "sketch" / "arm" / "sketch_009_000002.jpg")
+    return lambda: prepare_shards("domainnet", str(root), str(tmp / "out"), rows_per_group=2, num_tasks=5)
+
+
+# ------------------------------------------------------------------------------------------ images in shards
+def _unchecked_shards(tmp, damage, name: str = "shards"):
+    """Shards of the ImageNet-R fixture with ``damage(class folder)`` applied, written with the image check
+    bypassed (as an older prepare wrote them); their folder."""
+    root = write_imagenet_r(tmp / "imagenet-r")
+    damage(root / WNID)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(shard_writer, "check_image", lambda data, where, fix: "jpeg")
+        prepare_shards("imagenet-r", str(root), str(tmp / name), rows_per_group=4, num_tasks=3)
+    return tmp / name
+
+
+def verify_truncated_image_in_shards(tmp, mp):
+    folder = _unchecked_shards(tmp, lambda f: _truncate(f / "cartoon_1.jpg"))
+    return lambda: _cli("verify", str(folder))
+
+
+def verify_bomb_in_shards(tmp, mp):
+    folder = _unchecked_shards(tmp, _bomb(20000, 20000))
+    return lambda: _cli("verify", str(folder))
+
+
+def verify_sizes_only(tmp, mp):
+    """``verify --no-hashes`` checks sizes only: it does not decode (and passes)."""
+    folder = _unchecked_shards(tmp, lambda f: _truncate(f / "cartoon_1.jpg"))
+    return lambda: _cli("verify", str(folder), "--no-hashes")
+
+
+def _first_error(sources) -> str:
+    """The message of the first DataError met reading every sample of ``sources`` (what the workers do)."""
+    for src in sources:
+        for i in range(len(src)):
+            try:
+                src.load(i)
+            except DataError as e:
+                return str(e)
+    raise AssertionError("every sample decoded")
+
+
+def worker_advice_is_a_command(tmp, mp):
+    """A worker that cannot decode a sample says what to run; that command (the folder's name has a space)
+    runs, and names the image."""
+    folder = _unchecked_shards(tmp, lambda f: _truncate(f / "cartoon_1.jpg"), name="my shards")
+
+    def run():
+        b = bench("imagenet-r", num_tasks=3, shards=str(folder))
+        message = _first_error((b.train, b.test))
+        argv = shlex.split(re.search(r"run `([^`]+)` to see which files are affected", message).group(1))
+        assert argv[:2] == ["inflora-data", "verify"], argv
+        return _cli(*argv[1:])
+    return run
+
+
 # ------------------------------------------------------------------------------------------ relative paths
 def relative_shards(tmp, mp):
     """data.shards=shards given in tmp; a worker in another working directory reads the same shards."""
@@ -338,6 +571,49 @@ CASES = [
      r"split\.json': files\[0\] must have path '<wnid>/<file>', .*'path': '\.\./outside\.jpg'.*; regenerate it"),
     ("DomainNet list names a missing image (prepare)", domainnet_missing_image_prepare, DataError,
      r"image file missing: \S+/sketch/arm/sketch_009_000000\.jpg"),
+    ("link to a file outside --source (prepare)", imagenet_r_link_to_file_outside, None,
+     (rf"^exit 2: error: TMP/imagenet-r/{WNID}/art_0\.jpg: a symbolic link to \S+/secret\.jpg, outside --source "
+      r"TMP/imagenet-r; prepare reads nothing outside the source folder")),
+    ("link to a class folder outside --source (prepare)", imagenet_r_link_to_folder_outside, None,
+     rf"^exit 2: error: TMP/imagenet-r/{WNID}: a symbolic link to \S+/elsewhere, outside --source"),
+    ("relative link leading outside --source (prepare)", imagenet_r_relative_link_outside, None,
+     rf"^exit 2: error: TMP/imagenet-r/{WNID}/art_0\.jpg: a symbolic link to \S+/secret\.jpg, outside"),
+    ("link that stays inside --source (prepare)", imagenet_r_link_inside, None, r"^exit 0: "),
+    ("DomainNet list linked outside --source (prepare)", domainnet_list_linked_outside, None,
+     r"^exit 2: error: TMP/domainnet/clipart_train\.txt: a symbolic link to \S+/list\.txt, outside --source"),
+    ("FIFO named like a listed image (prepare)", domainnet_fifo_named_jpg, None,
+     r"^exit 2: error: TMP/domainnet/sketch/arm/sketch_009_000000\.jpg: not a regular file, folder or link"),
+    ("zero-byte JPEG (prepare)", imagenet_r_zero_byte_jpeg, None,
+     (rf"^exit 2: error: TMP/imagenet-r/{WNID}/cartoon_1\.jpg: an empty file \(0 bytes\), not an image; "
+      r"restore it from the dataset's release")),
+    ("truncated JPEG (prepare)", imagenet_r_truncated_prepare, None,
+     rf"^exit 2: error: TMP/imagenet-r/{WNID}/cartoon_1\.jpg: does not decode \(OSError: .*\); restore it"),
+    ("PostScript named .jpg (prepare; Pillow would run Ghostscript)", imagenet_r_eps_named_jpg, None,
+     (rf"^exit 2: error: TMP/imagenet-r/{WNID}/cartoon_1\.jpg: not an image in one of the formats JPEG, PNG, "
+      r"GIF, BMP, WEBP \(\d+ bytes\)")),
+    ("PNG named .jpg (prepare: kept, its true format recorded; verify)", imagenet_r_png_named_jpg, None,
+     r"^exit 0; png, jpeg; exit 0$"),
+    ("decompression bomb: 20000 x 20000 PNG of 50 KB (prepare)", imagenet_r_decompression_bomb, None,
+     (rf"^exit 2: error: TMP/imagenet-r/{WNID}/bomb\.png: 400000000 pixels, more than the limit of 89478485 "
+      r"\(a decompression bomb\?\); restore it from the dataset's release")),
+    ("10000 x 10000 PNG: over the pixel limit, under Pillow's error threshold (prepare)",
+     imagenet_r_over_the_pixel_limit, None,
+     (rf"^exit 2: error: TMP/imagenet-r/{WNID}/bomb\.png: 10000 x 10000 = 100000000 pixels, more than the "
+      r"limit of 89478485")),
+    ("truncated image found after files were written (prepare removes them)", domainnet_truncated_last_test_image,
+     DataError, r"TMP/domainnet/sketch/arm/sketch_009_000002\.jpg: does not decode \(OSError: "),
+    ("verify: shards holding a truncated image", verify_truncated_image_in_shards, None,
+     (r"^exit 2: error: data\.shards='TMP/shards': 1 image\(s\) fail the image check \(e\.g\. "
+      rf"\w+/task-000/part-00000\.parquet row \d+ \(key '{WNID}/cartoon_1\.jpg'\): does not decode \(OSError: "
+      r".* prepare the shards again with `inflora-data prepare BENCHMARK --source PATH --out TMP/shards "
+      r"--overwrite`")),
+    ("verify: shards holding a decompression bomb", verify_bomb_in_shards, None,
+     (r"^exit 2: error: data\.shards='TMP/shards': 1 image\(s\) fail the image check \(e\.g\. "
+      rf"\S+ row \d+ \(key '{WNID}/bomb\.png'\): 400000000 pixels, more than the limit of 89478485")),
+    ("verify --no-hashes: sizes only, no image decoded", verify_sizes_only, None, r"^exit 0: $"),
+    ("the command a worker advises for an undecodable shard image", worker_advice_is_a_command, None,
+     (r"^exit 2: error: data\.shards='TMP/my shards': 1 image\(s\) fail the image check \(e\.g\. \S+ row \d+ "
+      rf"\(key '{WNID}/cartoon_1\.jpg'\): does not decode")),
     ("relative data.shards (made absolute, read from another working directory)", relative_shards, None,
      r"^TMP/shards$"),
     ("data.root under ~ (expanded)", home_relative_root, None, r"^TMP/home/imagenet-r$"),
@@ -404,7 +680,7 @@ def test_hostile_input(what, build, error, fragment, tmp_path, monkeypatch):
     outside = [p for kind, p in events if kind == "write" and not _inside(p, tmp_path)]
     assert not outside, f"{what}: wrote outside tmp_path: {outside}"
     out = tmp_path / "out"
-    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()], f"{what}: left files in {out}"
+    assert not out.exists(), f"{what}: left {[str(p) for p in out.rglob('*')]} in {out}"
 
 
 def test_the_recorder_sees_what_it_must_refuse(tmp_path):
@@ -421,3 +697,24 @@ def test_the_recorder_sees_what_it_must_refuse(tmp_path):
     finally:
         os.remove(os.path.join(outside, "x"))
         os.rmdir(outside)
+
+
+def test_pixel_limit_is_inclusive_and_photos_pass(monkeypatch):
+    """The pixel limit: a 6000 x 4000 JPEG (a 24-megapixel camera's photo) passes; an image of exactly the
+    limit passes and one more pixel is refused (the limit lowered to keep the images small); a camera's MPO
+    file (a JPEG with more pictures appended) is recorded as jpeg."""
+    from PIL import Image
+
+    def encoded(image, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    assert shards.check_image(encoded(Image.new("RGB", (6000, 4000)), "JPEG"), "photo", "") == "jpeg"
+    mpo = encoded(Image.new("RGB", (64, 48)), "MPO", save_all=True, append_images=[Image.new("RGB", (64, 48))])
+    assert shards.check_image(mpo, "mpo", "") == "jpeg"
+    monkeypatch.setattr(shards, "MAX_IMAGE_PIXELS", 30 * 20)
+    assert shards.check_image(_png(30, 20), "at the limit", "") == "png"
+    with pytest.raises(DataError, match=r"^one more: 601 x 1 = 601 pixels, more than the limit of 600 .*; fix$"):
+        shards.check_image(_png(601, 1), "one more", "fix")
+    assert np.asarray(Image.open(io.BytesIO(_png(30, 20)))).shape == (20, 30)  # the test's PNGs are valid

@@ -5,7 +5,7 @@
     inflora-data manifest BENCHMARK --source PATH --out FILE [--no-hashes]
         write the split manifest (per file: path, split, label, size, sha256) of a copy (ImageNet-R)
     inflora-data verify URI [--no-hashes]
-        check prepared shards against their manifest (sizes; sha256 unless --no-hashes)
+        check prepared shards against their manifest (sizes; unless --no-hashes: sha256, and every image decoded)
     inflora-data sample BENCHMARK --out DIR
         write a small generated dataset (random images) in the benchmark's on-disk layout, to try the others
 """

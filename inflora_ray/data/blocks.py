@@ -30,6 +30,7 @@ import torch
 
 from ..logs import log_event
 from .base import decode_image
+from .shards import repair_advice
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,14 @@ class StagedSource:
     """
 
     def __init__(self, path: str, indices: np.ndarray, offsets: np.ndarray, formats: list[str],
-                 labels: np.ndarray, origin: str):
+                 labels: np.ndarray, origin: str, advice: str = ""):
         self.path = path
         self.indices = indices  # sorted dataset indices of the block
         self.offsets = offsets  # int64, len(indices) + 1: sample k is bytes [offsets[k], offsets[k + 1])
         self.formats = formats
         self.labels = labels
         self.origin = origin  # where the bytes came from (error messages)
+        self.advice = advice  # what to do about a sample that does not decode (a command to run)
         self._fd: Optional[int] = None
         self._pid = -1
 
@@ -90,8 +92,7 @@ class StagedSource:
     def load(self, index: int) -> torch.Tensor:
         """Sample ``index`` decoded: uint8 RGB (3, H, W)."""
         data, _ = self.encoded(index)
-        return decode_image(data, f"(sample {index}) staged from {self.origin}",
-                            f"run `inflora-data verify {self.origin}` to check the shards")
+        return decode_image(data, f"(sample {index}) staged from {self.origin}", self.advice)
 
     def close(self) -> None:
         """Close this process's handle of the block file (reopened on next use)."""
@@ -223,7 +224,8 @@ class BlockCache:
         self.store_reads += 1
         self._blocks[key] = offsets[-1]
         self._described[key] = dict(path=path, indices=idx, offsets=np.asarray(offsets, dtype=np.int64),
-                                    formats=formats, labels=source.labels, origin=f"{source.uri} ({source.split})")
+                                    formats=formats, labels=source.labels, origin=f"{source.uri} ({source.split})",
+                                    advice=repair_advice(source.uri))
         staged = self._open(key)
         self._evict(0)  # the estimate may have been short: stay within the bound if blocks not in use allow
         log_event(log, "block_staged", source=source.uri, split=source.split, samples=len(idx),

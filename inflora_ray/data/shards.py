@@ -11,10 +11,12 @@ a split, files taken in (task, part) order, are exactly the source's indices 0..
 same sample at the same index from the shards as from the raw folder. Every row group holds rows of one
 class only (at most ``rows_per_group``), so for *any* class order a task's samples are whole row groups and a
 worker's contiguous block of a task touches only the row groups that hold it (plus, at most, one partial
-group at each end). Columns: ``image`` (encoded bytes: PNG for CIFAR's arrays, the original JPEG bytes for
-the folder datasets, stored uncompressed), ``format``, ``label`` (original class id), ``split``, ``task``
-(natural-order task of the directory), ``index`` (position in the source split), ``key`` (source file or
-index).
+group at each end). Columns: ``image`` (encoded bytes: PNG for CIFAR's arrays, the original file's bytes
+for the folder datasets, stored uncompressed), ``format`` (the image's format as found by decoding it, not
+its file name's extension), ``label`` (original class id), ``split``, ``task`` (natural-order task of the
+directory), ``index`` (position in the source split), ``key`` (source file or index). Every image was
+decoded once by ``prepare`` before it was written (:func:`check_image`: :data:`IMAGE_FORMATS`, at most
+:data:`MAX_IMAGE_PIXELS` pixels), and :func:`verify_shards` decodes them all again.
 
 The manifest carries each file's row count, row-group sizes, labels (run-length) size and sha256, so a
 reader knows every sample's label and location without opening any file; :class:`ParquetSource` opens a
@@ -26,10 +28,13 @@ the staged copy.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
+import shlex
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -54,6 +59,14 @@ SCHEMA = pa.schema([("image", pa.binary()), ("format", pa.string()), ("label", p
 COLUMN_COMPRESSION = {"image": "NONE", "format": "SNAPPY", "label": "SNAPPY", "split": "SNAPPY", "task": "SNAPPY",
                 "index": "SNAPPY", "key": "SNAPPY"}
 
+# The images that `prepare` writes and `verify` accepts: at most this many pixels (width x height). The value
+# is Pillow's own default warning threshold (about 9459 x 9459, 268 MB decoded as RGB), set here explicitly so
+# that no other library's setting changes it; a 20000 x 20000 image (a decompression bomb: 50 KB of PNG) is
+# refused. And only these formats, decoded by Pillow itself: no format that Pillow hands to another program
+# (EPS goes to Ghostscript), none of the rarely-photographic ones (TIFF, PSD, ...).
+MAX_IMAGE_PIXELS = 89_478_485
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+
 
 # Errors that pyarrow raises for unreadable or damaged files (ArrowInvalid is a ValueError, IO errors are OSErrors).
 _READ_ERRORS = (OSError, ValueError, pa.ArrowException)
@@ -64,10 +77,61 @@ def _describe(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
-def _redo(uri: str) -> str:
-    """What to do about damaged or incomplete shards at ``uri``."""
-    return (f"run `inflora-data verify {uri}` to see which files are affected, then prepare the shards again with "
-            f"`inflora-data prepare BENCHMARK --source PATH --out {uri} --overwrite`")
+def repair_advice(uri: str) -> str:
+    """What to do about damaged or incomplete shards at ``uri``: two commands that can be pasted into a shell
+    (``uri`` quoted), ``inflora-data verify`` to see which files are affected, then ``prepare`` again."""
+    return (f"run `inflora-data verify {shlex.quote(uri)}` to see which files are affected, then prepare the "
+            f"shards again with `{_prepare_again(uri)}`")
+
+
+def _prepare_again(uri: str) -> str:
+    """The command that writes the shards at ``uri`` again (the benchmark and source are the user's)."""
+    return f"inflora-data prepare BENCHMARK --source PATH --out {shlex.quote(uri)} --overwrite"
+
+
+def _too_large(pixels: str) -> str:
+    """Why an image of ``pixels`` pixels is refused."""
+    return f"{pixels} pixels, more than the limit of {MAX_IMAGE_PIXELS} (a decompression bomb?)"
+
+
+def _image_problem(data: bytes) -> tuple[Optional[str], str]:
+    """(why the image ``data`` is refused, or None; its format as the shards record it: "jpeg", "png", ...).
+
+    The image is decoded in full and converted to RGB, as a worker will; refused: no bytes, not one of
+    :data:`IMAGE_FORMATS`, more than :data:`MAX_IMAGE_PIXELS` pixels (checked before decoding), data that does
+    not decode (truncated, damaged).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        return "an empty file (0 bytes), not an image", ""
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+            width, height = im.size
+            if width * height > MAX_IMAGE_PIXELS:
+                return _too_large(f"{width} x {height} = {width * height}"), ""
+            im.convert("RGB")
+            fmt = im.format
+    except UnidentifiedImageError:
+        return f"not an image in one of the formats {', '.join(IMAGE_FORMATS)} ({len(data)} bytes)", ""
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # over Pillow's own limit
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        return _too_large(size.group(1) if size else "too many"), ""
+    except Exception as e:  # noqa: BLE001  (Pillow raises several types: OSError, SyntaxError, ValueError, ...)
+        return f"does not decode ({type(e).__name__}: {' '.join(str(e).split())})", ""
+    return None, "jpeg" if fmt == "MPO" else fmt.lower()  # MPO: a JPEG with more pictures appended
+
+
+def check_image(data: bytes, name: str, fix: str) -> str:
+    """The format ("jpeg", "png", ...) of the encoded image ``data`` after decoding it in full, as a worker will.
+
+    An image that ``prepare`` must not write (see :func:`_image_problem`) raises DataError naming ``name``
+    (where the bytes came from) and why, and saying ``fix``.
+    """
+    problem, fmt = _image_problem(data)
+    if problem is not None:
+        raise DataError(f"{name}: {problem}; {fix}")
+    return fmt
 
 
 def shard_path(uri: str, rel: str) -> str:
@@ -136,7 +200,7 @@ class ParquetSource:
     def _damaged(self, f: int, problem: str) -> DataError:
         """The error for shard file ``f`` that cannot be read as the manifest describes it."""
         full = shard_path(self.uri, self.paths[f])
-        return DataError(f"shard file {full} is damaged ({problem}); {_redo(self.uri)}")
+        return DataError(f"shard file {full} is damaged ({problem}); {repair_advice(self.uri)}")
 
     def _open(self, f: int):
         """Shard file ``f`` opened for reading (a pyarrow file), after checking its size against the manifest."""
@@ -145,7 +209,8 @@ class ParquetSource:
         try:
             handle = fs.open_input_file(p)
         except _READ_ERRORS as e:
-            raise DataError(f"shard file missing or unreadable: {full} ({_describe(e)}); {_redo(self.uri)}") from None
+            raise DataError(f"shard file missing or unreadable: {full} ({_describe(e)}); "
+                            f"{repair_advice(self.uri)}") from None
         size = handle.size()
         if size != self.sizes[f]:
             handle.close()
@@ -211,7 +276,7 @@ class ParquetSource:
         """Sample ``index`` decoded: uint8 RGB (3, H, W)."""
         data, _ = self.encoded(index)
         full = shard_path(self.uri, self.paths[self.locate(index)[0]])
-        return decode_image(data, f"(sample {index} of split {self.split!r}) in {full}", _redo(self.uri))
+        return decode_image(data, f"(sample {index} of split {self.split!r}) in {full}", repair_advice(self.uri))
 
     def read_rows(self, indices):
         """Yield (index, encoded bytes, format) for each of ``indices`` in increasing order, reading every row
@@ -257,15 +322,14 @@ def read_shard_manifest(uri: str) -> tuple[dict, str]:
     try:
         man = json.loads(raw)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise DataError(f"{path}: not JSON ({type(e).__name__}: {e}); {_redo(uri)}") from None
+        raise DataError(f"{path}: not JSON ({type(e).__name__}: {e}); {repair_advice(uri)}") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT:
         found = f"format {man.get('format')!r}" if isinstance(man, dict) else f"a JSON {type(man).__name__}"
         raise DataError(f"{path}: {found}, not an inflora-ray shard manifest (format {FORMAT!r}); point "
                         "data.shards at a folder written by `inflora-data prepare` (the --out of that command)")
     if man.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path}: shard format version {man.get('format_version')!r}, this code reads "
-                        f"{FORMAT_VERSION}; prepare the shards again with this version: "
-                        f"`inflora-data prepare BENCHMARK --source PATH --out {uri} --overwrite`")
+                        f"{FORMAT_VERSION}; prepare the shards again with this version: `{_prepare_again(uri)}`")
     _check_layout(path, uri, man)
     return man, hashlib.sha256(raw).hexdigest()
 
@@ -280,7 +344,7 @@ def _check_layout(path: str, uri: str, man: dict) -> None:
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise DataError(f"{path}: {what}; the manifest is damaged or was not written by `inflora-data "
-                            f"prepare`; {_redo(uri)}")
+                            f"prepare`; {repair_advice(uri)}")
 
     need(isinstance(man.get("benchmark"), str), "'benchmark' is missing or not a string")
     need(isinstance(man.get("class_names"), list), "'class_names' is missing or not a list")
@@ -328,7 +392,7 @@ def _check_files(uri: str, man: dict) -> None:
             bad.append(f"{e['path']} is {info.size} bytes, manifest {e['size']}")
     if bad:
         raise DataError(f"data.shards={uri!r}: {len(bad)} shard file(s) do not match the manifest "
-                        f"({'; '.join(bad[:3])}); {_redo(uri)}")
+                        f"({'; '.join(bad[:3])}); {repair_advice(uri)}")
 
 
 def _check_hashes(uri: str, man: dict) -> None:
@@ -336,8 +400,13 @@ def _check_hashes(uri: str, man: dict) -> None:
     bad = [e["path"] for s in SPLITS for e in man["splits"][s]["files"]
            if storage.file_digest(shard_path(uri, e["path"])) != e["sha256"]]
     if bad:
-        raise DataError(f"data.shards={uri!r}: sha256 differs for {len(bad)} file(s) (e.g. {', '.join(bad[:3])}); "
-                        f"{_redo(uri)}")
+        raise _hashes_differ(uri, bad)
+
+
+def _hashes_differ(uri: str, bad: list[str]) -> DataError:
+    """The error for the shard files ``bad`` whose sha256 differs from the manifest's."""
+    return DataError(f"data.shards={uri!r}: sha256 differs for {len(bad)} file(s) (e.g. {', '.join(bad[:3])}); "
+                     f"{repair_advice(uri)}")
 
 
 def load_shards(uri: str, benchmark: Optional[str] = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
@@ -351,14 +420,14 @@ def load_shards(uri: str, benchmark: Optional[str] = None, cache_bytes: int = DE
     names = list(man.get("class_names") or [])
     if not names or man.get("num_classes") != len(names):
         raise DataError(f"data.shards={uri!r}: manifest num_classes {man.get('num_classes')} does not match "
-                        f"its {len(names)} class names; {_redo(uri)}")
+                        f"its {len(names)} class names; {repair_advice(uri)}")
     _check_files(uri, man)
     if verify_hashes:
         _check_hashes(uri, man)
     train, test = (ParquetSource(uri, s, man["splits"][s]["files"], cache_bytes) for s in SPLITS)
     for src in (train, test):
         if len(src) and (src.labels.min() < 0 or src.labels.max() >= len(names)):
-            raise DataError(f"data.shards={uri!r}: labels outside 0..{len(names) - 1}; {_redo(uri)}")
+            raise DataError(f"data.shards={uri!r}: labels outside 0..{len(names) - 1}; {repair_advice(uri)}")
     provenance = {
         "source": "parquet-shards", "uri": uri, "benchmark": man["benchmark"], "format_version": FORMAT_VERSION,
         "manifest_sha256": digest, "num_classes": len(names), "num_train": len(train), "num_test": len(test),
@@ -368,12 +437,69 @@ def load_shards(uri: str, benchmark: Optional[str] = None, cache_bytes: int = DE
     return train, test, names, provenance
 
 
-def verify_shards(uri: str, hashes: bool = True) -> dict:
-    """Check every shard file against the manifest (size; sha256 with ``hashes``: reads every file)."""
+def _rows(data: bytes):
+    """Yield (row, image bytes, format, key) of every row of the shard file whose bytes are ``data``."""
+    pf = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
+    row = 0
+    for g in range(pf.metadata.num_row_groups):
+        table = pf.read_row_group(g, columns=["image", "format", "key"])
+        for image, fmt, key in zip(*(table.column(c).to_pylist() for c in ("image", "format", "key"))):
+            yield row, image, fmt, key
+            row += 1
+
+
+def _row_problem(path: str, row: int, image, fmt, key) -> Optional[str]:
+    """Why row ``row`` of the shard file ``path`` fails the image check, or None (see :func:`check_image`)."""
+    problem, found = _image_problem(image or b"")
+    if problem is None and found != fmt:
+        problem = f"a {found} image, its row says {fmt!r}"
+    return None if problem is None else f"{path} row {row} (key {key!r}): {problem}"
+
+
+def _bad_images(path: str, data: bytes, pool: ThreadPoolExecutor) -> tuple[list[str], int]:
+    """(the rows of the shard file ``path``, whose bytes are ``data``, that fail the image check; its rows)."""
+    try:
+        rows = list(_rows(data))
+    except _READ_ERRORS as e:
+        return [f"{path} cannot be read ({_describe(e)})"], 0
+    return [p for p in pool.map(lambda r: _row_problem(path, *r), rows) if p is not None], len(rows)
+
+
+def _check_contents(uri: str, man: dict, hashes: bool, threads: int) -> int:
+    """Every image of every shard file decodes within :data:`MAX_IMAGE_PIXELS` and is of the format its row
+    records; with ``hashes``, every file's sha256 equals the manifest's too. Each file is read once. Returns
+    the number of images checked."""
+    bad_hashes, bad_images, images = [], [], 0
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for entry in (e for s in SPLITS for e in man["splits"][s]["files"]):
+            data = storage.read_bytes(shard_path(uri, entry["path"]))
+            if hashes and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                bad_hashes.append(entry["path"])
+                continue
+            bad, rows = _bad_images(entry["path"], data, pool)
+            bad_images, images = bad_images + bad, images + rows
+    if bad_hashes:
+        raise _hashes_differ(uri, bad_hashes)
+    if bad_images:
+        raise DataError(f"data.shards={uri!r}: {len(bad_images)} image(s) fail the image check (e.g. "
+                        f"{'; '.join(bad_images[:3])}); the shards were written without it (by an older version "
+                        "of prepare) or rewritten since: restore the source files named by the keys from the "
+                        f"dataset's release and prepare the shards again with `{_prepare_again(uri)}`")
+    return images
+
+
+def verify_shards(uri: str, hashes: bool = True, images: Optional[bool] = None, threads: int = 4) -> dict:
+    """Check every shard file against the manifest: its size; with ``hashes``, its sha256; with ``images``
+    (default: as ``hashes``), that every image decodes within :data:`MAX_IMAGE_PIXELS` and is of the format
+    its row records, as ``prepare`` checks it (in ``threads`` threads). Either reads every file once."""
+    images = hashes if images is None else images
     man, digest = read_shard_manifest(uri)
     _check_files(uri, man)
-    if hashes:
+    checked = 0
+    if images:
+        checked = _check_contents(uri, man, hashes, threads)
+    elif hashes:
         _check_hashes(uri, man)
     return {"uri": uri, "benchmark": man["benchmark"], "manifest_sha256": digest, "hashes_checked": hashes,
-            "files": sum(len(man["splits"][s]["files"]) for s in SPLITS),
+            "images_checked": checked, "files": sum(len(man["splits"][s]["files"]) for s in SPLITS),
             "rows": {s: man["splits"][s]["num_rows"] for s in SPLITS}}
