@@ -129,7 +129,7 @@ def _is_mine(holder: dict) -> bool:
     return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
 
 
-def _read_claim(path: str) -> dict:
+def _read_holder(path: str) -> dict:
     """A hold's holder (:func:`_holder`; empty when it is gone or unreadable)."""
     try:
         data = json.loads(storage.read_bytes(path))
@@ -155,14 +155,6 @@ def _gone(holder: dict) -> bool:
     except PermissionError:  # alive, another user's
         return False
     return False
-
-
-def _delete(path: str) -> None:
-    try:
-        fs, p = storage.filesystem(path)
-        fs.delete_file(p)
-    except (OSError, FileNotFoundError):
-        pass
 
 
 class RunClaimed(ConfigError):
@@ -205,9 +197,8 @@ def release_folder(path: str) -> None:
     if any(not n.startswith(".claim-") for n in names):
         return
     if storage.is_uri(path):
-        fs, _ = storage.filesystem(path)
         for n in names:
-            fs.delete_file(storage.filesystem(storage.join(path, n))[1])
+            storage.delete(storage.join(path, n))
     else:
         os.rmdir(path)
 
@@ -246,25 +237,31 @@ class RunDir:
         for _ in range(2):
             if _create_exclusive(self.hold_file, json.dumps(_holder()).encode()):
                 return
-            holder = _read_claim(self.hold_file)
+            holder = _read_holder(self.hold_file)
             if not take_over and not _gone(holder):
                 raise RunClaimed(f"run {self.name!r} is being run by process {holder.get('pid')} on "
                                  f"{holder.get('host')} (since {holder.get('since')}); wait for it to end, or, if "
                                  f"that process is gone, remove {self.hold_file} (it is taken over by itself "
                                  f"{HOLD_STALE_SECONDS:.0f} s after its holder stops renewing it)")
-            _delete(self.hold_file)  # its process is gone: take the run over
+            try:
+                storage.delete(self.hold_file)  # its process is gone: take the run over
+            except OSError:  # another process took it over first: the next look says so
+                pass
         raise RunClaimed(f"run {self.name!r}: another process took {self.hold_file} at the same time")
 
     def renew_hold(self) -> None:
         """Say that this process still holds the run (its driver does every few seconds)."""
-        holder = _read_claim(self.hold_file)
+        holder = _read_holder(self.hold_file)
         if _is_mine(holder):
             storage.write_bytes(self.hold_file, json.dumps(_holder(since=holder.get("since"))).encode())
 
     def release_hold(self) -> None:
         """Give up :meth:`hold` (if this process holds the run)."""
-        if _is_mine(_read_claim(self.hold_file)):
-            _delete(self.hold_file)
+        if _is_mine(_read_holder(self.hold_file)):
+            try:
+                storage.delete(self.hold_file)
+            except OSError:  # the store is not answering: the hold goes stale and is taken over
+                pass
 
     @property
     def name(self) -> str:
@@ -291,17 +288,19 @@ class RunDir:
         return self.result("record.json")
 
     @property
+    def logs_per_process(self) -> bool:
+        """True on an object store, which cannot append: each process writes its own log object there."""
+        return storage.is_uri(self.path)
+
+    @property
     def log_location(self) -> str:
         """The run's log: the file ``run.log`` on a file system (every process of the run appends to it), or the
-        folder ``logs/`` on an object store, which cannot append (one object per process)."""
-        if storage.is_uri(self.path):
-            return storage.join(self.path, "logs") + "/"
-        return storage.join(self.path, "run.log")
+        folder ``logs/`` on an object store (:attr:`logs_per_process`), shown with a trailing ``/``."""
+        return storage.join(self.path, "logs") + "/" if self.logs_per_process else storage.join(self.path, "run.log")
 
     def log_path(self, process: str) -> str:
         """Where the process ``process`` (``rank0-<pid>``, ...) writes its events (see :attr:`log_location`)."""
-        where = self.log_location
-        return storage.join(where, f"{process}.log") if where.endswith("/") else where
+        return storage.join(self.path, "logs", f"{process}.log") if self.logs_per_process else self.log_location
 
     @property
     def progress(self) -> str:

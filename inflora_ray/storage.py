@@ -99,6 +99,15 @@ def write_bytes(path: str, data: bytes) -> None:
         raise OSError(getattr(e, "errno", None), f"cannot write {path} ({type(e).__name__}: {e})") from e
 
 
+def delete(path: str) -> None:
+    """Delete the file ``path`` if it is there (a local path or a URI)."""
+    fs, p = filesystem(path)
+    try:
+        fs.delete_file(p)
+    except FileNotFoundError:
+        pass
+
+
 def read_bytes(path: str) -> bytes:
     """The contents of ``path``."""
     fs, p = filesystem(path)

@@ -53,9 +53,7 @@ def read_fatal(run: "RunDir") -> Optional[dict]:
 
 def clear_fatal(run: "RunDir") -> None:
     """Remove the run's fatal marker, if any (before a run is resumed)."""
-    if storage.exists(run.fatal_marker):
-        fs, path = storage.filesystem(run.fatal_marker)
-        fs.delete_file(path)
+    storage.delete(run.fatal_marker)
 
 
 def fatal_message(record: dict) -> str:

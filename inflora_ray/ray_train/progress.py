@@ -96,15 +96,15 @@ class LogAlerts:
         return [line for line in self._read(now) if is_alert(line)]
 
     def _read(self, now: bool = False) -> list[str]:
-        where = self.run.log_location
-        if not where.endswith("/"):
-            return self._read_file(where)
+        if not self.run.logs_per_process:
+            return self._read_file(self.run.log_location)
         if time.monotonic() < self._next_remote and not now:
             return []
         self._next_remote = time.monotonic() + self.remote_seconds
         lines = []
-        for name in storage.list_names(where.rstrip("/")):
-            path = storage.join(where, name)
+        folder = storage.join(self.run.path, "logs")
+        for name in storage.list_names(folder):
+            path = storage.join(folder, name)
             try:
                 text = storage.read_bytes(path).decode("utf-8", "replace").splitlines()
             except OSError:  # being replaced

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from .. import storage
-from ..config import Config, ConfigError, RunSection, alters_results, config_from_dict, flatten
+from ..config import Config, ConfigError, RunSection, alters_results, config_from_dict, flatten, set_dotted
 from ..data.registry import check_data_config
 from ..preflight import PreflightError, read_start_checkpoint
 from ..presets import apply_overrides, load_config_data
@@ -57,14 +57,23 @@ def load_run_config(storage_path: str, run: str, overrides: list[str]) -> tuple[
     read (for the comparison of settings)."""
     folder, parent = find_run(storage_path, run)
     stored = read_stored_config(folder)
-    data = copy.deepcopy(stored)
-    data.setdefault("run", {})["storage_path"] = parent
+    return _continued(stored, {"run.storage_path": parent}, overrides), folder.name, stored
+
+
+def _continued(saved: dict, values: dict, overrides: list[str]) -> Config:
+    """A continuation's config: the ``saved`` config (left as it is) with ``values`` (``section.key``) set and
+    the command's ``overrides`` on top, validated, the data settings against the benchmark included."""
+    data = copy.deepcopy(saved)
+    for key, value in values.items():
+        set_dotted(data, key, value)
     apply_overrides(data, overrides)
-    return config_from_dict(data), folder.name, stored
+    cfg = config_from_dict(data)
+    check_data_config(cfg.data)
+    return cfg
 
 
 # What names a run rather than setting it: a branch is a new run, and no sweep's trial.
-_IDENTITY = {"run": {"name": None}, "tracking": {"sweep_id": None}}
+_IDENTITY = {"run.name": None, "tracking.sweep_id": None}
 
 
 def load_start_config(checkpoint: str, overrides: list[str]) -> tuple[Config, dict]:
@@ -75,13 +84,7 @@ def load_start_config(checkpoint: str, overrides: list[str]) -> tuple[Config, di
     saved = state.get("config")
     if not isinstance(saved, dict):
         raise PreflightError(f"--start-from {checkpoint!r}: the checkpoint holds no config to start from")
-    data = copy.deepcopy(saved)
-    for section, values in _IDENTITY.items():
-        data.setdefault(section, {}).update(values)
-    apply_overrides(data, overrides)
-    cfg = config_from_dict(data)
-    check_data_config(cfg.data)
-    return cfg, state
+    return _continued(saved, _IDENTITY, overrides), state
 
 
 def result_changes(stored: dict, requested: Config) -> dict[str, tuple[Any, Any]]:
