@@ -265,7 +265,7 @@ def markdown(res: dict) -> str:
                      f"{ip['view_difference_vs_cpu_path_max']:.3g}"))
     q = res.get("quickstart", {})
     if "final_accuracy" in q:
-        rows.append(("quickstart on 1 GPU (NCCL), final / average incremental accuracy",
+        rows.append(("quickstart on 1 GPU (NCCL), final / average incremental accuracy (pooled)",
                      f"{q['final_accuracy']:.3f} / {q['average_incremental_accuracy']:.3f} in {q['wall_s']:.0f} s"))
     lines += ["| figure | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     errors = [f"- {part}: {v['error']}" for part, v in res.items() if isinstance(v, dict) and "error" in v]

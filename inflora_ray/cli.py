@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 from .config import ConfigError
 from .redact import redact_text
@@ -45,17 +45,19 @@ def flag_overrides(args: argparse.Namespace, flags: list[str]) -> list[str]:
 
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_TRIALS_ERRORED = 3  # a sweep named its winner, but some of its trials ended with an error
 
 
-def run_cli(body: Callable[[], None], usage_errors: tuple = ()) -> int:
-    """Run a CLI body: exit 0 on success, 2 on bad input found before compute (or an error no retry can fix),
-    1 if the run failed, 130 if it was interrupted (Ctrl-C, SIGTERM) after saving what it had."""
+def run_cli(body: Callable[[], Optional[int]], usage_errors: tuple = ()) -> int:
+    """Run a CLI body: exit 0 on success (or the code the body returns), 2 on bad input found before compute
+    (or an error no retry can fix), 1 if the run failed, 130 if it was interrupted (Ctrl-C, SIGTERM) after
+    saving what it had."""
     from .preflight import PreflightError
     from .ray_train.errors import NonRetryableError
     from .ray_train.launch import RunInterrupted
 
     try:
-        body()
+        code = body()
     except (ConfigError, PreflightError, NonRetryableError, OSError, *usage_errors) as e:
         print(f"error: {redact_text(str(e))}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
@@ -66,4 +68,4 @@ def run_cli(body: Callable[[], None], usage_errors: tuple = ()) -> int:
     except RuntimeError as e:
         print(f"error: {redact_text(str(e))}", file=sys.stderr, flush=True)
         return EXIT_FAILED
-    return EXIT_OK
+    return EXIT_OK if code is None else code

@@ -25,7 +25,8 @@ _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 # The names a config accepts. The methods register under these names (inflora_ray.core.methods.registry, which
 # refuses any other) and the benchmarks are declared under these (inflora_ray.data.registry); tests check that
 # both registries hold exactly these. The config itself imports neither.
-METHOD_NAMES = ("inflora", "seq-lora", "linear-probe", "joint", "sd-lora", "l2p", "dualprompt", "coda-prompt")
+METHOD_NAMES = ("inflora", "seq-lora", "linear-probe", "joint", "joint-lora", "sd-lora", "sd-lora-kv", "l2p", "l2p-pp",
+                "dualprompt", "coda-prompt")
 BENCHMARK_NAMES = ("digits", "cifar100", "imagenet-r", "domainnet")
 MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 BenchmarkName = Literal[BENCHMARK_NAMES]  # type: ignore[valid-type]
@@ -130,11 +131,17 @@ class MethodConfig(_Model):
     lamb: Float = Field(0.95, gt=0, le=1)
     lame: Float = Field(1.0, gt=0, le=1)
     memory_representation: Literal["auto", "remove", "retain"] = "auto"  # DualGPM: auto switches past d/2
-    # L2P (prompt pool at the input, docs/baselines.md#l2p); read only when name is l2p.
+    # L2P and L2P++ (a prompt pool matched to the query, docs/baselines.md#l2p); read only when name is l2p or
+    # l2p-pp. l2p puts the chosen prompts at the input; l2p-pp prepends them as key/value prefixes in
+    # l2p_prefix_layers (each prompt of length L split into L/2 keys and L/2 values).
     l2p_pool_size: int = Field(10, ge=1)
     l2p_length: int = Field(5, ge=1)
     l2p_top_k: int = Field(5, ge=1)
     l2p_pull_coef: Float = Field(0.1, ge=0)
+    l2p_prefix_layers: Ints = Field(default_factory=lambda: [0])
+    # l2p only: prompts and keys drawn from U[0, 0.01) ("jax", the official code's) or U(-1, 1) ("port", its
+    # PyTorch port's); docs/baselines.md#l2p measures both.
+    l2p_init: Literal["jax", "port"] = "jax"
     # DualPrompt (G-/E-prefixes, docs/baselines.md#dualprompt); read only when name is dualprompt.
     dualprompt_g_length: int = Field(6, ge=2)
     dualprompt_g_layers: Ints = Field(default_factory=lambda: [0, 1])
@@ -154,12 +161,16 @@ class MethodConfig(_Model):
         for key in ("dualprompt_g_length", "dualprompt_e_length", "coda_length"):
             _require(getattr(self, key) % 2 == 0, f"method.{key}",
                      f"must be even (a prefix of length L is split into L/2 keys and L/2 values), got {getattr(self, key)}")
-        for key in ("dualprompt_g_layers", "dualprompt_e_layers", "coda_layers"):
+        for key in ("dualprompt_g_layers", "dualprompt_e_layers", "coda_layers", "l2p_prefix_layers"):
             layers = getattr(self, key)
             _require(all(i >= 0 for i in layers) and len(set(layers)) == len(layers), f"method.{key}",
                      f"must be distinct block indices >= 0 (counted from 0), got {layers}")
         _require(bool(self.coda_layers), "method.coda_layers", "must name at least one block")
         _require(bool(self.dualprompt_e_layers), "method.dualprompt_e_layers", "must name at least one block")
+        if self.name == "l2p-pp":
+            _require(self.l2p_length % 2 == 0, "method.l2p_length", "must be even for l2p-pp (each prompt of length "
+                     f"L is split into L/2 keys and L/2 values), got {self.l2p_length}")
+            _require(bool(self.l2p_prefix_layers), "method.l2p_prefix_layers", "must name at least one block")
 
 
 class ModelConfig(_Model):
@@ -248,6 +259,9 @@ class TrainConfig(_Model):
     schedule: Literal["cosine", "cosine-repeat-first", "step", "constant"] = "cosine"
     step_milestones: Ints = Field(default_factory=list)
     step_gamma: Float = 0.1
+    # Clip the global gradient norm (over every trained tensor, after the all-reduce) to this value; null: no
+    # clipping. The L2P references clip at 1.0 (docs/baselines.md#l2p).
+    grad_clip: Float | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 / fp16 + grad scaler / fp32
     compile: bool = False

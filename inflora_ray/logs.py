@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from typing import Callable, Optional
 
 from .redact import redact_text
 
@@ -94,14 +95,20 @@ class RunLogHandler(logging.Handler):
     On a file system (local or NFS) every process of the run appends its lines to the same ``run.log``, each
     line written whole and flushed at once. An object store cannot append: there each process keeps its lines
     and writes them as its own object (``logs/<process>.log``) at once for a warning or an error, else at most
-    every ``upload_seconds``, and when the handler is closed."""
+    every ``upload_seconds``, and when the handler is closed, with ``write_object(path, data)`` (the run's
+    storage writer, :func:`inflora_ray.storage.write_bytes`: this module stays below the storage layer).
 
-    def __init__(self, path: str, upload_seconds: float = 30.0):
+    A write that fails (the store is unreachable for a while) keeps the lines for the next write and says
+    nothing: the storage layer logs its own retries, and a traceback per line would drown them."""
+
+    def __init__(self, path: str, write_object: Optional[Callable[[str, bytes], None]] = None,
+                 upload_seconds: float = 30.0):
         super().__init__(logging.INFO)
-        from . import storage
-
         self.path = path
-        self.remote = storage.is_uri(path)
+        self.remote = "://" in path
+        if self.remote and write_object is None:
+            raise ValueError(f"run log {path}: an object-store path needs write_object")
+        self.write_object = write_object
         self.upload_seconds = upload_seconds
         self._lines: list[str] = []
         self._uploaded = time.monotonic()
@@ -128,9 +135,10 @@ class RunLogHandler(logging.Handler):
     def flush(self) -> None:
         """Write what an object store's log has gathered (a file's lines are written as they come)."""
         if self.remote and self._lines:
-            from . import storage
-
-            storage.write_bytes(self.path, "".join(self._lines).encode())
+            try:
+                self.write_object(self.path, "".join(self._lines).encode())
+            except OSError:  # kept for the next write (see the class docstring)
+                return
             self._uploaded = time.monotonic()
 
     def close(self) -> None:
@@ -142,10 +150,10 @@ class RunLogHandler(logging.Handler):
             super().close()
 
 
-def attach_run_log(path: str) -> RunLogHandler:
+def attach_run_log(path: str, write_object: Optional[Callable[[str, bytes], None]] = None) -> RunLogHandler:
     """Send every ``inflora_ray`` event of this process to the run log at ``path`` until
-    :func:`detach_run_log`."""
-    handler = RunLogHandler(path)
+    :func:`detach_run_log` (``write_object`` writes it on an object store, see :class:`RunLogHandler`)."""
+    handler = RunLogHandler(path, write_object)
     logger = logging.getLogger("inflora_ray")
     logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     logger.addHandler(handler)

@@ -11,7 +11,7 @@ import yaml
 
 from . import storage
 from .config import ConfigError
-from .core.metrics import AccuracyCounts, summary
+from .core.metrics import AccuracyCounts, summary, task_mean_summary
 from .rundir import RunDir
 from .yaml_io import load_yaml
 
@@ -52,8 +52,31 @@ def write_task_result(run: RunDir, result: dict, counts: AccuracyCounts, own_hea
 
 
 def read_task_result(run: RunDir, task: int) -> dict:
-    """The content of ``results/task_<t>.json``: ``{"result": TaskResult dict, "summary": metrics, ...}``."""
-    return storage.read_json(run.task_result(task))
+    """The content of ``results/task_<t>.json``: ``{"result": TaskResult dict, "summary": metrics, ...}``; a
+    file written before the task-mean metrics existed gets them from its accuracy matrix."""
+    rec = storage.read_json(run.task_result(task))
+    if isinstance(rec, dict) and isinstance(rec.get(SUMMARY), dict) and isinstance(rec.get(RESULT), dict):
+        fill_task_mean(rec[SUMMARY], [rec[RESULT]])
+    return rec
+
+
+def fill_task_mean(summ: dict, results: list[dict]) -> None:
+    """Results stored before the task-mean metrics existed: add them, in place, to ``summ`` (a
+    :func:`~inflora_ray.core.metrics.summary` as stored) from its ``accuracy_matrix``, and to each of
+    ``results`` (``TaskResult`` dicts) by its task index. Nothing is changed where they are there already, or
+    where the matrix is not a list of non-empty lists of numbers (the metrics stay absent: '-' in the report)."""
+    acc = summ.get("accuracy_matrix")
+    if "task_mean_accuracy" in summ or not isinstance(acc, list) or not acc or not all(
+            isinstance(row, list) and row and all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                                 for a in row) for row in acc):
+        return
+    summ.update(task_mean_summary(acc))
+    after = summ["task_mean_accuracy"]
+    for r in results:
+        t = r.get("task")
+        if isinstance(t, int) and 0 <= t < len(after):
+            r.setdefault("task_mean_accuracy", after[t])
+            r.setdefault("average_incremental_accuracy_task_mean", sum(after[:t + 1]) / (t + 1))
 
 
 def read_task_results(run: RunDir, num_tasks: int) -> tuple[list[dict], dict]:
@@ -114,8 +137,9 @@ def read_progress(run: RunDir) -> Optional[dict]:
 
 
 def read_metrics(run: RunDir) -> dict | None:
-    """The content of ``results/metrics.json`` (JSON only, nothing is unpickled); None while the run has not
-    ended; :class:`ConfigError` when it is not a JSON object."""
+    """The content of ``results/metrics.json`` (JSON only, nothing is unpickled), with the task-mean metrics
+    computed from its accuracy matrix when it was written before they existed (:func:`fill_task_mean`); None
+    while the run has not ended; :class:`ConfigError` when it is not a JSON object."""
     if not storage.exists(run.metrics):
         return None
     try:
@@ -125,6 +149,8 @@ def read_metrics(run: RunDir) -> dict | None:
     if not isinstance(data, dict):
         raise ConfigError(f"{run.metrics}: expected a JSON object, got {type(data).__name__}; the run's results "
                           "are damaged")
+    tasks = data.get("tasks")
+    fill_task_mean(data, [t for t in tasks if isinstance(t, dict)] if isinstance(tasks, list) else [])
     return data
 
 

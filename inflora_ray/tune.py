@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Optional
 
-from .cli import add_config_flags, flag_overrides, run_cli
+from .cli import EXIT_TRIALS_ERRORED, add_config_flags, flag_overrides, run_cli
 from .logs import setup_logging
 from .presets import load_config
 from .ray_tune.search_space import SpaceError, check_combinations, read_space
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _main(args: argparse.Namespace) -> None:
+def _main(args: argparse.Namespace) -> Optional[int]:
     if args.resume and not args.sweep_name:
         raise SpaceError("--resume needs --name SWEEP")
     if args.num_samples < 1:
@@ -63,11 +63,13 @@ def _main(args: argparse.Namespace) -> None:
     space = read_space(args.space)
     check_size(space, opts)  # before the space's values are checked against the config, which builds models
     check_combinations(space, cfg, args.space)
-    run_sweep(cfg, space, opts)
+    out = run_sweep(cfg, space, opts)
+    return EXIT_TRIALS_ERRORED if out.get("errored") else None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of ``inflora-tune``; returns the exit code (0 ok, 2 bad input, 1 the sweep failed)."""
+    """Entry point of ``inflora-tune``; returns the exit code (0 ok, 2 bad input, 1 the sweep failed, 3 a
+    winner was named but some trials ended with an error, 130 interrupted)."""
     args = build_parser().parse_intermixed_args(argv)
     setup_logging(verbose=args.verbose)
     return run_cli(lambda: _main(args), usage_errors=(SpaceError,))

@@ -1,5 +1,5 @@
-"""The comparison methods' defining invariants (pure PyTorch): joint trains on the union of the tasks seen
-so far with all their heads; SD-LoRA keeps finished directions bit for bit and learns their magnitudes."""
+"""The comparison methods' defining invariants (pure PyTorch): joint and joint-lora train on the union of the
+tasks seen so far with all their heads; SD-LoRA keeps finished directions bit for bit and learns their magnitudes."""
 from collections import Counter
 
 import torch
@@ -26,20 +26,27 @@ def test_joint_trains_every_seen_sample_once_per_epoch_and_all_heads(monkeypatch
         return batches
 
     monkeypatch.setattr(learner_module, "train_batches", recording)
-    learner = ContinualLearner(_cfg("joint", **{"train.epochs": 2}))
-    learner.run(stop_after_task=0)
-    head0 = [p.detach().clone() for p in learner.model.heads[0].parameters()]
-    learner.run(stop_after_task=1)
-    for task in (0, 1):
-        union = Counter(int(i) for t in range(task + 1) for i in learner.benchmark.task_indices("train", t))
-        for epoch in (0, 1):
-            assert Counter(planned[(task, epoch)]) == union, (task, epoch)
-    # head 0 was trained again at task 1, and the adapter is kept unmerged
-    assert any(not torch.equal(a, b) for a, b in zip(head0, learner.model.heads[0].parameters()))
-    assert all(torch.count_nonzero(layer.lora_B_k) for layer in learner.model.adapters)
+    for method in ("joint", "joint-lora"):  # full fine-tuning and the LoRA variant
+        planned.clear()
+        learner = ContinualLearner(_cfg(method, **{"train.epochs": 2}))
+        learner.run(stop_after_task=0)
+        head0 = [p.detach().clone() for p in learner.model.heads[0].parameters()]
+        learner.run(stop_after_task=1)
+        for task in (0, 1):
+            union = Counter(int(i) for t in range(task + 1) for i in learner.benchmark.task_indices("train", t))
+            for epoch in (0, 1):
+                assert Counter(planned[(task, epoch)]) == union, (method, task, epoch)
+        # head 0 was trained again at task 1; joint-lora keeps its adapter unmerged, joint its trained backbone
+        assert any(not torch.equal(a, b) for a, b in zip(head0, learner.model.heads[0].parameters()))
+        if method == "joint-lora":
+            assert all(torch.count_nonzero(layer.lora_B_k) for layer in learner.model.adapters)
+        else:
+            assert not learner.model.adapters
+            pretrained = learner.method.pretrained
+            assert all(not torch.equal(p, pretrained[k]) for k, p in learner.model.backbone.named_parameters())
 
 
-def test_sd_lora_components_forward_is_the_dense_normalised_sum():
+def test_sd_lora_kv_components_forward_is_the_dense_normalised_sum():
     gen = torch.Generator().manual_seed(0)
     comps = SDLoRAComponents(max_tasks=3, rank=2, in_features=6, dim=4)
     adapters = [(torch.randn(2, 6, generator=gen), torch.randn(4, 2, generator=gen), torch.randn(4, 2, generator=gen))
@@ -58,10 +65,10 @@ def test_sd_lora_components_forward_is_the_dense_normalised_sum():
     assert torch.allclose(comps(x), x @ dense.T, atol=1e-5)
 
 
-def test_sd_lora_task_0_is_plain_lora_and_old_directions_stay_fixed():
+def test_sd_lora_kv_task_0_is_plain_lora_and_old_directions_stay_fixed():
     seq = ContinualLearner(_cfg("seq-lora"))
     seq.run(stop_after_task=0)
-    sd = ContinualLearner(_cfg("sd-lora"))
+    sd = ContinualLearner(_cfg("sd-lora-kv"))
     sd.run(stop_after_task=0)
     # task 0: the same training as seq-lora, bit for bit; its adapter is stored as magnitude x direction
     assert sd.task_results[0].train_loss == seq.task_results[0].train_loss

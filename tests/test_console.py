@@ -129,3 +129,32 @@ def test_the_watcher_prints_the_workers_warnings_with_the_run_label(run, capsys)
     watcher.poll()
     err = capsys.readouterr().err
     assert err == "[seed 0] ts=1 level=warning logger=inflora_ray.core.subspace event=rank_reduced\n"
+
+
+def test_the_task_lines_and_the_final_table_name_both_accuracies(capsys):
+    """Task sizes 10, 20, 10 test images: pooled 29/40 = 72.50 %, task-mean (0.7 + 0.6 + 1.0) / 3 = 76.67 %;
+    a result stored before the task-mean fields existed still gets its line."""
+    from inflora_ray.core.metrics import AccuracyCounts, summary
+
+    counts = AccuracyCounts()
+    for correct, total in (([9], [10]), ([6, 16], [10, 20]), ([7, 12, 10], [10, 20, 10])):
+        counts.add_row(correct, total)
+    summ = summary(counts)
+    result = {"task": 2, "classes": [4, 5], "pooled_accuracy": 0.725, "task_mean_accuracy": 2.3 / 3,
+              "average_incremental_accuracy": summ["average_incremental_accuracy"],
+              "average_incremental_accuracy_task_mean": summ["average_incremental_accuracy_task_mean"],
+              "forgetting": 0.2, "train_loss": 0.5, "task_seconds": 3.0, "images_per_second": 100.0,
+              "peak_memory_mb": 0.0}
+    progress.print_task_line({"result": result}, 3)
+    old = {k: v for k, v in result.items() if "task_mean" not in k}
+    progress.print_task_line({"result": old}, 3)
+    progress.print_final_table("r", summ, 3)
+    out = capsys.readouterr().out
+    assert "[task 3/3] classes 4..5  pooled acc 72.50% (avg inc 78.61%)  task-mean acc 76.67% (avg inc 78.89%)  " \
+           "forgetting 20.00" in out  # avg inc: (90 + 73.33 + 72.5) / 3 and (90 + 70 + 76.67) / 3
+    assert "pooled acc 72.50% (avg inc 78.61%)  task-mean acc nan% (avg inc nan%)" in out
+    table = out.split("== r: 3/3 tasks ==")[1].splitlines()
+    assert "final accuracy A_T, pooled                 72.50%" in table
+    assert "final accuracy A_T, task-mean              76.67%" in table
+    assert "average incremental accuracy, pooled       78.61%" in table
+    assert "average incremental accuracy, task-mean    78.89%" in table

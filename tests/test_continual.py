@@ -69,13 +69,14 @@ def test_run_is_deterministic_and_complete():
 # L2P prompt (4 tokens) to keep the test cheap.
 _PROMPT_SETTINGS = {
     "l2p": {"method.l2p_length": 2, "method.l2p_top_k": 2},
+    "l2p-pp": {"method.l2p_length": 2, "method.l2p_top_k": 2},
     "dualprompt": {"method.dualprompt_g_layers": "[0]", "method.dualprompt_e_layers": "[1]"},
     "coda-prompt": {"method.coda_pool_size": 12, "method.coda_layers": "[0, 1]", "method.coda_ortho_mu": 0.1},
 }
 
 
-@pytest.mark.parametrize("method", ["inflora", "seq-lora", "linear-probe", "joint", "sd-lora",
-                                    "l2p", "dualprompt", "coda-prompt"])
+@pytest.mark.parametrize("method", ["inflora", "seq-lora", "linear-probe", "joint", "joint-lora", "sd-lora",
+                                    "sd-lora-kv", "l2p", "l2p-pp", "dualprompt", "coda-prompt"])
 def test_resume_mid_task_equals_uninterrupted(method):
     cfg = _cfg(**{"data.num_tasks": 3, "train.epochs": 2, "method.name": method,
                   **_PROMPT_SETTINGS.get(method, {})})

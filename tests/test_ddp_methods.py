@@ -22,14 +22,19 @@ pytestmark = pytest.mark.ray
 BASE = ["train.device=cpu", "tracking.enabled=false"]
 # Each method on 2 tasks x 1 epoch; CODA's pool cut to 20 components (10 per task) to keep it cheap.
 METHOD_RUN = BASE + ["data.num_tasks=2", "train.epochs=1", "method.coda_pool_size=20"]
-WEIGHTED = ("inflora", "joint", "sd-lora")  # compared on the classifier heads and SD-LoRA's directions/magnitudes
-PROMPTS = ("l2p", "dualprompt", "coda-prompt")  # compared on prompts and keys, relative to how far they moved
+# Compared on the classifier heads and the method's own tensors (SD-LoRA's directions and magnitudes).
+WEIGHTED = ("inflora", "joint", "joint-lora", "sd-lora", "sd-lora-kv")
+PROMPTS = ("l2p", "l2p-pp", "dualprompt", "coda-prompt")  # compared on prompts and keys, relative to how far they moved
+# L2P++'s pull loss pairs each image with the keys chosen by its own worker's images, as the reference pairs
+# them per GPU, so its keys train differently on 2 workers (docs/baselines.md#l2p-pp); without the pull term
+# everything else must agree.
+EXTRA = {"l2p-pp": ["method.l2p_pull_coef=0"]}
 
 
 def _method_cfg(method: str):
-    if method in PROMPTS:
-        return load_config(f"{method}-quickstart", METHOD_RUN)
-    return load_config("quickstart", METHOD_RUN + [f"method.name={method}"])
+    """Each method's quickstart preset (its recipe), cut to 2 tasks x 1 epoch."""
+    preset = "quickstart" if method == "inflora" else f"{method}-quickstart"
+    return load_config(preset, METHOD_RUN + EXTRA.get(method, []))
 
 
 def _covariance_cfg():

@@ -52,7 +52,7 @@ def test_a_recipe_alone_is_refused_with_what_to_run():
 def test_own_preset_on_a_benchmark_and_a_recipe(tmp_path):
     path = write(tmp_path / "mine.yaml", "base: [imagenet-r-10, recipe-l2p]\ntrain: {epochs: 3}\n")
     cfg = load_config(str(path), [f"data.root={tmp_path}"])
-    assert (cfg.method.name, cfg.data.num_tasks, cfg.train.lr, cfg.train.epochs) == ("l2p", 10, 0.03, 3)
+    assert (cfg.method.name, cfg.data.num_tasks, cfg.train.lr, cfg.train.epochs) == ("l2p", 10, 0.015, 3)
 
 
 # ------------------------------------------------------------------------------------------ base: lists
@@ -113,3 +113,44 @@ def test_a_bad_base_says_what_base_accepts(value, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(
             "base: expected a preset name, a YAML file path, or a non-empty list of them (merged left to right)")):
         load_config(str(child))
+
+
+# ------------------------------------------------------------------------------------------ backbones
+DEFAULT_BACKBONE = "vit_base_patch16_224.augreg_in21k"
+# The other ViT-B/16 checkpoints published rows were measured on (docs/configuration.md#backbones).
+OTHER_BACKBONES = ("vit_base_patch16_224.augreg_in21k_ft_in1k", "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+                   "vit_base_patch16_224.orig_in21k")
+
+
+@pytest.mark.parametrize("preset", [p for p in list_presets() if "quickstart" not in p])
+def test_every_benchmark_preset_runs_on_each_published_backbone_by_one_override(preset, tmp_path):
+    """The override changes the model name only, and the checkpoints share architecture and input
+    normalisation (read offline from timm's registry)."""
+    import timm
+
+    from inflora_ray.core.model import meta_backbone
+
+    base = resolve(preset, tmp_path)
+    assert base["model"].pop("name") == DEFAULT_BACKBONE
+    extra = [] if base["data"]["benchmark"] == "digits" else [f"data.root={tmp_path}"]
+    shapes = {k: tuple(v.shape) for k, v in meta_backbone(load_config(preset, extra).model).state_dict().items()}
+    default_cfg = timm.models.get_pretrained_cfg(DEFAULT_BACKBONE)
+    for name in OTHER_BACKBONES:
+        other = load_config(preset, extra + [f"model.name={name}"])
+        changed = other.to_dict()
+        changed["data"]["root"] = None
+        assert changed["model"].pop("name") == name
+        assert changed == base
+        assert {k: tuple(v.shape) for k, v in meta_backbone(other.model).state_dict().items()} == shapes
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert (cfg.mean, cfg.std) == (default_cfg.mean, default_cfg.std)
+
+
+def test_the_in1k_backbone_is_the_one_the_prompt_code_bases_loaded():
+    """timm 0.4.12's plain ``vit_base_patch16_224`` (pinned by the CODA-Prompt code base) is the AugReg
+    in21k checkpoint fine-tuned on ImageNet-1k at 224 px."""
+    import timm
+
+    url = timm.models.get_pretrained_cfg(OTHER_BACKBONES[0]).url
+    assert url.endswith("B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-"
+                        "res_224.npz")

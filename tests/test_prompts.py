@@ -16,6 +16,8 @@ from inflora_ray.config import ConfigError
 
 # Tiny-ViT settings (2 blocks of width 48): every method's layers exist and CODA's keys fit in 48 dimensions.
 SMALL = {"l2p": {"method.l2p_pool_size": 6, "method.l2p_length": 2, "method.l2p_top_k": 3},
+         "l2p-pp": {"method.l2p_pool_size": 6, "method.l2p_length": 4, "method.l2p_top_k": 3,
+                    "method.l2p_prefix_layers": "[0, 1]"},
          "dualprompt": {"method.dualprompt_g_layers": "[0]", "method.dualprompt_e_layers": "[1]",
                         "method.dualprompt_g_length": 4, "method.dualprompt_e_length": 6},
          "coda-prompt": {"method.coda_pool_size": 9, "method.coda_length": 4, "method.coda_layers": "[0, 1]",
@@ -68,7 +70,7 @@ def test_prefix_attention_is_attention_over_prefix_and_tokens():
     assert not torch.allclose(got, attn(tokens), atol=1e-3)  # the prefix changes the output
 
 
-@pytest.mark.parametrize("name", ["l2p", "dualprompt", "coda-prompt"])
+@pytest.mark.parametrize("name", ["l2p", "l2p-pp", "dualprompt", "coda-prompt"])
 def test_query_forward_gets_no_gradient_and_backbone_never_changes(name):
     model, method = _setup(name)
     method.prepare_task(model, 0, covariance=None)
@@ -109,13 +111,35 @@ def test_l2p_pool_shapes_top_n_selection_and_surrogate_loss():
     torch.testing.assert_close(chosen, sim.topk(3, dim=1).values)
     feats, aux = method.features(model, x)
     torch.testing.assert_close(aux, 0.1 * (1 - sim.topk(3, dim=1).values).sum())
-    # the head reads the mean of the selected prompt tokens' outputs (tokens 1..1+N*L after the CLS token)
-    tokens = prompted_tokens(model.backbone, x, prompts=prompts[idx].flatten(1, 2))
+    # the head reads the mean of the selected prompt tokens' outputs (tokens 1..1+N*L after the CLS token);
+    # the prompt positions carry the CLS token's position embedding, as in the L2P references
+    cls_pos = model.backbone.pos_embed[:, :1]
+    tokens = prompted_tokens(model.backbone, x, prompts=prompts[idx].flatten(1, 2) + cls_pos)
     torch.testing.assert_close(feats, tokens[:, 1:7].mean(1))
     aux.backward()  # keys unselected by every image receive no gradient from the surrogate loss
     unused = sorted(set(range(6)) - set(idx.flatten().tolist()))
     assert all(keys.grad[j].abs().sum() == 0 for j in unused)
     assert all(keys.grad[j].abs().sum() > 0 for j in set(idx.flatten().tolist()))
+
+
+def test_l2p_pp_pools_per_block_prefix_shapes_and_settings():
+    model, method = _setup("l2p-pp")
+    p, x = model.extras["l2p-pp"], _images()
+    assert p["keys_1"].shape == (6, 48) and p["prompts_0"].shape == (6, 4, 48)
+    idx, sim = method.select(model.features(x), 1)
+    assert idx.shape == (5, 3) and sim.shape == (5, 6)
+    pk, pv = method.prefix(idx, 1)  # N prompts of length 4: 3 x 2 key and 3 x 2 value vectors
+    assert pk.shape == pv.shape == (5, 6, 48)
+    torch.testing.assert_close(pk[0, 2:4], p["prompts_1"][idx[0, 1], :2])
+    torch.testing.assert_close(pv[0, 2:4], p["prompts_1"][idx[0, 1], 2:])
+    with pytest.raises(ConfigError, match=r"method.l2p_length: must be even for l2p-pp"):
+        load_config("quickstart", ["method.name=l2p-pp", "method.l2p_length=5"])
+    with pytest.raises(ConfigError, match=r"method.l2p_prefix_layers: must name at least one block"):
+        load_config("quickstart", ["method.name=l2p-pp", "method.l2p_length=4", "method.l2p_prefix_layers=[]"])
+    assert load_config("quickstart", ["method.name=l2p", "method.l2p_length=5"]).method.l2p_length == 5
+    cfg = load_config("quickstart", ["method.name=l2p-pp", "method.l2p_length=4", "method.l2p_prefix_layers=[0, 3]"])
+    with pytest.raises(ValueError, match=r"method.l2p_prefix_layers: blocks \[3\] do not exist"):
+        build_method(cfg.method, 5, 0).build(ContinualViT(tiny_vit(), rank=None))
 
 
 def test_dualprompt_uses_task_key_in_training_and_matches_keys_at_inference():

@@ -19,7 +19,8 @@ from helpers import free_port, tiny_overrides
 
 from inflora_ray import storage
 from inflora_ray.ray_train.worker import save_task_result
-from inflora_ray.results import read_metrics, read_task_results, run_status, write_final_results
+from inflora_ray.config import config_from_dict
+from inflora_ray.results import read_metrics, read_stored_config, read_task_results, run_status, write_final_results
 from inflora_ray.presets import load_config
 from inflora_ray.report import main
 from inflora_ray.rundir import RunDir
@@ -30,7 +31,10 @@ from inflora_ray.training.learner import ContinualLearner
 
 EXPERIMENT = "report-test"
 METHODS = ("inflora", "seq-lora")
-METRICS = ("final_accuracy", "average_incremental_accuracy", "forgetting")
+METRICS = ("final_accuracy", "final_accuracy_task_mean", "average_incremental_accuracy",
+           "average_incremental_accuracy_task_mean", "forgetting")
+HEADERS = ("A_T pooled", "A_T task-mean", "A_avg pooled", "A_avg task-mean", "F")  # one per metric, in order
+TASK_MEAN_KEYS = ("task_mean_accuracy", "final_accuracy_task_mean", "average_incremental_accuracy_task_mean")
 
 
 def _train(cfg, name: str, storage_path, stop_after_task: int | None = None) -> RunDir:
@@ -93,7 +97,9 @@ def _expected(runs_root) -> dict[tuple[str, str], tuple[float, float]]:
         method = path.parent.parent.name.rsplit("-seed", 1)[0]
         for metric in METRICS:
             values.setdefault((method, metric), []).append(100 * data[metric])
-    assert all(len(v) == 3 for v in values.values()) and len(values) == 6
+    assert all(len(v) == 3 for v in values.values()) and len(values) == 2 * len(METRICS)
+    # the digits tasks have unequal test sets: the two definitions differ (the columns are not copies)
+    assert values[("inflora", "final_accuracy")] != values[("inflora", "final_accuracy_task_mean")]
     return {k: (statistics.fmean(v), statistics.stdev(v)) for k, v in values.items()}
 
 
@@ -104,20 +110,28 @@ def _report(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def _check_table(markdown: str, table_csv: str, expected: dict, stopped_status: str) -> None:
+def _check_table(markdown: str, table_csv: str, expected: dict, stopped_status: str | None) -> None:
+    """The table holds ``expected`` for both methods and, with a ``stopped_status``, the stopped run as left out
+    (None: there is no stopped run)."""
     rows = list(csv.DictReader(io.StringIO(table_csv)))
-    assert len(rows) == 6
+    assert len(rows) == len(METHODS) * len(METRICS)
+    assert markdown.splitlines()[0] == "| method.name | " + " | ".join(f"digits (2 tasks) {h}" for h in HEADERS) + \
+        " | digits (2 tasks) n |"
     for row in rows:
         mean, std = expected[(row["method.name"], row["metric"])]
         assert float(row["mean_pct"]) == pytest.approx(mean, abs=1e-3)
         assert float(row["std_pct"]) == pytest.approx(std, abs=1e-3)
         assert (row["n"], row["seeds"], row["benchmark"], row["num_tasks"]) == ("3", "0 1 2", "digits", "2")
-        assert row["left_out"] == ("1" if row["method.name"] == "inflora" else "0")
+        assert row["left_out"] == ("1" if row["method.name"] == "inflora" and stopped_status else "0")
     for method in METHODS:
         line = next(x for x in markdown.splitlines() if x.startswith(f"| {method} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[1:4] == [f"{expected[(method, m)][0]:.1f} +- {expected[(method, m)][1]:.1f}" for m in METRICS]
-        assert cells[4] == ("3 (1 left out)" if method == "inflora" else "3")
+        assert cells[1:6] == [f"{expected[(method, m)][0]:.1f} +- {expected[(method, m)][1]:.1f}" for m in METRICS]
+        assert cells[6] == ("3 (1 left out)" if method == "inflora" and stopped_status else "3")
+    assert "pooled: correct / total over the test images of all seen tasks together" in markdown
+    assert "task-mean: the mean over the seen tasks of each one's accuracy" in markdown
+    if stopped_status is None:
+        return
     left = markdown.split("**Not included**", 1)[1]
     assert f"| inflora-stopped | inflora | digits (2 tasks) | 3 | {stopped_status} | 1/2 |" in left
     assert "**Notes**" not in markdown  # same seeds in every row, no repeated seed, no differing setting
@@ -176,16 +190,83 @@ def test_repeated_seeds_differing_seed_sets_and_settings_are_flagged():
             ComparedRun("f", "f", {"experiment.seed": "1", "data.benchmark": "digits", "data.num_tasks": "2",
                                  "method.name": "seq-lora"}, "failed", 1)]
     md = to_markdown(build_table(runs))
-    assert "| inflora | 60.0 +- 10.0 | 60.0 +- 10.0 | 60.0 +- 10.0 | 3 [note 1, note 2, note 3] |" in md
+    assert "| inflora |" + " 60.0 +- 10.0 |" * 5 + " 3 [note 1, note 2, note 3] |" in md
     assert "inflora, digits (2 tasks): seed 0 appears 2 times (a, b)" in md
     assert "differ in settings other than the group keys and the seed (method.rank: 16 (1 run), 4 (2 runs))" in md
     assert "the rows were averaged over different seeds (inflora: 0, 1; seq-lora: 0, 2)" in md
-    assert "| seq-lora | 45.0 +- 7.1 | 45.0 +- 7.1 | 45.0 +- 7.1 | 2 (1 left out) [note 3] |" in md
+    assert "| seq-lora |" + " 45.0 +- 7.1 |" * 5 + " 2 (1 left out) [note 3] |" in md
     assert "| f | seq-lora | digits (2 tasks) | 1 | failed | 1/2 |" in md  # run.name differs: not a setting
     by_rank = to_markdown(build_table(runs, ("method.name", "method.rank")))
     rows = [line for line in by_rank.splitlines() if line.startswith("| inflora |")]
     assert rows[0].startswith("| inflora | 4 | 60.0 +- 14.1 |")  # ranks in numeric order
-    assert rows[1] == "| inflora | 16 | 60.0 | 60.0 | 60.0 | 1 [note 2] |"  # one run: no std
+    assert rows[1] == "| inflora | 16 |" + " 60.0 |" * 5 + " 1 [note 2] |"  # one run: no std
+
+
+def _strip_task_mean(results) -> None:
+    """Make the run folder ``results`` look as it was written before the task-mean metrics existed."""
+    data = json.loads((results / "metrics.json").read_text())
+    for d in (data, *data["tasks"]):
+        for key in TASK_MEAN_KEYS:
+            d.pop(key, None)
+    (results / "metrics.json").write_text(json.dumps(data))
+    for path in results.glob("task_*.json"):
+        rec = json.loads(path.read_text())
+        for d in (rec["result"], rec["summary"]):
+            for key in TASK_MEAN_KEYS:
+                d.pop(key, None)
+        path.write_text(json.dumps(rec))
+    assert "task_mean" not in (results / "metrics.json").read_text()
+
+
+def _by_hand(runs_root) -> dict[tuple[str, str], tuple[float, float]]:
+    """(method, metric) -> (mean, std) in % of the task-mean metrics, computed here from each metrics.json's
+    accuracy matrix (the mean of a row is the task-mean accuracy after that task)."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for path in sorted(runs_root.glob("*/results/metrics.json")):
+        data = json.loads(path.read_text())
+        method = path.parent.parent.name.rsplit("-seed", 1)[0]
+        after = [statistics.fmean(row) for row in data["accuracy_matrix"]]
+        values.setdefault((method, "final_accuracy_task_mean"), []).append(100 * after[-1])
+        values.setdefault((method, "average_incremental_accuracy_task_mean"), []).append(100 * statistics.fmean(after))
+    return {k: (statistics.fmean(v), statistics.stdev(v)) for k, v in values.items()}
+
+
+def test_runs_stored_before_the_task_mean_metrics_report_both(world, capsys, tmp_path):
+    """Run folders and MLflow runs written before the task-mean metrics existed: the report computes them
+    (from the stored accuracy matrix; from the per-task accuracy histories) and shows both definitions."""
+    from mlflow import MlflowClient
+
+    store = tmp_path / "old"
+    for method in METHODS:
+        for seed in (0, 1, 2):
+            shutil.copytree(world["runs"] / f"{method}-seed{seed}", store / f"{method}-seed{seed}")
+            _strip_task_mean(store / f"{method}-seed{seed}" / "results")
+    expected = _expected(world["runs"])
+    by_hand = _by_hand(store)
+    assert len(by_hand) == 4
+    for key, (mean, std) in by_hand.items():
+        assert expected[key] == pytest.approx((mean, std), abs=1e-9)
+    code, out, err = _report(capsys, "--runs", str(store), "--csv", str(tmp_path / "old.csv"))
+    assert code == 0, err
+    _check_table(out, (tmp_path / "old.csv").read_text(), expected, None)
+    # the same runs logged to MLflow as before: no task-mean metric at any step nor at the end
+    uri, experiment = world["uri"], "report-old-test"
+    for name in sorted(p.name for p in store.iterdir()):
+        run = RunDir(str(store / name))
+        cfg = config_from_dict(read_stored_config(run)).with_values({"tracking.uri": uri,
+                                                                      "tracking.experiment": experiment})
+        tracker = Tracker(cfg)
+        tracker.start(name, storage.read_json(run.record))
+        for task in run.finished_tasks():
+            tracker.log_task(storage.read_json(run.task_result(task)), run)  # the stored (old) file as it is
+        old_summary = {k: v for k, v in read_metrics(run).items() if k not in TASK_MEAN_KEYS}
+        tracker.finish(run, old_summary)
+        logged = MlflowClient(uri).get_run(tracker.run_id).data.metrics
+        assert "final_accuracy" in logged and not any("task_mean" in k for k in logged), logged
+    code, out, err = _report(capsys, "--experiment", experiment, "--tracking-uri", uri, "--csv",
+                             str(tmp_path / "mlflow.csv"))
+    assert code == 0, err
+    _check_table(out, (tmp_path / "mlflow.csv").read_text(), expected, None)
 
 
 @pytest.fixture

@@ -120,11 +120,11 @@ def test_the_loop_applies_factor_k_in_epoch_k_also_across_a_mid_task_resume(even
 
 def test_paper_presets_use_the_reference_factors_and_the_quickstarts_the_formula():
     """Every benchmark preset whose reference code steps the cosine as the InfLoRA code does (InfLoRA's Adam
-    presets, and joint on them; DualPrompt and CODA-Prompt from the CODA-Prompt code base) runs
+    presets and joint-lora on them; joint, L2P++, DualPrompt and CODA-Prompt from the CODA-Prompt code base) runs
     cosine-repeat-first; the quickstart family keeps the formula its learning rate was chosen with."""
     from inflora_ray.presets import list_presets, load_config_data
 
-    reference = {"inflora", "joint", "dualprompt", "coda-prompt"}
+    reference = {"inflora", "joint", "joint-lora", "l2p-pp", "dualprompt", "coda-prompt"}
     for preset in list_presets():
         data = load_config_data(preset)
         method, train = data.get("method", {}).get("name", "inflora"), data.get("train", {})

@@ -116,7 +116,9 @@ def test_state_dict_round_trip():
 
 
 # ------------------------------------------------------------------------------------------- design of A_t
-def test_first_task_design_is_top_singular_vectors_with_scale():
+def test_first_task_design_is_the_reference_top_singular_vectors_over_sqrt3():
+    """The reference's first-task design (InfLoRA ``methods/inflora.py``): the covariance's top-``rank`` left
+    singular vectors as rows, over sqrt(3); later tasks: tests/test_reference_methods.py."""
     c = _random_cov(D, seed=4)
     design = design_lora_A(c, None, rank=3)
     a = design.lora_A

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from inflora_ray.ray_tune.sweep import planned_trials, select_best, trial_status
+from inflora_ray.ray_tune.sweep import errored_summary, errored_trials, planned_trials, select_best, trial_status
 from inflora_ray.ray_tune.search_space import Param, SearchSpace
 from inflora_ray.ray_tune.trial import _send_as_tasks_finish, mean_over_seeds
 from inflora_ray.ray_tune.hooks import trial_run_names
@@ -151,3 +151,28 @@ def test_a_trial_that_never_started_is_tabled_as_unfinished():
     rows = trial_table([done, pending], space, horizon=3)
     assert [(r["trial_id"], r["status"], r["param.train.lr"]) for r in rows] == [
         ("0000a_00000", "completed", 0.002), ("run_trial_0000a_00001", "unfinished", None)]
+
+
+def test_errored_trials_are_named_with_their_errors_beside_a_winner():
+    """A sweep that names a winner while trials errored says how many, which, and why (and exits 3)."""
+    rows = [{"trial_id": "a", "status": "completed", "error": "", "m": 0.5},
+            {"trial_id": "b", "status": "error", "error": "RuntimeError: trial b: seed(s) [0] failed", "m": math.nan},
+            {"trial_id": "c", "status": "pruned", "error": "", "m": 0.9}]
+    assert select_best(rows, "m", "max")["trial_id"] == "a"
+    assert [r["trial_id"] for r in errored_trials(rows)] == ["b"]
+    text = errored_summary(rows)
+    assert text.startswith("warning: 1 of 3 trial(s) ended with an error and took no part in choosing the winner")
+    assert "  b: RuntimeError: trial b: seed(s) [0] failed" in text
+
+
+def test_the_tune_cli_exits_3_when_trials_errored(monkeypatch, tmp_path):
+    """The exit status of a sweep with a winner and errored trials (the CLI's own code path, no Ray)."""
+    import inflora_ray.tune as tune_cli
+
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  train.lr: {choice: [0.001, 0.002]}\n")
+    outcomes = iter([{"errored": ["b"]}, {"errored": []}])
+    monkeypatch.setattr(tune_cli, "run_sweep", lambda cfg, space, opts: next(outcomes))
+    args = ["--space", str(space), "tracking.enabled=false"]
+    assert tune_cli.main(args) == 3
+    assert tune_cli.main(args) == 0

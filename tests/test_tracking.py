@@ -32,7 +32,7 @@ def test_seeds_log_parent_children_params_metrics_and_artifacts(ray_session, mlf
     client = MlflowClient(mlflow_server)
     parent = client.get_run(out["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["seed"] == "parent"
-    finals = []
+    finals, finals_task_mean = [], []
     for seed, res in out["runs"].items():
         run = client.get_run(res.mlflow_run_id)
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -50,6 +50,18 @@ def test_seeds_log_parent_children_params_metrics_and_artifacts(ray_session, mlf
         mem = client.get_metric_history(run.info.run_id, "memory_dim_layer_00")
         assert len(mem) == 2 and all(m.value >= 1 for m in mem)
         assert run.data.metrics["final_accuracy"] == pytest.approx(res.summary["final_accuracy"])
+        # both accuracy definitions, per task and at the end (pooled without a suffix)
+        hist = sorted(client.get_metric_history(run.info.run_id, "task_mean_accuracy"), key=lambda m: m.step)
+        assert [m.value for m in hist] == pytest.approx(res.summary["task_mean_accuracy"])
+        assert [m.value for m in hist] == pytest.approx([sum(r) / len(r) for r in res.summary["accuracy_matrix"]])
+        last = max(client.get_metric_history(run.info.run_id, "average_incremental_accuracy_task_mean"),
+                   key=lambda m: m.step)
+        assert last.step == 1 and last.value == pytest.approx(res.summary["average_incremental_accuracy_task_mean"])
+        for mlflow_key, key in (("final_accuracy_task_mean", "final_accuracy_task_mean"),
+                                ("final_average_incremental_accuracy", "average_incremental_accuracy"),
+                                ("final_average_incremental_accuracy_task_mean",
+                                 "average_incremental_accuracy_task_mean")):
+            assert run.data.metrics[mlflow_key] == pytest.approx(res.summary[key])
         # artifacts, checked for content
         art = client.download_artifacts(run.info.run_id, "tasks/task_001", str(tmp_path / f"dl{seed}"))
         names = set(os.listdir(art))
@@ -65,9 +77,12 @@ def test_seeds_log_parent_children_params_metrics_and_artifacts(ray_session, mlf
         ckpt = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
         assert "checkpoint/state.pt" in ckpt
         finals.append(res.summary["final_accuracy"])
+        finals_task_mean.append(res.summary["final_accuracy_task_mean"])
     import statistics
     assert parent.data.metrics["final_accuracy_mean"] == pytest.approx(statistics.fmean(finals))
     assert parent.data.metrics["final_accuracy_std"] == pytest.approx(statistics.stdev(finals))
+    assert parent.data.metrics["final_accuracy_task_mean_mean"] == pytest.approx(statistics.fmean(finals_task_mean))
+    assert parent.data.metrics["final_accuracy_task_mean_std"] == pytest.approx(statistics.stdev(finals_task_mean))
 
 
 def test_a_run_its_caller_stopped_is_saved_as_interrupted_and_left_to_the_caller_in_mlflow(

@@ -177,6 +177,10 @@ def test_a_resume_that_would_change_the_sweep_is_refused_and_changes_nothing(swe
     cfg, space, folder = sweep["cfg"], sweep["space"], Path(sweep["out"]["sweep_dir"])
     files = {p: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     assert {"best_config.yaml", "trials.csv", "trials.parquet", "sweep.json"} <= {p.name for p in files}
+    # The trials' runs restart from their last checkpoint after a passing fault: the sweep raised
+    # run.max_failures from 0, and its record says so.
+    assert cfg.run.max_failures == 0
+    assert json.loads(files[folder / "sweep.json"])["config"]["run"]["max_failures"] == 2
     client = MlflowClient(sweep["uri"])
     parent = client.get_run(sweep["out"]["mlflow_parent_run_id"]).info
     cases = [

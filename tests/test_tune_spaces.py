@@ -40,6 +40,8 @@ def _write(tmp_path, text):
     ("params:\n  method.rnak: {choice: [1, 2]}\n",
      r"unknown parameter 'method.rnak'; valid parameters are \[.*'method.rank'"),
     ("params:\n  method.rank: {choice: []}\n", r"method.rank: choice needs a non-empty list"),
+    ("params:\n  experiment.seed: {grid: [0, 1, 2]}\n",
+     r"experiment.seed cannot be searched: a sweep would pick the luckiest seed.*--seeds-per-trial"),
     ("params:\n  train.lr: {uniform: [0.1, 0.01]}\n", r"train.lr: low 0.1 > high 0.01"),
     ("params:\n  train.lr: {loguniform: [0, 0.01]}\n", r"loguniform needs low > 0"),
     ("params:\n  train.lr: {normal: [0, 1]}\n", r"expected one of \{choice"),
@@ -117,3 +119,18 @@ def test_check_sample(base):
         check_sample(base, {"method.lamb": 0.97, "method.lame": 0.96, "method.rank": 2})
     with pytest.raises(SpaceError, match=r"^sampled method.rank=4.5 gives an invalid config: method.rank"):
         check_sample(base, {"method.rank": 4.5, "train.lr": 0.01})
+
+
+def test_repeating_an_all_grid_space_with_the_same_seeds_is_refused(tmp_path, base):
+    """--num-samples N on grid parameters only would run each point N times with the same seeds; mixed with a
+    sampled parameter each sample differs, and one sample is always fine."""
+    from inflora_ray.ray_tune.sweep import SweepOptions, check_no_repeats
+
+    grid = load_space(_write(tmp_path, "params:\n  method.lamb: {grid: [0.9, 0.95]}\n"), base)
+    mixed = load_space(_write(tmp_path, "params:\n  method.lamb: {grid: [0.9, 0.95]}\n"
+                                        "  train.lr: {loguniform: [0.001, 0.01]}\n"), base)
+    with pytest.raises(SpaceError, match=r"--num-samples 3 on a space of grid parameters only .* same seeds.*"
+                                         r"--seeds-per-trial 3"):
+        check_no_repeats(grid, SweepOptions(num_samples=3))
+    check_no_repeats(grid, SweepOptions(num_samples=1))
+    check_no_repeats(mixed, SweepOptions(num_samples=3))

@@ -24,6 +24,13 @@ file only when asked for one of its rows and reads only the row group holding it
 bytes per row group, per process). Training does not read samples one by one from here: each worker stages
 its block of a task once with :meth:`ParquetSource.read_rows` (:mod:`.blocks`) and its loader processes read
 the staged copy.
+
+Reading goes through :func:`inflora_ray.storage.retrying`: a file is opened, and every byte range of it read,
+again after an error that passes (a lost connection, throttling, an expired token); when the retries are spent
+a :class:`~inflora_ray.storage.TransientStorageError` is raised, which a run retries as a whole (from its last
+checkpoint, ``run.max_failures``). pyarrow decodes a file through :class:`_StoreFile`, so an error raised while
+decoding (a page checksum, the footer, a row count, a schema) is the file's content: damage, a
+:class:`DataError` that no retry or restart can fix; so is a missing file or a refused permission.
 """
 from __future__ import annotations
 
@@ -75,6 +82,56 @@ _READ_ERRORS = (OSError, ValueError, pa.ArrowException)
 def _describe(e: Exception) -> str:
     """``Type: message`` of a pyarrow error on one line (its messages can span several)."""
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+class _Unreadable(OSError):
+    """A read of a shard file that the store refused for good (a permission, a file gone): raised by
+    :class:`_StoreFile` so that the reader tells it from damage found while decoding."""
+
+
+class _StoreFile:
+    """A shard file opened on the store, as the Python file object that pyarrow decodes it through: every read
+    is a read of a byte range of the store's file, made again after transient errors
+    (:func:`storage.retrying`). An error that passes through pyarrow comes back out as raised here (a
+    :class:`~inflora_ray.storage.TransientStorageError` or an :class:`_Unreadable`); any other error of a
+    read is pyarrow's own, about the bytes it was given."""
+
+    def __init__(self, handle, path: str):
+        self._handle, self._path = handle, path
+        self._size = handle.size()
+        self._pos = 0
+        self.closed = False
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._size - self._pos if n is None or n < 0 else min(n, max(0, self._size - self._pos))
+        try:
+            data = storage.retrying("read", self._path, lambda: self._handle.read_at(n, self._pos))
+        except storage.TransientStorageError:
+            raise
+        except Exception as e:  # the store refused the read for good
+            raise _Unreadable(_describe(e)) from e
+        self._pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = pos if whence == 0 else self._pos + pos if whence == 1 else self._size + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def size(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self._handle.close()
 
 
 def repair_advice(uri: str) -> str:
@@ -202,20 +259,32 @@ class ParquetSource:
         full = shard_path(self.uri, self.paths[f])
         return DataError(f"shard file {full} is damaged ({problem}); {repair_advice(self.uri)}")
 
-    def _open(self, f: int):
-        """Shard file ``f`` opened for reading (a pyarrow file), after checking its size against the manifest."""
+    def _unreadable(self, f: int, e: Exception) -> DataError:
+        """The error for shard file ``f`` that the store refused for good (missing, no permission)."""
         full = shard_path(self.uri, self.paths[f])
-        fs, p = storage.filesystem(full)
+        why = str(e) if isinstance(e, _Unreadable) else _describe(e)  # an _Unreadable holds the store's error
+        return DataError(f"shard file missing or unreadable: {full} ({why}); {repair_advice(self.uri)}")
+
+    def _open(self, f: int) -> _StoreFile:
+        """Shard file ``f`` opened for reading (transient errors retried), after checking its size against the
+        manifest."""
+        full = shard_path(self.uri, self.paths[f])
+
+        def attempt():
+            fs, p = storage.filesystem(full)
+            return fs.open_input_file(p)
+
         try:
-            handle = fs.open_input_file(p)
+            handle = storage.retrying("open", full, attempt)
+        except storage.TransientStorageError:
+            raise
         except _READ_ERRORS as e:
-            raise DataError(f"shard file missing or unreadable: {full} ({_describe(e)}); "
-                            f"{repair_advice(self.uri)}") from None
+            raise self._unreadable(f, e) from None
         size = handle.size()
         if size != self.sizes[f]:
             handle.close()
             raise self._damaged(f, f"{size} bytes, the manifest says {self.sizes[f]}: altered or partly copied")
-        return handle
+        return _StoreFile(handle, full)
 
     def _file(self, f: int) -> pq.ParquetFile:
         """Shard file ``f`` as Parquet, opened once per process; checked against the manifest's size, row groups
@@ -223,7 +292,12 @@ class ParquetSource:
         if f not in self._handles:
             handle = self._open(f)
             try:
-                pf = pq.ParquetFile(handle, page_checksum_verification=True)
+                pf = pq.ParquetFile(pa.PythonFile(handle, mode="r"), page_checksum_verification=True)
+            except (storage.TransientStorageError, _Unreadable) as e:
+                handle.close()
+                if isinstance(e, _Unreadable):
+                    raise self._unreadable(f, e) from None
+                raise
             except _READ_ERRORS as e:
                 handle.close()
                 raise self._damaged(f, _describe(e)) from None
@@ -241,7 +315,11 @@ class ParquetSource:
         pf = self._file(f)
         try:
             table = pf.read_row_group(g, columns=["image", "format"])
-        except _READ_ERRORS as e:
+        except storage.TransientStorageError:
+            raise
+        except _Unreadable as e:
+            raise self._unreadable(f, e) from None
+        except _READ_ERRORS as e:  # raised while decoding the bytes read: a page checksum, a truncated page
             raise self._damaged(f, f"row group {g}: {_describe(e)}") from None
         if table.num_rows != expected or table.column("image").null_count or table.column("format").null_count:
             raise self._damaged(f, f"row group {g} holds {table.num_rows} rows "
@@ -314,7 +392,9 @@ def read_shard_manifest(uri: str) -> tuple[dict, str]:
     """The manifest of prepared shards and its sha256; a DataError names the manifest and what is wrong."""
     path = storage.join(uri, MANIFEST)
     try:
-        raw = storage.read_bytes(path)
+        raw = storage.read_bytes(path)  # transient errors retried
+    except storage.TransientStorageError:
+        raise
     except _READ_ERRORS as e:
         raise DataError(f"data.shards={uri!r}: no {MANIFEST} there ({_describe(e)}); prepare shards "
                         "with `inflora-data prepare BENCHMARK --source PATH --out URI` and point data.shards at URI"
@@ -381,9 +461,11 @@ def _check_files(uri: str, man: dict) -> None:
     entries = [f for s in SPLITS for f in man["splits"][s]["files"]]
     if not entries:
         return
-    fs, _ = storage.filesystem(uri)
-    paths = [storage.filesystem(shard_path(uri, e["path"]))[1] for e in entries]
-    infos = fs.get_file_info(paths)
+    def attempt():
+        fs, _ = storage.filesystem(uri)
+        return fs.get_file_info([storage.filesystem(shard_path(uri, e["path"]))[1] for e in entries])
+
+    infos = storage.retrying("look up the shard files of", uri, attempt)
     bad = []
     for e, info in zip(entries, infos):
         if info.type == pafs.FileType.NotFound:

@@ -6,6 +6,10 @@ one (a bad config, unusable data, a damaged or mismatched checkpoint) writes ``<
 (:attr:`RunDir.fatal_marker`) before it re-raises; every worker of a later attempt finds the marker and
 returns at once, so the job ends after at most one restart, and the driver turns the marker into a
 :class:`NonRetryableError` (:func:`raise_if_fatal`). A resumed run clears it first (:func:`clear_fatal`).
+
+A store that kept failing with errors that pass (:class:`~inflora_ray.storage.TransientStorageError`, raised
+once :func:`inflora_ray.storage.retrying` has spent its retries) is never fatal (:data:`RETRYABLE`): Ray Train
+restarts the workers from the last checkpoint, up to ``run.max_failures`` times.
 """
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ if TYPE_CHECKING:
     from ..rundir import RunDir
 
 log = logging.getLogger(__name__)
+
+
+# Errors left to Ray Train's restarts even where a caller lists a base class of theirs among the fatal kinds.
+RETRYABLE: tuple[type[BaseException], ...] = (storage.TransientStorageError,)
 
 
 class NonRetryableError(RuntimeError):
@@ -72,9 +80,11 @@ def raise_if_fatal(run: "RunDir") -> None:
 
 @contextmanager
 def fatal_errors_recorded(run: "RunDir", kinds: tuple[type[BaseException], ...], **context) -> Iterator[None]:
-    """Inside the block, an exception of one of ``kinds`` is written to the fatal marker, then re-raised."""
+    """Inside the block, an exception of one of ``kinds`` is written to the fatal marker, then re-raised
+    (one of :data:`RETRYABLE` is only re-raised)."""
     try:
         yield
     except kinds as e:
-        write_fatal(run, e, **context)
+        if not isinstance(e, RETRYABLE):
+            write_fatal(run, e, **context)
         raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -44,8 +45,11 @@ def print_epoch_line(progress: dict, num_tasks: int, label: str = "") -> None:
 def print_task_line(rec: dict, num_tasks: int, label: str = "") -> None:
     """One progress line for a finished task (the content of its result file)."""
     r = rec[RESULT]
+    task_mean = r.get("task_mean_accuracy", math.nan)
+    task_mean_avg = r.get("average_incremental_accuracy_task_mean", math.nan)
     print(f"{label}[task {r['task'] + 1}/{num_tasks}] classes {r['classes'][0]}..{r['classes'][-1]}  "
-          f"pooled acc {100 * r['pooled_accuracy']:.2f}%  avg inc acc {100 * r['average_incremental_accuracy']:.2f}%  "
+          f"pooled acc {100 * r['pooled_accuracy']:.2f}% (avg inc {100 * r['average_incremental_accuracy']:.2f}%)  "
+          f"task-mean acc {100 * task_mean:.2f}% (avg inc {100 * task_mean_avg:.2f}%)  "
           f"forgetting {100 * r['forgetting']:.2f}  loss {r['train_loss']:.4f}  {r['task_seconds']:.1f}s  "
           f"{r['images_per_second']:.0f} img/s  peak {r['peak_memory_mb']:.0f} MiB", flush=True)
 
@@ -58,11 +62,15 @@ def print_final_table(name: str, summ: dict, num_tasks: int) -> None:
         return
     print("accuracy matrix (%), row = after task i, column = test set of task j:")
     print(format_matrix(summ["accuracy_matrix"]))
-    print(f"final accuracy A_T            {100 * summ['final_accuracy']:.2f}%")
-    print(f"average incremental accuracy  {100 * summ['average_incremental_accuracy']:.2f}%")
+    # pooled: over the test images of all seen tasks together; task-mean: the mean of the per-task accuracies
+    print(f"final accuracy A_T, pooled                 {100 * summ['final_accuracy']:.2f}%")
+    print(f"final accuracy A_T, task-mean              {100 * summ['final_accuracy_task_mean']:.2f}%")
+    print(f"average incremental accuracy, pooled       {100 * summ['average_incremental_accuracy']:.2f}%")
+    print(f"average incremental accuracy, task-mean    "
+          f"{100 * summ['average_incremental_accuracy_task_mean']:.2f}%")
     if done > 1:
-        print(f"forgetting                    {100 * summ['forgetting']:.2f}")
-        print(f"backward transfer             {100 * summ['backward_transfer']:.2f}")
+        print(f"forgetting                                 {100 * summ['forgetting']:.2f}")
+        print(f"backward transfer                          {100 * summ['backward_transfer']:.2f}")
     sys.stdout.flush()
 
 

@@ -14,6 +14,14 @@ from ..preflight import PreflightError, check_config, checked_benchmark, connect
 from ..rundir import default_run_name, run_name
 from .launch import RunContext, RunOptions, RunResult, run_experiment
 
+# The lines of the table over seeds: the key aggregate_over_seeds averages, and its label (pooled: over the test
+# images of all seen tasks together; task-mean: the mean of the per-task accuracies).
+SEED_TABLE = (("final_accuracy", "final accuracy A_T, pooled"),
+              ("final_accuracy_task_mean", "final accuracy A_T, task-mean"),
+              ("average_incremental_accuracy", "average incremental accuracy, pooled"),
+              ("average_incremental_accuracy_task_mean", "average incremental accuracy, task-mean"),
+              ("forgetting", "forgetting"))
+
 
 def run_seeds(cfg: Config, seeds: list[int], opts: RunOptions = RunOptions(),
               context: RunContext = RunContext()) -> dict:
@@ -61,9 +69,9 @@ def run_seeds(cfg: Config, seeds: list[int], opts: RunOptions = RunOptions(),
     if parent is not None:
         parent.finish_parent(agg, ok=all(results.values()))
     print(f"\n== {base}: {len(seeds)} seeds ==")
-    for key in ("final_accuracy", "average_incremental_accuracy", "forgetting"):
+    for key, label in SEED_TABLE:
         if f"{key}_mean" in agg:
-            print(f"{key:30s} {100 * agg[f'{key}_mean']:.2f} +- {100 * agg[f'{key}_std']:.2f}")
+            print(f"{label:43s}{100 * agg[f'{key}_mean']:.2f} +- {100 * agg[f'{key}_std']:.2f}")
     if any(r is None for r in results.values()):
         failed = sorted(s for s, r in results.items() if r is None)
         raise RuntimeError(f"seeds {failed} failed (see above); the others finished")

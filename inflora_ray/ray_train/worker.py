@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 # Errors that come back on every attempt. While setting up (config, benchmark, model, checkpoint) any bad
 # value is one (ConfigError, DataError and CheckpointError are ValueErrors); storage and device errors
-# (OSError, RuntimeError) may be transient and stay retryable. While training, only the explicit kinds.
+# (OSError, RuntimeError) may be transient and stay retryable. While training, only the explicit kinds: a
+# damaged shard is a DataError, a store that kept failing with errors that pass a TransientStorageError (an
+# OSError, never recorded as fatal: errors.RETRYABLE), which Ray Train retries up to run.max_failures times.
 FATAL_AT_SETUP: tuple[type[BaseException], ...] = (NonRetryableError, ValueError, KeyError, TypeError)
 FATAL_WHILE_TRAINING: tuple[type[BaseException], ...] = (NonRetryableError, ConfigError, DataError, CheckpointError)
 
@@ -186,7 +188,7 @@ def train_worker(loop_config: dict) -> None:
     single agreement before training, so none is left waiting in a collective."""
     setup_logging()
     run = RunDir(loop_config["run_dir"])
-    run_log = attach_run_log(run.log_path(f"rank{collective.rank()}-{os.getpid()}"))
+    run_log = attach_run_log(run.log_path(f"rank{collective.rank()}-{os.getpid()}"), storage.write_bytes)
     try:
         fatal = read_fatal(run)
         learner = None

@@ -25,7 +25,10 @@ DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 DEFAULT_METRIC = "average_incremental_accuracy"
 RANGES = ("uniform", "loguniform", "randint")
 MAX_COMBINATIONS = 4096  # above this many, check_combinations checks every pair of parameters instead
-METRICS = ("average_incremental_accuracy", "pooled_accuracy", "forgetting", "backward_transfer", "train_loss")
+# What a trial reports after every task (means over its seeds); the accuracies in both definitions: pooled
+# over all seen tasks' test images, and the task-mean (the mean of each seen task's accuracy).
+METRICS = ("average_incremental_accuracy", "pooled_accuracy", "average_incremental_accuracy_task_mean",
+           "task_mean_accuracy", "forgetting", "backward_transfer", "train_loss")
 
 
 class SpaceError(ValueError):
@@ -106,6 +109,10 @@ def read_space(path: str) -> SearchSpace:
     valid = valid_param_keys()
     params = []
     for key, spec in data["params"].items():
+        if key == "experiment.seed":
+            raise SpaceError(f"{path}: experiment.seed cannot be searched: a sweep would pick the luckiest seed, "
+                             "and its winner would not reproduce. Every trial runs the same seeds (paired "
+                             "comparison); set them with experiment.seed in the config and --seeds-per-trial")
         if key not in valid:
             raise SpaceError(f"{path}: unknown parameter {key!r}; valid parameters are {valid}")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -24,9 +25,12 @@ from ..redact import redact_text
 from ..rundir import RunClaimed, SweepDir, check_contained, default_sweep_name
 from ..tracking.store import redact_config
 from .search_space import SearchSpace, SpaceError
+from .trial import SPREAD_METRICS
 
 log = logging.getLogger(__name__)
 
+# run.max_failures of the trials' runs when the config leaves it at 0 (recorded in sweep.json's config).
+SWEEP_RUN_MAX_FAILURES = 2
 # Ray Tune's own console (its status tables): only with --verbose; the sweep prints a line per trial event.
 TUNE_SILENT, TUNE_VERBOSE = 0, 2
 
@@ -126,7 +130,7 @@ def trial_table(results, space: SearchSpace, horizon: int, outcomes: Optional[di
         row = {"trial_id": tid, "status": trial_status(r, outcomes, horizon),
                "tasks_done": int(m.get("tasks_done", 0) or 0), "seeds": m.get("seeds")}
         row.update({f"param.{p.key}": (r.config or {}).get(p.key) for p in space.params})
-        for k in ("pooled_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer"):
+        for k in SPREAD_METRICS:
             for key in (k, f"{k}_std"):
                 v = m.get(key)
                 row[key] = float(v) if v is not None else math.nan
@@ -181,8 +185,19 @@ def check_size(space: SearchSpace, opts: SweepOptions) -> None:
                          "--max-trials if you mean it")
 
 
+def check_no_repeats(space: SearchSpace, opts: SweepOptions) -> None:
+    """Refuse ``--num-samples`` > 1 on a space that is all grid: every trial runs the same seeds, so each
+    sample of a grid point would repeat the same runs (the same result, paid for again)."""
+    if opts.num_samples > 1 and all(p.kind == "grid" for p in space.params):
+        raise SpaceError(f"--num-samples {opts.num_samples} on a space of grid parameters only would run every "
+                         "grid point that many times with the same seeds, giving the same result each time; to "
+                         f"measure the spread over seeds use --seeds-per-trial {opts.num_samples} (each trial runs "
+                         "that many seeds) with --num-samples 1")
+
+
 def _check_options(space: SearchSpace, opts: SweepOptions) -> None:
     check_size(space, opts)
+    check_no_repeats(space, opts)
     if opts.seeds_per_trial < 1:
         raise SpaceError("--seeds-per-trial must be >= 1")
     if opts.trial_retries < 0:
@@ -312,6 +327,11 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
     # Trials checkpoint at task boundaries only, and log to the store this driver resolved (trials run in
     # other working directories, on other nodes, without the driver's environment).
     base = cfg.with_values({"run.checkpoint_every_epochs": 0, "run.name": None, "tracking.sweep_id": opts.name})
+    if base.run.max_failures == 0:
+        # A worker lost to a passing fault (a preempted node, a storage error whose retries ran out) restarts
+        # from the run's last checkpoint instead of failing the trial; errors no restart can fix still end
+        # the run at once (the fatal marker).
+        base = base.with_values({"run.max_failures": SWEEP_RUN_MAX_FAILURES})
     if cfg.tracking.enabled:
         from ..tracking.store import pin_uri, resolve_uri
 
@@ -411,12 +431,33 @@ def _conclude(sw: _Sweep, results) -> dict:
         metrics[f"best_{space.metric}_std"] = float(best[f"{space.metric}_std"])
     if final is not None:
         metrics["final_run_final_accuracy"] = float(final["final_accuracy"])
+        if final.get("final_accuracy_task_mean") is not None:
+            metrics["final_run_final_accuracy_task_mean"] = float(final["final_accuracy_task_mean"])
+    errored = errored_trials(rows)
+    metrics["trials_errored"] = len(errored)
     sw.close_parent("FINISHED", metrics, files=(*sweep.table_files, sweep.best_config))
+    if errored:
+        print(errored_summary(rows), file=sys.stderr, flush=True)
     best_metrics = {k: v for k, v in best.items() if k not in ("trial_id", "status", "error")
                     and not k.startswith("param.")}
     return {"name": opts.name, "sweep_dir": sweep.path, "best_config": best_cfg, "best_params": best_params,
             "best_trial": best["trial_id"], "best_metrics": best_metrics, "rows": rows, "final": final,
-            "mlflow_parent_run_id": sw.parent_id, "results": results}
+            "mlflow_parent_run_id": sw.parent_id, "results": results, "errored": [r["trial_id"] for r in errored]}
+
+
+def errored_trials(rows: list[dict]) -> list[dict]:
+    """The rows of the trials that ended with an error (they never compete for the winner)."""
+    return [r for r in rows if r["status"] == "error"]
+
+
+def errored_summary(rows: list[dict]) -> str:
+    """What to tell the user about a sweep that named a winner while some trials ended with an error: how
+    many, each one's id and error, and that the winner was chosen without them."""
+    errored = errored_trials(rows)
+    lines = [f"warning: {len(errored)} of {len(rows)} trial(s) ended with an error and took no part in choosing "
+             "the winner (the trial table lists them):"]
+    lines += [f"  {r['trial_id']}: {r['error'] or 'no message'}" for r in errored]
+    return redact_text("\n".join(lines))
 
 
 def _print_table(sw: _Sweep, rows: list[dict]) -> None:

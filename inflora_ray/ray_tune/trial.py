@@ -27,7 +27,8 @@ from ..training.state import task_metrics
 from .search_space import check_sample
 
 # Metrics sent with their spread over the seeds (``<name>_std``), beside the mean.
-SPREAD_METRICS = ("pooled_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer")
+SPREAD_METRICS = ("pooled_accuracy", "average_incremental_accuracy", "task_mean_accuracy",
+                  "average_incremental_accuracy_task_mean", "forgetting", "backward_transfer")
 
 
 @dataclass(frozen=True)

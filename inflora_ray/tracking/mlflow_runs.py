@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -46,6 +47,14 @@ END_REASON_TAG = "end_reason"  # why a run ended FAILED or KILLED
 RUN_STATUS_TAG = "run_status"  # how a run ended, in the word its metrics.json and the report use
 # A run's status (inflora_ray.results.RUN_STATUSES) -> its MLflow status: KILLED for what --resume continues.
 MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "interrupted": "KILLED", "failed": "FAILED"}
+# A run's final metrics: key in its summary (metrics.json) -> the MLflow metric that holds it (logged once, at
+# step 0, when the run ends). Without a suffix: pooled accuracy (over the test images of all seen tasks
+# together); _task_mean: the mean of the per-task accuracies (inflora_ray.core.metrics says which papers use which).
+FINAL_MLFLOW_METRICS = {"final_accuracy": "final_accuracy",
+                        "final_accuracy_task_mean": "final_accuracy_task_mean",
+                        "average_incremental_accuracy": "final_average_incremental_accuracy",
+                        "average_incremental_accuracy_task_mean": "final_average_incremental_accuracy_task_mean",
+                        "forgetting": "final_forgetting", "backward_transfer": "final_backward_transfer"}
 
 
 def param_text(value: object) -> str:
@@ -264,9 +273,7 @@ class Tracker:
             elif close and END_REASON_TAG in self.client.get_run(self.run_id).data.tags:
                 self.client.delete_tag(self.run_id, END_REASON_TAG)  # why an earlier attempt ended: no longer so
             if summ:
-                final = {"final_accuracy": summ["final_accuracy"],
-                         "final_average_incremental_accuracy": summ["average_incremental_accuracy"],
-                         "final_forgetting": summ["forgetting"], "final_backward_transfer": summ["backward_transfer"]}
+                final = {mlflow_key: summ.get(key, math.nan) for key, mlflow_key in FINAL_MLFLOW_METRICS.items()}
                 self.log_metrics({k: v for k, v in final.items() if v == v})  # NaN != NaN
             self._log_files((run.metrics, run.accuracy_matrix, run.record, run.config), "results")
             last = None

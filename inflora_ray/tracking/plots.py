@@ -30,7 +30,8 @@ def plot_accuracy_matrix(acc: list[list[float]], path: str) -> None:
 
 
 def plot_accuracy_curve(pooled: list[float], acc: list[list[float]], path: str) -> None:
-    """Pooled accuracy and each task's accuracy against the number of tasks learned (PNG at ``path``)."""
+    """Pooled accuracy, task-mean accuracy and each task's accuracy against the number of tasks learned (PNG
+    at ``path``)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -39,7 +40,8 @@ def plot_accuracy_curve(pooled: list[float], acc: list[list[float]], path: str) 
     xs = list(range(1, len(pooled) + 1))
     for j in range(len(acc)):
         ax.plot(xs[j:], [100 * acc[i][j] for i in range(j, len(acc))], lw=0.8, alpha=0.5)
-    ax.plot(xs, [100 * p for p in pooled], "k-o", lw=2, label="all seen classes")
+    ax.plot(xs, [100 * p for p in pooled], "k-o", lw=2, label="pooled (all seen test images)")
+    ax.plot(xs, [100 * sum(row) / len(row) for row in acc], "k--s", lw=1.2, ms=4, label="task-mean")
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)

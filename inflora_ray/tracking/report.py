@@ -11,15 +11,18 @@ from .. import storage
 from ..config import ConfigError, flatten
 from ..results import read_metrics, read_stored_config
 from ..rundir import RunDir, SweepDir
-from .mlflow_runs import RUN_STATUS_TAG, param_text
+from ..core.metrics import task_mean_summary
+from .mlflow_runs import FINAL_MLFLOW_METRICS, RUN_STATUS_TAG, param_text
 from ..redact import redact_uri
 from .store import TrackingUnavailable, check_server, explain_store_error, store_call
 
 SEED_KEY, BENCHMARK_KEY, TASKS_KEY = "experiment.seed", "data.benchmark", "data.num_tasks"
-# The final metrics of the table: key in metrics.json -> the MLflow metric that holds it.
-FINAL_METRICS = {"final_accuracy": "final_accuracy",
-                 "average_incremental_accuracy": "final_average_incremental_accuracy",
-                 "forgetting": "final_forgetting"}
+# The final metrics of the table: key in metrics.json -> the MLflow metric that holds it. Accuracy without a
+# suffix is pooled (over the test images of all seen tasks together), with _task_mean the mean of the per-task
+# accuracies (inflora_ray.core.metrics says which papers report which).
+FINAL_METRICS = {k: m for k, m in FINAL_MLFLOW_METRICS.items() if k != "backward_transfer"}
+# MLflow runs logged before the task-mean metrics existed: what they are computed from.
+_TASK_MEAN_FINALS = ("final_accuracy_task_mean", "average_incremental_accuracy_task_mean")
 # Convenience selections (--benchmark, --method, --sweep) -> the config key each one matches.
 SELECTION_KEYS = {"benchmark": BENCHMARK_KEY, "method": "method.name", "sweep": "tracking.sweep_id"}
 # Parent runs (over seeds, a sweep's, a report's) hold no result of their own.
@@ -37,7 +40,8 @@ class ComparedRun:
     """One run as the report sees it, from a run folder or an MLflow run.
 
     ``params``: the flat config (``method.rank``, ...), each value as an MLflow param shows it; ``metrics``:
-    the final metrics (fractions, NaN where absent); ``pooled``: pooled accuracy after each task."""
+    the final metrics (:data:`FINAL_METRICS` and ``backward_transfer``; fractions, NaN where absent);
+    ``pooled``: pooled accuracy after each task."""
     name: str
     source: str  # the run folder, or "mlflow run <id>"
     params: dict[str, str]
@@ -200,9 +204,25 @@ def _pooled_history(client, run_id: str) -> list[float]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def _task_mean_from_history(client, run_id: str, tasks: int) -> dict[str, float]:
+    """The task-mean final metrics of a run logged before they existed, from its per-task accuracy histories
+    (``accuracy_task_<j>`` at step i is ``acc[i][j]``); {} when a value is missing."""
+    rows: list[list] = [[None] * (i + 1) for i in range(tasks)]
+    for j in range(tasks):
+        for m in sorted(client.get_metric_history(run_id, f"accuracy_task_{j}"), key=lambda m: (m.step, m.timestamp)):
+            if j <= m.step < tasks:
+                rows[m.step][j] = m.value
+    if not tasks or any(a is None for row in rows for a in row):
+        return {}
+    summ = task_mean_summary(rows)
+    return {k: float(summ[k]) for k in _TASK_MEAN_FINALS}
+
+
 def _from_mlflow(client, run) -> ComparedRun:
     pooled = _pooled_history(client, run.info.run_id)
     metrics = {k: float(run.data.metrics[m]) for k, m in FINAL_METRICS.items() if m in run.data.metrics}
+    if "final_accuracy" in metrics and not any(k in metrics for k in _TASK_MEAN_FINALS):
+        metrics.update(_task_mean_from_history(client, run.info.run_id, len(pooled)))
     if "final_backward_transfer" in run.data.metrics:
         metrics["backward_transfer"] = float(run.data.metrics["final_backward_transfer"])
     status = run.data.tags.get(RUN_STATUS_TAG) or run.info.status  # the run's own word, else MLflow's

@@ -26,11 +26,16 @@ from .report import (
 )
 
 DEFAULT_GROUP_BY = ("method.name",)
-# Short names of the metrics in the Markdown header.
-SHORT = {"final_accuracy": "A_T", "average_incremental_accuracy": "A_avg", "forgetting": "F"}
+# Short names of the metrics in the Markdown header (every accuracy says which definition it is).
+SHORT = {"final_accuracy": "A_T pooled", "final_accuracy_task_mean": "A_T task-mean",
+         "average_incremental_accuracy": "A_avg pooled", "average_incremental_accuracy_task_mean": "A_avg task-mean",
+         "forgetting": "F"}
 UNSET = "(unset)"
-LEGEND = ("A_T: final accuracy, A_avg: average incremental accuracy, F: forgetting, all in %; mean +- sample std "
-          "over the runs (seeds) of each cell; n: runs averaged. Only runs that finished every task count.")
+LEGEND = ("A_T: final accuracy (after the last task), A_avg: average incremental accuracy (the mean over tasks of "
+          "the accuracy after each), F: forgetting, all in %. pooled: correct / total over the test images of all "
+          "seen tasks together (as InfLoRA and SD-LoRA report it); task-mean: the mean over the seen tasks of each "
+          "one's accuracy (as L2P, DualPrompt and CODA-Prompt report it). Mean +- sample std over the runs (seeds) "
+          "of each cell; n: runs averaged. Only runs that finished every task count.")
 # Keys that name or label runs rather than configure them (besides those that cannot alter results).
 _LABELS = {SEED_KEY, BENCHMARK_KEY, TASKS_KEY, "experiment.name"}
 
@@ -192,7 +197,7 @@ def to_markdown(table: Table) -> str:
         for col in table.columns:
             cell = table.cells.get((row, col))
             if cell is None:
-                cells += ["", "", "", "0"]
+                cells += [""] * len(SHORT) + ["0"]
                 continue
             cells += [*(_pct(cell, metric) for metric in SHORT), _n_text(cell)]
         lines.append("| " + " | ".join([*map(_md, row), *cells]) + " |")
@@ -213,7 +218,9 @@ CSV_COLUMNS = ("benchmark", "num_tasks", "metric", "mean_pct", "std_pct", "n", "
 
 def to_csv(table: Table) -> str:
     """The table in long form: one line per group x benchmark x metric (columns: the group keys, then
-    :data:`CSV_COLUMNS`; mean and std in %, std empty for a single run, seeds space-separated)."""
+    :data:`CSV_COLUMNS`; ``metric`` is the key of metrics.json: ``final_accuracy`` and
+    ``average_incremental_accuracy`` pooled, ``..._task_mean`` task-mean; mean and std in %, std empty for a
+    single run, seeds space-separated)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*table.group_by, *CSV_COLUMNS])

@@ -9,15 +9,16 @@ A checkpoint directory (named by :func:`inflora_ray.rundir.checkpoint_name`) hol
   checked before ``state.pt`` is read.
 
 Before a state is loaded into a learner, :func:`checkpoint_problems` compares it with the :class:`Architecture`
-the config builds (method, adapted layers, rank, width, task heads, class order), so that a checkpoint made for
-another config is refused with a message, never loaded half-way.
+the config builds (method, adapted layers, rank, width, the backbone's shapes where the method trains it,
+task heads, class order), so that a checkpoint made for another config is refused with a message, never loaded
+half-way.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import pickle
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Sequence
 
 import torch
@@ -149,6 +150,8 @@ class Architecture:
     width: int  # input width of the adapted layers and of the heads (the ViT's embed_dim)
     task_sizes: list[int]  # number of classes of each task, in task order
     class_order: list[int]
+    # name -> shape of each backbone parameter, for a method that trains the backbone (joint); else empty
+    backbone: dict = field(default_factory=dict)
 
 
 def config_architecture(cfg: Config, class_order: Optional[Sequence[int]] = None) -> Architecture:
@@ -167,7 +170,8 @@ def config_architecture(cfg: Config, class_order: Optional[Sequence[int]] = None
         raise ValueError(f"data: {e}") from None
     return Architecture(method=cfg.method.name, layers=len(model.blocks) if adapted else 0,
                         rank=cfg.method.rank if adapted else None, width=int(model.embed_dim),
-                        task_sizes=[len(t) for t in tasks], class_order=[int(c) for c in class_order])
+                        task_sizes=[len(t) for t in tasks], class_order=[int(c) for c in class_order],
+                        backbone=_backbone_shapes(model) if METHODS[cfg.method.name].trains_backbone else {})
 
 
 def learner_architecture(learner: Any) -> Architecture:
@@ -175,7 +179,13 @@ def learner_architecture(learner: Any) -> Architecture:
     return Architecture(method=learner.method.name, layers=len(learner.model.adapters),
                         rank=learner.method.adapter_rank(), width=learner.model.embed_dim,
                         task_sizes=[len(t) for t in learner.benchmark.tasks],
-                        class_order=[int(c) for c in learner.benchmark.class_order])
+                        class_order=[int(c) for c in learner.benchmark.class_order],
+                        backbone=_backbone_shapes(learner.model.backbone) if learner.method.trains_backbone else {})
+
+
+def _backbone_shapes(backbone: torch.nn.Module) -> dict:
+    """name -> shape of each parameter of a backbone (also of one on the meta device)."""
+    return {k: tuple(p.shape) for k, p in backbone.named_parameters()}
 
 
 def checkpoint_problems(state: dict, arch: Architecture) -> list[str]:
@@ -189,7 +199,8 @@ def checkpoint_problems(state: dict, arch: Architecture) -> list[str]:
     method = Method.stored_name(state["method"])
     if method != arch.method:
         return [f"it was made by method {method!r}, the config says method.name={arch.method!r}"]
-    return [*_adapter_problems(state, arch), *_head_problems(state, arch), *_order_problems(state, arch)]
+    return [*_adapter_problems(state, arch), *_backbone_problems(state, arch), *_head_problems(state, arch),
+            *_order_problems(state, arch)]
 
 
 def _shape(x) -> Optional[tuple]:
@@ -221,6 +232,27 @@ def _adapter_problems(state: dict, arch: Architecture) -> list[str]:
                 rank, width = shapes.get(lora_a) or (None, None)
                 return [f"the adapter of {what}, layer {i} has rank {rank} and input width {width} "
                         f"({shapes}), the config has method.rank={arch.rank} and a model of width {arch.width}"]
+    return []
+
+
+def _backbone_problems(state: dict, arch: Architecture) -> list[str]:
+    """For a method that trains the backbone: the stored backbone weights against the config's backbone (the
+    same parameter names, each of the same shape)."""
+    if not arch.backbone:
+        return []
+    stored = state["method"].get("backbone") if isinstance(state["method"], dict) else None
+    if not isinstance(stored, dict):
+        return [f"method {arch.method!r} trains the backbone, but the checkpoint holds no backbone weights (a "
+                "checkpoint of the LoRA joint, which is method.name=joint-lora now?)"]
+    shapes = {k: _shape(v) for k, v in stored.items()}
+    if shapes.keys() != arch.backbone.keys():
+        missing, extra = sorted(arch.backbone.keys() - shapes.keys()), sorted(shapes.keys() - arch.backbone.keys())
+        return [f"its backbone weights do not match the config's model: missing {missing[:3]}, unexpected "
+                f"{extra[:3]} (model.name, model.kwargs)"]
+    for k, shape in arch.backbone.items():
+        if shapes[k] != shape:
+            return [f"its backbone weight {k!r} has shape {shapes[k]}, the config's model has {shape} "
+                    "(model.name, model.kwargs)"]
     return []
 
 

@@ -29,7 +29,7 @@ from .checkpoint import LearnerState, checkpoint_problems, learner_architecture
 from .optim import lr_factor, make_optimizer
 from .precision import Precision
 from .runtime import peak_memory_mb, resolve_device, rng_state, seed_everything, set_rng_state
-from .state import TaskProgress, TaskResult
+from .state import TaskProgress, TaskResult, with_task_mean
 from .step import train_step
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class ContinualLearner:
                 images = images.to(self.device, non_blocking=True)
                 targets = labels.to(self.device, non_blocking=True) - offset
                 batch_loss = train_step(module, images, targets, sizes[step], optimizer, scaler,
-                                        self.precision.autocast)
+                                        self.precision.autocast, cfg.train.grad_clip)
                 loss_sum += batch_loss
                 if (step + 1) % cfg.experiment.log_every_steps == 0:
                     log_event(log, "train_step", task=task, epoch=epoch, step=step + 1, steps=len(batches),
@@ -295,7 +295,9 @@ class ContinualLearner:
         result = TaskResult(
             task=task, classes=self.benchmark.tasks[task], correct=correct, total=total, own_head_correct=own,
             accuracy=m["accuracy_matrix"][-1], own_head_accuracy=self.own_head_counts.matrix()[-1],
-            pooled_accuracy=m["pooled_accuracy"][-1], average_incremental_accuracy=m["average_incremental_accuracy"],
+            pooled_accuracy=m["pooled_accuracy"][-1], task_mean_accuracy=m["task_mean_accuracy"][-1],
+            average_incremental_accuracy=m["average_incremental_accuracy"],
+            average_incremental_accuracy_task_mean=m["average_incremental_accuracy_task_mean"],
             forgetting=m["forgetting"], backward_transfer=m["backward_transfer"],
             train_loss=progress.losses[-1] if progress.losses else float("nan"),
             task_seconds=time.perf_counter() - started, train_seconds=progress.train_seconds,
@@ -306,7 +308,9 @@ class ContinualLearner:
         self.next_task = task + 1
         self.in_progress = None
         log_event(log, "task_end", task=task, pooled_accuracy=round(result.pooled_accuracy, 4),
+                  task_mean_accuracy=round(result.task_mean_accuracy, 4),
                   average_incremental_accuracy=round(result.average_incremental_accuracy, 4),
+                  average_incremental_accuracy_task_mean=round(result.average_incremental_accuracy_task_mean, 4),
                   accuracy=[round(a, 4) for a in result.accuracy], seconds=round(result.task_seconds, 2),
                   images_per_second=round(result.images_per_second, 1))
         self.hooks.on_task_end(self, result)
@@ -359,7 +363,7 @@ class ContinualLearner:
             head.requires_grad_(False)
         self.counts = AccuracyCounts.from_dict(saved.counts)
         self.own_head_counts = AccuracyCounts.from_dict(saved.own_head_counts)
-        self.task_results = [TaskResult(**r) for r in saved.task_results]
+        self.task_results = [TaskResult(**r) for r in with_task_mean(saved.task_results)]
         self.next_task = int(saved.next_task)
         self.in_progress = None if saved.in_task is None else TaskProgress.from_dict(saved.in_task)
         if self.in_progress is not None:

@@ -19,8 +19,10 @@ class TaskResult:
     own_head_correct: list[int]
     accuracy: list[float]
     own_head_accuracy: list[float]
-    pooled_accuracy: float
-    average_incremental_accuracy: float
+    pooled_accuracy: float  # after this task, over the test images of all seen tasks together
+    task_mean_accuracy: float  # after this task, the mean of the seen tasks' accuracies
+    average_incremental_accuracy: float  # the mean of pooled_accuracy over tasks 0..task
+    average_incremental_accuracy_task_mean: float  # the mean of task_mean_accuracy over tasks 0..task
     forgetting: float
     backward_transfer: float
     train_loss: float
@@ -35,6 +37,20 @@ class TaskResult:
         return asdict(self)
 
 
+def with_task_mean(results: list[dict]) -> list[dict]:
+    """``results`` (the :meth:`TaskResult.to_dict` of tasks 0, 1, ... in order) with ``task_mean_accuracy`` and
+    ``average_incremental_accuracy_task_mean`` computed from each one's per-task ``accuracy`` where missing:
+    results saved (checkpoints, result files) before those fields existed. New dicts; ``results`` is left as
+    it is."""
+    out, task_means = [], []
+    for r in results:
+        task_means.append(sum(r["accuracy"]) / len(r["accuracy"]))
+        filled = {"task_mean_accuracy": task_means[-1],
+                  "average_incremental_accuracy_task_mean": sum(task_means) / len(task_means)}
+        out.append({**filled, **r})
+    return out
+
+
 def task_metrics(result: dict, finite_only: bool = True) -> dict[str, float]:
     """The scalar metrics of a task result (a :meth:`TaskResult.to_dict`): what Tune and MLflow receive after
     each task (MLflow at step = task index). ``finite_only=False`` keeps NaN where a metric is undefined yet
@@ -42,6 +58,8 @@ def task_metrics(result: dict, finite_only: bool = True) -> dict[str, float]:
     m: dict[str, Any] = {k: result[k] for k in (
         "pooled_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer", "train_loss",
         "task_seconds", "images_per_second", "peak_memory_mb")}
+    # Absent from a result stored before they existed (read through with_task_mean they are there).
+    m.update({k: result.get(k) for k in ("task_mean_accuracy", "average_incremental_accuracy_task_mean")})
     m.update({f"accuracy_task_{j}": a for j, a in enumerate(result["accuracy"])})
     m.update({f"own_head_accuracy_task_{j}": a for j, a in enumerate(result["own_head_accuracy"])})
     for layer, dim in enumerate(result.get("info", {}).get("memory_dims", [])):

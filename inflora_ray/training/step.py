@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,8 @@ from . import collective
 
 def train_step(module: nn.Module, images: torch.Tensor, targets: torch.Tensor, global_size: int,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+               autocast: Callable[[], contextlib.AbstractContextManager],
+               grad_clip: Optional[float] = None) -> torch.Tensor:
     """Forward, backward, gradient all-reduce and update on this rank's ``images`` of a global batch of
     ``global_size`` samples; returns the summed (not averaged) cross-entropy of this rank's samples, detached.
     ``module`` returns logits, or ``(logits, aux)`` where ``aux`` is a method's auxiliary loss summed over
@@ -28,6 +29,8 @@ def train_step(module: nn.Module, images: torch.Tensor, targets: torch.Tensor, g
     and all ranks make the same update. With fp16 the scaler scales the loss, then unscales the reduced
     gradients, skips the update when one of them is not finite (every rank sees the same reduced gradients,
     so all skip alike) and adapts its scale; for fp32 and bf16 it is disabled and passes everything through.
+    ``grad_clip``: the reduced (global-batch) gradients of all trained tensors are rescaled together so that
+    their global L2 norm is at most this value (after unscaling), the same on every rank.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
@@ -42,6 +45,9 @@ def train_step(module: nn.Module, images: torch.Tensor, targets: torch.Tensor, g
     else:
         batch_loss = torch.zeros((), device=targets.device)
     if collective.all_reduce_gradients(params):
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
         scaler.step(optimizer)
         scaler.update()
     return batch_loss.detach()

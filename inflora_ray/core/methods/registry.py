@@ -42,6 +42,9 @@ class Method:
     into W after each task). Subclasses set ``name`` and ``uses_adapters`` and override the hooks."""
     name = ""
     uses_adapters = False
+    # True for a method that trains the backbone itself (joint): its state carries the backbone's weights under
+    # "backbone", checked against the config's backbone before a checkpoint is loaded.
+    trains_backbone = False
 
     def __init__(self, cfg: MethodConfig, num_tasks: int, seed: int):
         self.cfg = cfg

@@ -1,12 +1,25 @@
 """SD-LoRA (Wu et al., ICLR 2025): finished tasks' LoRA directions kept fixed and normalised, their
-magnitudes learned.
+magnitudes learned. Two methods:
 
-Each adapted layer's update is ``W0 + sum_k alpha_k * (B_k A_k / ||B_k A_k||_F) + B_t A_t`` (paper Eq. 3 and
-Algorithm 1), for the key and the value projection separately: the current task's ``A_t``, ``B_t`` live in
-:class:`~inflora_ray.core.lora.KVLoRAQKV`; the finished tasks' directions and magnitudes live here. The forward
-stays low-rank: ``x -> x [A_1; ...; A_k]^T`` (k*r columns) then one up-projection whose columns are the
-normalised ``B`` scaled by their task's magnitude, so a step costs ``O(k r d)`` per token, never a dense
-``d x d`` delta.
+``sd-lora`` (:class:`SDLoRA`), the published algorithm as its official code runs it: the query and value
+projections of every block carry their own LoRA (separate ``A`` per projection, rank 10). At task t each
+adapted projection computes
+
+    W x + sum_{k<t} m_k * B_k A_k x / (||B_k||_F ||A_k||_F) + s * B_t A_t x
+
+with one magnitude ``m_k`` per finished task shared by all blocks and both projections, and one scale ``s``
+of the current task. At every new task ``m_k`` and ``s`` start again at 0.8, ``A_t`` Kaiming-uniform and
+``B_t`` zero; ``A_t``, ``B_t``, every ``m_k``, ``s`` and the task's head are trained. The backbone is not
+touched: :class:`SDLoRAQV` adds its output to each block's ``attn.qkv`` through a forward hook.
+
+``sd-lora-kv`` (:class:`SDLoRAKV`), a variant on the platform's built-in k/v adapters (one ``A`` shared by
+k and v, :class:`~inflora_ray.core.lora.KVLoRAQKV`): one magnitude per task, block and projection,
+initialised at ``||B_k A_k||_F`` when task k ends and carried over, normaliser ``||B_k A_k||_F``, current
+task at scale 1 (:class:`SDLoRAComponents`).
+
+Both forwards stay low-rank: ``x -> x [A_1; ...; A_k]^T`` (k*r columns) then one up-projection whose
+columns are the ``B``s scaled by their task's magnitude over its normaliser, ``O(k r d)`` per token, never a
+dense ``d x d`` delta.
 """
 from __future__ import annotations
 
@@ -15,13 +28,190 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import MethodConfig
+from ..lora import check_rank
 from ..model import ContinualViT
+from ..subspace import random_lora_A
 from .baselines import SeqLoRA
-from .registry import CovarianceFn, register_method
+from .registry import CovarianceFn, Method, register_method
 
+# What the official code gives every magnitude and the current scale when it builds a task's network
+# (backbone/lora.py, LoRA_ViT_timm.__init__: nn.Parameter(torch.Tensor([0.8])) for both).
+INIT_MAGNITUDE = 0.8
+
+
+class SDLoRAQV(nn.Module):
+    """One block's SD-LoRA branches on the query and value thirds of its fused ``qkv`` output.
+
+    The current task's ``A_q``, ``B_q``, ``A_v``, ``B_v`` are parameters (trained during the task); the finished
+    tasks' are buffers with room for ``max_tasks`` of them (fixed shapes, so the state loads into a freshly
+    built model), together with each one's normaliser ``||B||_F ||A||_F``. The magnitudes and the current
+    scale are shared by every block and passed in (:class:`SDLoRAModel`).
+    """
+
+    def __init__(self, max_tasks: int, rank: int, in_features: int, dim: int):
+        super().__init__()
+        self.rank = rank
+        self.in_features = in_features
+        self.dim = dim
+        for p in ("q", "v"):
+            setattr(self, f"lora_A_{p}", nn.Parameter(torch.zeros(rank, in_features), requires_grad=False))
+            setattr(self, f"lora_B_{p}", nn.Parameter(torch.zeros(dim, rank), requires_grad=False))
+            self.register_buffer(f"old_A_{p}", torch.zeros(max_tasks * rank, in_features))
+            self.register_buffer(f"old_B_{p}", torch.zeros(dim, max_tasks * rank))
+            self.register_buffer(f"old_norm_{p}", torch.zeros(max_tasks))
+
+    def current(self) -> dict[str, nn.Parameter]:
+        """The current task's ``A`` and ``B`` of both projections, by name."""
+        return {f"lora_{m}_{p}": getattr(self, f"lora_{m}_{p}") for p in ("q", "v") for m in ("A", "B")}
+
+    @torch.no_grad()
+    def store(self, slot: int) -> None:
+        """Keep the current ``A``, ``B`` of both projections as finished task ``slot`` (with the normaliser
+        ``||B||_F ||A||_F`` the official code divides by, backbone/lora.py ``_LoRA_qkv_timm_train.forward``)."""
+        r = self.rank
+        for p in ("q", "v"):
+            a, b = getattr(self, f"lora_A_{p}"), getattr(self, f"lora_B_{p}")
+            getattr(self, f"old_A_{p}")[slot * r:(slot + 1) * r] = a
+            getattr(self, f"old_B_{p}")[:, slot * r:(slot + 1) * r] = b
+            getattr(self, f"old_norm_{p}")[slot] = torch.linalg.matrix_norm(b) * torch.linalg.matrix_norm(a)
+
+    def _projection(self, p: str, magnitude: torch.Tensor, scale: torch.Tensor, count: int):
+        """(A, B) of projection ``p`` with every task's factor folded into the columns of B: ``s`` for the
+        current task, ``m_k / (||B_k|| ||A_k||)`` for finished task k (0 where a normaliser is 0: a direction
+        that never left zero carries nothing)."""
+        a, b = getattr(self, f"lora_A_{p}"), getattr(self, f"lora_B_{p}") * scale
+        if not count:
+            return a, b
+        n = count * self.rank
+        norm = getattr(self, f"old_norm_{p}")[:count]
+        factor = torch.where(norm > 0, magnitude[:count] / torch.where(norm > 0, norm, 1.0), 0.0)
+        old_b = getattr(self, f"old_B_{p}")[:, :n] * factor.repeat_interleave(self.rank)
+        return torch.cat([a, getattr(self, f"old_A_{p}")[:n]]), torch.cat([b, old_b], dim=1)
+
+    def forward(self, x: torch.Tensor, magnitude: torch.Tensor, scale: torch.Tensor, count: int) -> torch.Tensor:
+        """The 3d-wide addition ``[dq; 0; dv]`` to the block's qkv output for input ``x`` (``count`` finished
+        tasks in use)."""
+        a_q, b_q = self._projection("q", magnitude, scale, count)
+        a_v, b_v = self._projection("v", magnitude, scale, count)
+        h = F.linear(x, torch.cat([a_q, a_v]))  # one down-projection for both: (..., 2 (count + 1) r)
+        m = a_q.shape[0]
+        dq = F.linear(h[..., :m], b_q.to(h.dtype))
+        dv = F.linear(h[..., m:], b_v.to(h.dtype))
+        return torch.cat([dq, torch.zeros_like(dq), dv], dim=-1)
+
+
+class SDLoRAModel(nn.Module):
+    """All blocks' :class:`SDLoRAQV` and what they share: ``magnitude`` (one per finished task, room for
+    ``max_tasks``) and ``scale`` (the current task's). ``count``: finished tasks in use (set by the method)."""
+
+    def __init__(self, num_layers: int, max_tasks: int, rank: int, in_features: int, dim: int):
+        super().__init__()
+        self.layers = nn.ModuleList(SDLoRAQV(max_tasks, rank, in_features, dim) for _ in range(num_layers))
+        self.magnitude = nn.Parameter(torch.zeros(max_tasks), requires_grad=False)
+        self.scale = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.count = 0
+
+    def delta(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``layer``'s addition to its qkv output for input ``x``."""
+        return self.layers[layer](x, self.magnitude, self.scale, self.count)
+
+    def attach(self, backbone: nn.Module) -> None:
+        """Add each block's branches to its ``attn.qkv`` output with a forward hook (the weights stay as built)."""
+        for i, block in enumerate(backbone.blocks):
+            block.attn.qkv.register_forward_hook(
+                lambda module, inputs, output, i=i: output + self.delta(i, inputs[0]))
+
+
+@register_method
+class SDLoRA(Method):
+    """SD-LoRA as its official code runs it (module docstring; docs/baselines.md#sd-lora): a new q/v LoRA per
+    task; at the next task it becomes a fixed direction with a magnitude shared by all blocks and projections,
+    every magnitude and the current scale re-initialised to 0.8 at every task."""
+    name = "sd-lora"
+
+    def __init__(self, cfg: MethodConfig, num_tasks: int, seed: int):
+        super().__init__(cfg, num_tasks, seed)
+        self.stored = 0  # finished tasks kept as fixed components (the last one joins at the next task)
+
+    def build(self, model: ContinualViT) -> None:
+        qkv = model.backbone.blocks[0].attn.qkv
+        if not isinstance(qkv, nn.Linear) or qkv.out_features % 3:
+            raise ValueError("sd-lora adapts timm ViTs with a fused attn.qkv Linear of 3*d outputs")
+        check_rank(self.cfg.rank, qkv.in_features)
+        sd = SDLoRAModel(len(model.backbone.blocks), self.num_tasks, self.cfg.rank, qkv.in_features,
+                         qkv.out_features // 3)
+        model.extras["sd_lora"] = sd
+        sd.attach(model.backbone)
+
+    @staticmethod
+    def modules(model: ContinualViT) -> SDLoRAModel:
+        """The method's branches, magnitudes and scale on ``model``."""
+        return model.extras["sd_lora"]
+
+    def prepare_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
+        sd = self.modules(model)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + task) * 10_007)
+        with torch.no_grad():
+            if task > 0:  # the previous task's adapter becomes a fixed component (the official update_network)
+                for layer in sd.layers:
+                    layer.store(task - 1)
+                self.stored = sd.count = task
+            for layer in sd.layers:
+                # A: kaiming_uniform_(a=sqrt(5)), B: zeros (backbone/lora.py reset_parameters)
+                for p in ("q", "v"):
+                    getattr(layer, f"lora_A_{p}").copy_(random_lora_A(layer.rank, layer.in_features, gen))
+                    getattr(layer, f"lora_B_{p}").zero_()
+            sd.magnitude.fill_(INIT_MAGNITUDE)
+            sd.scale.fill_(INIT_MAGNITUDE)
+            # The official head (backbone/linears.py SimpleLinear): kaiming_uniform_(nonlinearity="linear"),
+            # i.e. U(-sqrt(3 / d), sqrt(3 / d)), and a zero bias.
+            head = model.heads[task]
+            bound = (3.0 / head.in_features) ** 0.5
+            head.weight.copy_((torch.rand(head.weight.shape, generator=gen) * 2 - 1) * bound)
+            head.bias.zero_()
+        self.set_task_trainable(model)
+        return {}
+
+    def _trained(self, model: ContinualViT) -> list[nn.Parameter]:
+        sd = self.modules(model)
+        params = [p for layer in sd.layers for p in layer.current().values()] + [sd.scale]
+        # The magnitudes of finished tasks; at task 0 there are none (the official code gives them no gradient).
+        return params + ([sd.magnitude] if sd.count else [])
+
+    def set_task_trainable(self, model: ContinualViT) -> None:
+        for p in self._trained(model):
+            p.requires_grad_(True)
+
+    def trainable_parameters(self, model: ContinualViT) -> list[nn.Parameter]:
+        return self._trained(model)
+
+    def finish_task(self, model: ContinualViT, task: int, covariance: CovarianceFn) -> dict:
+        # The task's adapter stays live (scale s, unnormalised) for the evaluation that follows, as in the
+        # official code; it becomes a stored component when the next task starts.
+        sd = self.modules(model)
+        for p in self._trained(model):
+            p.requires_grad_(False)
+        return {"scale": round(float(sd.scale), 5),
+                "magnitudes": [round(float(m), 5) for m in sd.magnitude[:sd.count]]}
+
+    def state_dict(self) -> dict:
+        # The branches, magnitudes and scale are model.extras tensors, saved by the loop with the model.
+        return {**super().state_dict(), "stored": self.stored}
+
+    def load_state_dict(self, state: dict, model: ContinualViT) -> None:
+        super().load_state_dict(state, model)
+        stored = state.get("stored")
+        if not isinstance(stored, int) or not 0 <= stored <= self.num_tasks:
+            raise ValueError(f"checkpoint: sd-lora has {stored!r} stored tasks, the run has {self.num_tasks} tasks")
+        self.stored = self.modules(model).count = stored
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sd-lora-kv: the variant on the built-in k/v adapters
+# ------------------------------------------------------------------------------------------------------------
 
 class SDLoRAComponents(nn.Module):
-    """The finished tasks' fixed directions and learned magnitudes of one k/v-adapted layer.
+    """The finished tasks' fixed directions and learned magnitudes of one k/v-adapted layer (``sd-lora-kv``).
 
     Room for ``max_tasks`` components is allocated up front (fixed shapes, so the state loads into a freshly
     built model); ``count`` of them are in use. Directions are buffers (never trained); ``magnitude`` is a
@@ -81,12 +271,13 @@ def attach(layer: nn.Module, components: SDLoRAComponents) -> torch.utils.hooks.
 
 
 @register_method
-class SDLoRA(SeqLoRA):
-    """SD-LoRA (Wu et al., ICLR 2025): each task trains a new LoRA (random A_t, zero B_t, both trained, as
-    seq-lora) on the k/v projections; when it finishes, its update is kept as a fixed, normalised direction
-    with a learned magnitude (:mod:`inflora_ray.core.sd_lora`), and later tasks train all earlier
-    magnitudes together with their own A_t, B_t. Nothing is merged into W."""
-    name = "sd-lora"
+class SDLoRAKV(SeqLoRA):
+    """SD-LoRA on the platform's k/v adapters (docs/baselines.md#sd-lora-kv): each task trains a new LoRA
+    (random A_t shared by k and v, zero B_t, both trained, as seq-lora); when it finishes, its update is kept
+    as a fixed, normalised direction per projection with a learned magnitude starting at ``||B_t A_t||_F``
+    (:class:`SDLoRAComponents`), and later tasks train all earlier magnitudes together with their own A_t,
+    B_t. Nothing is merged into W."""
+    name = "sd-lora-kv"
 
     def __init__(self, cfg: MethodConfig, num_tasks: int, seed: int):
         super().__init__(cfg, num_tasks, seed)
@@ -134,7 +325,7 @@ class SDLoRA(SeqLoRA):
         super().load_state_dict(state, model)
         self.num_components = int(state["components"])
         if not 0 <= self.num_components <= self.num_tasks:
-            raise ValueError(f"checkpoint: sd-lora has {self.num_components} stored tasks, the run has "
+            raise ValueError(f"checkpoint: sd-lora-kv has {self.num_components} stored tasks, the run has "
                              f"{self.num_tasks} tasks")
         for c in self.components(model):
             c.count = self.num_components
