@@ -126,6 +126,27 @@ def test_local_default_store_with_no_environment(tmp_path, monkeypatch):
     assert run.info.status == "FINISHED" and run.data.params["method"] == "inflora"
 
 
+def test_the_runs_page_link_opens_the_experiments_runs_table(mlflow_server, tmp_path, monkeypatch):
+    """What the driver prints under its start line: the MLflow UI's table of the experiment's runs
+    (``#/experiments/<id>/runs``: MLflow 3 opens an experiment's root at its GenAI overview); a local store has
+    no UI address, so no link."""
+    import urllib.request
+
+    from mlflow import MlflowClient
+
+    from inflora_ray.preflight import start_tracker
+
+    tracker = start_tracker(_cfg(tmp_path, **{"tracking.uri": mlflow_server, "experiment.name": "runs-page"}))
+    tracker.start("linked", {"class_order": list(range(10))})
+    exp_id = MlflowClient(mlflow_server).get_experiment_by_name("runs-page").experiment_id
+    assert tracker.runs_page() == f"{mlflow_server.rstrip('/')}/#/experiments/{exp_id}/runs"
+    with urllib.request.urlopen(tracker.runs_page().split("#")[0], timeout=30) as page:  # the UI answers
+        assert page.status == 200
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert start_tracker(_cfg(tmp_path / "runs", **{"experiment.name": "local"})).runs_page() is None
+
+
 def test_server_down_at_start_fails_fast(tmp_path):
     t0 = time.time()
     with pytest.raises(PreflightError, match=r"MLflow tracking server at http://127.0.0.1:\d+ is unreachable"):

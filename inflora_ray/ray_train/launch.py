@@ -176,6 +176,18 @@ def _record(cfg: Config, benchmark, opts: RunOptions) -> dict:
             "num_workers": cfg.run.num_workers, "code": code_identity(), "accelerator": accelerator()}
 
 
+def print_runs_page(tracker, label: str = "") -> None:
+    """Print where the MLflow UI lists the experiment's runs (tracking servers only); a failed look-up is
+    logged, never raised: the run itself is tracked already."""
+    try:
+        page = tracker.runs_page()
+    except TrackingUnavailable as e:
+        log_event(log, "tracking_warning", level=logging.WARNING, message=str(e))
+        return
+    if page is not None:
+        print(f"{label}MLflow: {page}", flush=True)
+
+
 def _open_tracking(tracker, run: RunDir, record: dict, opts: RunOptions, context: RunContext) -> None:
     """Create (or on resume reopen) the run's MLflow run; failure here stops the run before compute."""
     previous = tracker.load_state(run) if opts.resume else {}
@@ -293,6 +305,8 @@ def _launch(cfg: Config, run: RunDir, storage_path: str, benchmark, tracker, con
     print(redact_text(f"{context.label}{'resuming' if opts.resume else 'run'} {run.name}: {cfg.method.name} on "
                       f"{cfg.data.benchmark}, {benchmark.num_tasks} tasks, {cfg.run.num_workers} worker(s); results "
                       f"in {run.results}, log in {run.log_location}"), flush=True)
+    if tracker is not None and not context.quiet_table:
+        print_runs_page(tracker, context.label)
     if opts.resume:
         clear_fatal(run)
     data = shipped_data(benchmark, context.data, scanned)

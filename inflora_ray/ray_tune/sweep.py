@@ -366,6 +366,10 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
                       f"{opts.seeds_per_trial} seed(s) x {sw.horizon} task(s) = {trials * opts.seeds_per_trial} runs "
                       f"at most ({opts.search} search, {opts.scheduler}), ranked on {space.metric}; trials' runs in "
                       f"{sweep.trials_root}"), flush=True)
+    if sw.tracker is not None:
+        from ..ray_train.launch import print_runs_page
+
+        print_runs_page(sw.tracker)
     from .hooks import end_open_runs, register_tracker
 
     register_tracker(opts.name, sw.tracker)

@@ -119,6 +119,17 @@ class Tracker:
         """``text`` without the credentials of the tracking URI (or of any URL in it)."""
         return redact_text(text, self._uri)
 
+    def runs_page(self) -> Optional[str]:
+        """The MLflow UI's table of the experiment's runs, ``<server>/#/experiments/<id>/runs`` (credentials
+        redacted), for a tracking server (http/https); None for a local store, which has no UI address, or
+        when the experiment does not exist. MLflow 3's UI opened at an experiment's root shows its GenAI
+        overview, not the runs."""
+        if not self.uri.startswith(("http://", "https://")):
+            return None
+        exp = self._store_call(f"looking up experiment {self.experiment_name!r}",
+                               lambda: self.client.get_experiment_by_name(self.experiment_name))
+        return None if exp is None else f"{self.uri.rstrip('/')}/#/experiments/{exp.experiment_id}/runs"
+
     # ---------------------------------------------------------------- creating runs
     def experiment_id(self) -> str:
         """The experiment's id, creating it if needed; it is marked as a model-training experiment
