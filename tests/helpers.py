@@ -59,6 +59,23 @@ class SnapshotAndStop(Hooks):
             raise Interrupt
 
 
+def full_and_stopped_state(cfg, task: int = 1, epoch: int = 0):
+    """``(full, state)``: the learner of ``cfg`` run uninterrupted to its end, and the learner state a
+    checkpoint taken after ``epoch`` of ``task`` holds, read back as a resume reads it (the run that took it
+    was killed there): what every resume-equals-uninterrupted test compares."""
+    from inflora_ray.training.learner import ContinualLearner
+
+    full = ContinualLearner(cfg)
+    full.run()
+    hook = SnapshotAndStop(task=task, epoch=epoch)
+    try:
+        ContinualLearner(cfg, hooks=hook).run()
+    except Interrupt:
+        pass
+    assert hook.blob is not None, f"the run never reached task {task}, epoch {epoch}"
+    return full, torch.load(io.BytesIO(hook.blob), weights_only=True)
+
+
 # ------------------------------------------------------------------------------ counting reads from the store
 # Counting the bytes read from the store: one implementation, shared with bench/read_amplification.py.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))

@@ -1,10 +1,9 @@
 """The single-process continual loop: determinism, checkpoint/resume, interference (pure PyTorch)."""
-import io
 
 import pytest
 import torch
 
-from helpers import Interrupt, SnapshotAndStop, tiny_overrides
+from helpers import full_and_stopped_state, tiny_overrides
 from inflora_ray.presets import load_config
 from inflora_ray.data.loader import global_batch_sizes, pass_batches, train_batches
 from inflora_ray.training.learner import ContinualLearner
@@ -80,14 +79,9 @@ _PROMPT_SETTINGS = {
 def test_resume_mid_task_equals_uninterrupted(method):
     cfg = _cfg(**{"data.num_tasks": 3, "train.epochs": 2, "method.name": method,
                   **_PROMPT_SETTINGS.get(method, {})})
-    full = ContinualLearner(cfg)
-    full.run()
-    hook = SnapshotAndStop(task=1, epoch=0)
-    broken = ContinualLearner(cfg, hooks=hook)
-    with pytest.raises(Interrupt):
-        broken.run()
+    full, state = full_and_stopped_state(cfg, task=1, epoch=0)
     resumed = ContinualLearner(cfg)
-    resumed.load_state_dict(torch.load(io.BytesIO(hook.blob), weights_only=True))
+    resumed.load_state_dict(state)
     assert resumed.next_task == 1
     resumed.run()
     assert resumed.counts.to_dict() == full.counts.to_dict()

@@ -3,12 +3,11 @@ the union of the tasks seen so far, from the pre-trained weights at every task; 
 backbone and resume exactly; its presets carry the reference recipe. joint-lora (the LoRA variant) has its own
 presets on the benchmark's InfLoRA recipe."""
 import copy
-import io
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Interrupt, SnapshotAndStop, tiny_overrides, tiny_vit
+from helpers import Interrupt, full_and_stopped_state, tiny_overrides, tiny_vit
 
 from inflora_ray.presets import load_config
 from inflora_ray.training import learner as learner_module
@@ -149,12 +148,7 @@ def test_joint_resume_mid_task_equals_uninterrupted():
     """A checkpoint after epoch 0 of task 1 carries the backbone being trained and the optimizer's state; the
     resumed run ends with the same backbone, heads and accuracy counts, bit for bit."""
     cfg = _cfg(**{"train.epochs": 2, "data.num_tasks": 2})
-    full = ContinualLearner(cfg)
-    full.run()
-    hook = SnapshotAndStop(task=1, epoch=0)
-    with pytest.raises(Interrupt):
-        ContinualLearner(cfg, hooks=hook).run()
-    state = torch.load(io.BytesIO(hook.blob), weights_only=True)
+    full, state = full_and_stopped_state(cfg, task=1, epoch=0)
     pretrained = ContinualLearner(cfg).method.pretrained
     assert not _equal(state["method"]["backbone"], pretrained)  # mid-task: the backbone being trained
     assert state["in_task"]["optimizer"]["state"]  # and its Adam moments
