@@ -79,11 +79,6 @@ IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 _READ_ERRORS = (OSError, ValueError, pa.ArrowException)
 
 
-def _describe(e: Exception) -> str:
-    """``Type: message`` of a pyarrow error on one line (its messages can span several)."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"
-
-
 class _Unreadable(OSError):
     """A read of a shard file that the store refused for good (a permission, a file gone): raised by
     :class:`_StoreFile` so that the reader tells it from damage found while decoding."""
@@ -109,7 +104,7 @@ class _StoreFile:
         except storage.TransientStorageError:
             raise
         except Exception as e:  # the store refused the read for good
-            raise _Unreadable(_describe(e)) from e
+            raise _Unreadable(storage.describe_error(e)) from e
         self._pos += len(data)
         return data
 
@@ -262,7 +257,7 @@ class ParquetSource:
     def _unreadable(self, f: int, e: Exception) -> DataError:
         """The error for shard file ``f`` that the store refused for good (missing, no permission)."""
         full = shard_path(self.uri, self.paths[f])
-        why = str(e) if isinstance(e, _Unreadable) else _describe(e)  # an _Unreadable holds the store's error
+        why = str(e) if isinstance(e, _Unreadable) else storage.describe_error(e)  # an _Unreadable holds the store's error
         return DataError(f"shard file missing or unreadable: {full} ({why}); {repair_advice(self.uri)}")
 
     def _open(self, f: int) -> _StoreFile:
@@ -300,7 +295,7 @@ class ParquetSource:
                 raise
             except _READ_ERRORS as e:
                 handle.close()
-                raise self._damaged(f, _describe(e)) from None
+                raise self._damaged(f, storage.describe_error(e)) from None
             groups = len(self.group_offsets[f]) - 1
             if pf.metadata.num_row_groups != groups or not pf.schema_arrow.remove_metadata().equals(SCHEMA):
                 raise self._damaged(f, f"{pf.metadata.num_row_groups} row groups and schema {pf.schema_arrow.names}, "
@@ -320,7 +315,7 @@ class ParquetSource:
         except _Unreadable as e:
             raise self._unreadable(f, e) from None
         except _READ_ERRORS as e:  # raised while decoding the bytes read: a page checksum, a truncated page
-            raise self._damaged(f, f"row group {g}: {_describe(e)}") from None
+            raise self._damaged(f, f"row group {g}: {storage.describe_error(e)}") from None
         if table.num_rows != expected or table.column("image").null_count or table.column("format").null_count:
             raise self._damaged(f, f"row group {g} holds {table.num_rows} rows "
                                    f"({table.column('image').null_count} without an image), the manifest says "
@@ -396,7 +391,7 @@ def read_shard_manifest(uri: str) -> tuple[dict, str]:
     except storage.TransientStorageError:
         raise
     except _READ_ERRORS as e:
-        raise DataError(f"data.shards={uri!r}: no {MANIFEST} there ({_describe(e)}); prepare shards "
+        raise DataError(f"data.shards={uri!r}: no {MANIFEST} there ({storage.describe_error(e)}); prepare shards "
                         "with `inflora-data prepare BENCHMARK --source PATH --out URI` and point data.shards at URI"
                         ) from None
     try:
@@ -543,7 +538,7 @@ def _bad_images(path: str, data: bytes, pool: ThreadPoolExecutor) -> tuple[list[
     try:
         rows = list(_rows(data))
     except _READ_ERRORS as e:
-        return [f"{path} cannot be read ({_describe(e)})"], 0
+        return [f"{path} cannot be read ({storage.describe_error(e)})"], 0
     return [p for p in pool.map(lambda r: _row_problem(path, *r), rows) if p is not None], len(rows)
 
 
