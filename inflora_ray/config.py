@@ -182,6 +182,15 @@ class ModelConfig(_Model):
     img_size: int = Field(224, ge=8)
     kwargs: dict = Field(default_factory=dict)  # extra timm.create_model arguments (patch_size, depth, ...)
 
+    @field_validator("weights_file")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        """A local path with ``~`` expanded and made absolute against the working directory (Ray workers run in
+        other folders); ``builtin:<name>`` and blank values (refused by ``_check``) stay as given."""
+        if value is None or not value.strip() or value.startswith("builtin:"):
+            return value
+        return str(Path(value).expanduser().absolute())
+
     def _check(self) -> None:
         _require(self.name.startswith("vit_"), "model.name",
                  f"must be a timm ViT (a name starting with 'vit_'), got {self.name!r}")
@@ -223,6 +232,12 @@ class DataConfig(_Model):
     pipeline: Literal["auto", "cpu", "device"] = "auto"
     device_cache_mb: int = Field(8192, ge=0)  # per worker; images beyond it are decoded again in every pass
     device_cache_side: int | None = Field(None, ge=1)  # cache images with a larger shorter side resized to it
+    # Held-out validation: this fraction of every class's training images is kept out of training and the run is
+    # evaluated on it instead of the test images (how a sweep chooses without looking at the test set). The
+    # split depends on val_seed only, so every trial and seed of a sweep holds out the same images.
+    # null: 0 for a run, the sweep's default (inflora_ray.ray_tune.sweep.SWEEP_VAL_FRACTION) for a sweep.
+    val_fraction: Float | None = Field(None, ge=0, le=0.5)
+    val_seed: int = 0
 
     @field_validator("root", "shards", "manifest", "block_cache_dir")
     @classmethod
@@ -233,6 +248,12 @@ class DataConfig(_Model):
         if value is None or not value.strip() or "://" in value or (info.field_name, value) == ("manifest", "packaged"):
             return value
         return str(Path(value).expanduser().absolute())
+
+    @property
+    def eval_split(self) -> Literal["validation", "test"]:
+        """What a run's accuracies are measured on: ``validation`` (images held out of the training data, with
+        ``val_fraction`` > 0) or ``test``."""
+        return "validation" if self.val_fraction else "test"
 
     def _check(self) -> None:
         _require(self.class_order is None or self.class_order_seed is None,

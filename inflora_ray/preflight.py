@@ -7,6 +7,7 @@ dataset listed once), :func:`start_tracker` (the tracking server asked), :func:`
 joined, and asked whether it can ever place the workers)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -71,9 +72,23 @@ def check_settings(cfg: Config) -> None:
     check_data(cfg)
 
 
+def check_ray_version() -> None:
+    """The installed Ray still has the functions the runs' process group and trainer call outside its public
+    API (:func:`~inflora_ray.ray_train.process_group.check_ray_api`); else a :class:`PreflightError` naming the
+    Ray found, the one supported and what to do."""
+    from .ray_train.process_group import RayVersionError, check_ray_api
+
+    try:
+        check_ray_api()
+    except RayVersionError as e:
+        raise PreflightError(str(e)) from None
+
+
 def check_config(cfg: Config, address: Optional[str] = None) -> str:
-    """What every run and sweep checks first, before anything is read or started: the Ray address answers (when
-    one is given), :func:`check_settings`, the storage path is writable. Returns the storage path, absolute."""
+    """What every run and sweep checks first, before anything is read or started: the installed Ray fits
+    (:func:`check_ray_version`), the Ray address answers (when one is given), :func:`check_settings`, the storage
+    path is writable. Returns the storage path, absolute."""
+    check_ray_version()
     check_ray_address(address)
     check_settings(cfg)
     return check_storage(cfg)
@@ -91,9 +106,11 @@ def checked_benchmark(cfg: Config, scanned=None):
 
 
 def join_cluster(cfg: Config, address: Optional[str]) -> None:
-    """Start or join Ray (:func:`connect_ray`) and check that it can ever place the config's workers."""
+    """Start or join Ray (:func:`connect_ray`), check that it can ever place the config's workers, and warn
+    about the config's local paths that every node must have (:func:`warn_shared_paths`)."""
     connect_ray(address)
     check_resources(cfg)
+    warn_shared_paths(cfg)
 
 
 def check_storage(cfg: Config) -> str:
@@ -152,14 +169,36 @@ def check_ray_address(address: Optional[str]) -> None:
 _RAY_LOCK = threading.Lock()
 
 
+def _submitted_job_env_vars() -> dict:
+    """The variables a submitted job's own runtime env sets (``ray job submit --runtime-env-json``); {} when
+    this process is not a job's entrypoint."""
+    try:
+        runtime_env = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]).get("runtime_env") or {}
+        return dict(runtime_env.get("env_vars") or {})
+    except (KeyError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def job_runtime_env() -> dict | None:
+    """The runtime env this driver gives its Ray job: the S3 endpoint settings it has
+    (:func:`~inflora_ray.storage.forwarded_env`), so that every process the job starts on any node (Ray Train's
+    controllers and workers, Ray Tune's trials and their runs) writes to the store this driver checked and Ray
+    keeps the checkpoints in; less those a submitted job's own runtime env sets (Ray refuses a variable given
+    twice). None when there is nothing to add."""
+    given = _submitted_job_env_vars()
+    env = {k: v for k, v in storage.forwarded_env().items() if k not in given}
+    return {"env_vars": env} if env else None
+
+
 def connect_ray(address: Optional[str]) -> None:
-    """Use the running Ray, connect to ``address`` (RAY_ADDRESS), or start a local Ray (once per process). The
-    workers' output reaches this console only with ``--verbose`` (:func:`~inflora_ray.logs.is_verbose`); it is
-    always in the run's log and in Ray's logs."""
+    """Use the running Ray, connect to ``address`` (RAY_ADDRESS), or start a local Ray (once per process), with
+    :func:`job_runtime_env`. The workers' output reaches this console only with ``--verbose``
+    (:func:`~inflora_ray.logs.is_verbose`); it is always in the run's log and in Ray's logs."""
     import ray
 
     verbose = is_verbose()
-    quiet = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
+    quiet = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
+                 runtime_env=job_runtime_env())
     with _RAY_LOCK:
         if ray.is_initialized():
             return
@@ -232,14 +271,67 @@ def check_resources(cfg: Config) -> None:
             "run.cpus_per_worker, or set run.wait_for_resources=true on an autoscaling cluster")
 
 
-def warn_local_paths(cfg: Config, tracker) -> None:
-    """Warn about places that only this machine sees when the run spans several."""
+def _is_local(path: str) -> bool:
+    return not storage.is_uri(path) or path.startswith("file://")
+
+
+def shared_paths(cfg: Config, start_from: str | None = None) -> dict[str, str]:
+    """The local paths of ``cfg`` (and ``--start-from``) that processes on other nodes open, by setting: the
+    storage path (the workers write the run's folder, a sweep's trials their runs' folders), the dataset (the
+    shards when given, else ``data.root``), a weights file (each worker builds the model), the checkpoint a
+    run starts from (the workers load it)."""
+    found = {"run.storage_path": cfg.run.storage_path,
+             "data.shards" if cfg.data.shards else "data.root": cfg.data.shards or cfg.data.root,
+             "--start-from": start_from}
+    weights = cfg.model.weights_file
+    if weights and not weights.startswith("builtin:"):
+        found["model.weights_file"] = storage.absolute(weights)
+    return {k: v for k, v in found.items() if v and _is_local(v)}
+
+
+def spans_nodes() -> bool:
+    """Whether the cluster has more than one node, or an autoscaler that may add nodes."""
     import ray
 
-    if not storage.is_uri(cfg.run.storage_path) and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
-        log_event(log, "storage_warning", level=logging.WARNING, storage_path=cfg.run.storage_path,
-                  message="local storage path on a multi-node cluster: every node must see it at the same "
-                          "path (NFS), else use an s3:// or gs:// URI")
+    config = _autoscaler_config()
+    if config is not None and any(g.max_count != 0 for g in config.node_group_configs):
+        return True
+    return sum(1 for n in ray.nodes() if n.get("Alive")) > 1
+
+
+_WARNED: set = set()  # (setting, path) already warned about by this process
+
+
+def warn_shared_paths(cfg: Config, start_from: str | None = None) -> None:
+    """On a cluster of several nodes (:func:`spans_nodes`), a ``shared_path_warning`` for each local path
+    (:func:`shared_paths`): this driver cannot see whether the other nodes have it, and a worker that does not
+    would fail mid-run. Once per setting and path in a process; nothing inside a Ray actor (a sweep's trial:
+    its sweep's driver warned)."""
+    import ray
+
+    if ray.get_runtime_context().get_actor_id() is not None:
+        return
+    paths = {k: v for k, v in shared_paths(cfg, start_from).items() if (k, v) not in _WARNED}
+    if not paths or not spans_nodes():
+        return
+    remedy = {"run.storage_path": "an s3:// or gs:// URI",
+              "data.root": "data.shards with an s3:// or gs:// URI (python -m inflora_ray.data prepare)",
+              "data.shards": "an s3:// or gs:// URI", "model.weights_file": "the cluster's image",
+              "--start-from": "the checkpoint's s3:// or gs:// URI"}
+    for setting, path in paths.items():
+        _WARNED.add((setting, path))
+        log_event(log, "shared_path_warning", level=logging.WARNING, setting=setting, path=path,
+                  message=f"{setting}={path} is a local path on a cluster of several nodes: it must exist at "
+                          f"this path on every node (a shared file system such as NFS), or use "
+                          f"{remedy[setting]}")
+
+
+def warn_local_paths(cfg: Config, tracker, start_from: str | None = None) -> None:
+    """Warn about places that only this machine sees when the run spans several: ``--start-from``
+    (``start_from``; the config's own paths are warned about by :func:`join_cluster`) and MLflow's local
+    default store inside a submitted job."""
+    if start_from is not None:
+        warn_shared_paths(cfg, start_from)
     if in_submitted_job() and tracker is not None and tracker.uri.startswith(("sqlite:", "file:")) \
             and not cfg.tracking.uri and "MLFLOW_TRACKING_URI" not in os.environ:
         log_event(log, "tracking_warning", level=logging.WARNING, uri=tracker.uri,

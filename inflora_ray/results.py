@@ -92,9 +92,10 @@ def read_task_results(run: RunDir, num_tasks: int) -> tuple[list[dict], dict]:
     return tasks, summary(counts)
 
 
-def write_final_results(run: RunDir, tasks: list[dict], summ: dict, status: str) -> None:
+def write_final_results(run: RunDir, tasks: list[dict], summ: dict, status: str, eval_split: str = "test") -> None:
     """The accuracy matrix as Parquet (long format) and the metrics as JSON; ``status`` (:func:`run_status`)
-    and ``incomplete`` say how the run ended and whether every task ran."""
+    and ``incomplete`` say how the run ended and whether every task ran, ``eval_split`` what the accuracies
+    were measured on (``test``, or ``validation``: images held out of the training data)."""
     if status not in RUN_STATUSES:
         raise ValueError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
     import pyarrow as pa
@@ -115,7 +116,7 @@ def write_final_results(run: RunDir, tasks: list[dict], summ: dict, status: str)
     per_task = [{k: v for k, v in t[RESULT].items() if k not in ("correct", "total", "own_head_correct")}
                 for t in tasks]
     storage.write_json(run.metrics, {**summ, "tasks": per_task, "complete": len(tasks), "status": status,
-                                     "incomplete": status != "finished"})
+                                     "incomplete": status != "finished", "eval_split": eval_split})
 
 
 def write_progress(run: RunDir, progress, epochs: int) -> None:

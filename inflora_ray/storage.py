@@ -64,6 +64,22 @@ def s3_endpoint() -> str | None:
     return None
 
 
+# What a process needs, besides credentials, to reach the S3-compatible store this one reaches: the endpoint and
+# the region it signs for (read by _s3_with_endpoint). Ray passes none of them on by itself (Ray Tune passes
+# the AWS keys to its trials, Ray Train nothing), so the driver hands them to the processes of its Ray job.
+REGION_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def forwarded_env() -> dict[str, str]:
+    """This process's S3 endpoint settings (:data:`ENDPOINT_VARS`, and :data:`REGION_VARS` with them), for the
+    processes a run or sweep starts on other nodes; {} without an endpoint (AWS itself: each node resolves its
+    region). Credentials are never among them: every node gets its own (an instance role, the job's runtime
+    env), so that they are written nowhere by the project."""
+    if s3_endpoint() is None:
+        return {}
+    return {var: os.environ[var] for var in ENDPOINT_VARS + REGION_VARS if os.environ.get(var, "").strip()}
+
+
 def _s3_with_endpoint(endpoint: str) -> pafs.S3FileSystem:
     scheme, sep, host = endpoint.partition("://")
     if not sep or scheme not in ("http", "https") or not host:

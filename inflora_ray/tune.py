@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-trials", type=int, default=1000,
                    help="refuse a sweep that would start more trials than this (default 1000)")
     p.add_argument("--trial-retries", type=int, default=2,
-                   help="restarts of a trial whose process or node was lost (default 2)")
+                   help="restarts of a trial that failed for a transient cause: its process or node lost, or a run's "
+                        "restarts spent on errors that pass (default 2)")
     p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
     p.add_argument("--search", choices=("random", "optuna", "grid"), default="random")
     p.add_argument("--first-tasks", type=int, metavar="K",

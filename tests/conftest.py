@@ -25,6 +25,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # worker group; no node of the tests' local Ray is ever drained, and the process cost each 2-worker run about
 # 2 s. The cluster rehearsal, whose nodes are real Ray nodes, keeps it.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# A tracking server that tests stop on purpose is given up on after 2 s of retries per call, not a minute
+# (tests of the retries themselves set their own wait).
+os.environ.setdefault("INFLORA_TRACKING_RETRY_MAX_SECONDS", "2")
 
 
 @pytest.fixture(scope="session")

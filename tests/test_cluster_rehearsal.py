@@ -124,7 +124,8 @@ def sweep(rehearsal, shards):
     space.write_text("metric: average_incremental_accuracy\nmode: max\nparams:\n  method.rank: {grid: [2, 4]}\n")
     entry = ["python", "-m", "inflora_ray.tune", "--config", "imagenet-r-5",
              *tiny_overrides(**SMALL, **{"data.loader_workers": 0}),
-             f"data.shards={shards['uri']}", "run.cpus_per_worker=0.45", "--space", str(space), "--search", "grid",
+             f"data.shards={shards['uri']}", "data.val_fraction=0", "run.cpus_per_worker=0.45", "--space", str(space),
+             "--search", "grid",
              "--scheduler", "fifo", "--num-workers", "2", "--max-concurrent", "2",
              "--storage-path", rehearsal.uri("sweeps"), "--name", "rh-sweep"]
     sid = _submit(rehearsal, "sweep", entry)

@@ -287,3 +287,101 @@ def test_kuberay_rayjob_manifest():
     assert re.match(r"^(s3|gs)://", r.storage_path), "the cluster is deleted after the job: use a bucket"
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert isinstance(runtime_env, dict) and "MLFLOW_TRACKING_URI" in runtime_env.get("env_vars", {})
+
+
+# ================================================================================ a 64-GPU sweep, stopping
+SWEEP_GPUS = 64  # the largest sweep the definitions are sized for (docs/clusters.md#sizing-for-a-64-gpu-sweep)
+# GPUs per node of the AWS instance types the launcher YAML names (AWS detects them; the YAML does not say).
+AWS_GPUS = {"p4d.24xlarge": 8, "p4de.24xlarge": 8, "p5.48xlarge": 8, "p5e.48xlarge": 8, "p5en.48xlarge": 8,
+            "g5.xlarge": 1, "g6.xlarge": 1}
+_QTY_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_STOP_WAIT = re.compile(r"\bRAY_JOB_STOP_WAIT_TIME_S=(\d+) ray start --head\b")
+
+
+def _bytes(quantity: str) -> float:
+    """A Kubernetes quantity (``48Gi``, ``500M``) in bytes."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i?)?", quantity)
+    assert m, f"not a Kubernetes quantity: {quantity!r}"
+    return float(m[1]) * _QTY_UNITS[m[2] or ""]
+
+
+def _kuberay_spec(name: str) -> dict:
+    doc = _load(KUBERAY / name)
+    return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+
+
+def _head_start(cfg: dict) -> str:
+    starts = [c for c in cfg["head_start_ray_commands"] if "ray start --head" in c]
+    assert len(starts) == 1, starts
+    return starts[0]
+
+
+def stop_waits() -> dict[str, int]:
+    """``RAY_JOB_STOP_WAIT_TIME_S`` as each cluster definition gives it to the head's Ray processes (the launcher
+    YAMLs: on the ``ray start --head`` command; KubeRay: in the head container's environment); 0 where unset."""
+    waits = {}
+    for name in LAUNCHERS:
+        m = _STOP_WAIT.search(_head_start(_load(CLUSTERS / name)))
+        waits[name] = int(m[1]) if m else 0
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        head = _kuberay_spec(name)["headGroupSpec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in head.get("env", [])}
+        waits[name] = int(env.get("RAY_JOB_STOP_WAIT_TIME_S") or 0)
+    return waits
+
+
+def configured_stop_wait() -> int:
+    """The stop wait clusters/aws-gpu.yaml configures (every definition must agree: checked below)."""
+    return stop_waits()["aws-gpu.yaml"]
+
+
+def test_every_definition_gives_ray_job_stop_the_same_long_wait():
+    """Ray's default wait between `ray job stop`'s SIGTERM and its SIGKILL (3 s) is shorter than a driver needs
+    to save a run; every definition sets one wait, well above the measured stop (docs/clusters.md)."""
+    waits = stop_waits()
+    assert len(set(waits.values())) == 1, f"RAY_JOB_STOP_WAIT_TIME_S differs or is missing: {waits}"
+    assert configured_stop_wait() >= 60, waits
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launcher_head_schedules_nothing_and_gpu_workers_reach_64_gpus(name):
+    cfg = _load(CLUSTERS / name)
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    # The launcher hands the node type's resources to `ray start` (RAY_OVERRIDE_RESOURCES), where they win over
+    # its flags: both must say 0.
+    assert head.get("resources", {}).get("CPU") == 0 and head["resources"].get("GPU", 0) == 0, head.get("resources")
+    start = _head_start(cfg)
+    assert "--num-cpus=0" in start.split() and "--num-gpus=0" in start.split(), start
+    gpus = 0
+    for key, t in cfg["available_node_types"].items():
+        if key == cfg["head_node_type"]:
+            continue
+        per_node = int(t["resources"].get("GPU", 0)) if cfg["provider"]["type"] == "gcp" else \
+            AWS_GPUS.get(t["node_config"]["InstanceType"], 0)
+        gpus += per_node * min(t["max_workers"], cfg["max_workers"])
+    assert gpus >= SWEEP_GPUS, f"{name}: at most {gpus} GPUs"
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_head_schedules_nothing_and_gpu_pods_have_disk_for_the_block_cache(name):
+    from inflora_ray.config import DataConfig
+
+    spec = _kuberay_spec(name)
+    params = spec["headGroupSpec"]["rayStartParams"]
+    assert params.get("num-cpus") == "0" and params.get("num-gpus") == "0", params
+    assert _check_cluster_spec(spec, name) >= SWEEP_GPUS
+    cache = DataConfig.model_fields["block_cache_mb"].default * 2**20  # per worker; one worker per GPU
+    for g in spec["workerGroupSpecs"]:
+        for c in g["template"]["spec"]["containers"]:
+            res = c["resources"]
+            gpus = int(res["limits"].get("nvidia.com/gpu", 0))
+            for kind in ("requests", "limits"):
+                disk = res.get(kind, {}).get("ephemeral-storage")
+                assert disk is not None, f"{name}: {g['groupName']} has no ephemeral-storage {kind}"
+                assert _bytes(disk) >= gpus * cache, \
+                    f"{name}: {g['groupName']}: ephemeral-storage {kind} {disk} < {gpus} x the block cache"
+
+
+def test_rayjob_has_no_deadline_that_ends_a_sweep():
+    spec = _load(KUBERAY / "rayjob.yaml")["spec"]
+    assert "activeDeadlineSeconds" not in spec, "a deadline ends a long sweep however far it has got"

@@ -216,3 +216,79 @@ def test_a_branch_keeps_the_checkpoints_settings_and_records_its_overrides(runs,
         ("--start-from", 1, {"train.lr": {"from": 0.002, "to": 0.001}})]
     metrics = json.loads((root / "cli-branch" / "results" / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["complete"] == RUN["data.num_tasks"]
+
+
+def test_every_private_ray_function_the_process_group_calls_is_there():
+    """The installed Ray (the version pyproject.toml pins) has every function, class and constant that
+    process_group.py and trainer.py use outside Ray's public API, with a signature that takes their call."""
+    from inflora_ray.ray_train.process_group import RAY_PRIVATE_API, ray_api_problems
+
+    assert ray_api_problems() == []
+    assert "_setup_torch_process_group" in RAY_PRIVATE_API["ray.train.torch.config"]
+
+
+def test_a_changed_or_missing_private_ray_function_is_reported():
+    """The check against a stand-in module (its input, not Ray): a function whose signature no longer takes
+    the project's call, a missing one, a missing class attribute and a module that cannot be imported are
+    each named; the error names the Ray found, the one supported and what to do."""
+    import types
+
+    import ray
+
+    from inflora_ray.ray_train.process_group import Call, RayVersionError, check_ray_api, ray_api_problems
+
+    class Group:
+        def execute_single(self, rank, fn, *args, **kwargs):
+            return None
+
+        def execute_async(self, fn, *args, **kwargs):
+            return None
+
+    class OldGroup:
+        def execute_single(self, rank, fn, *args, **kwargs):
+            return None
+
+    def setup(backend, world_rank, world_size, init_method, timeout_s):
+        return None
+
+    def changed(backend, rank, size, init_method="env://", timeout_s=1800):  # a renamed keyword
+        return None
+
+    api = {"stand_in": {"setup": Call(kwargs=("backend", "world_rank", "world_size", "init_method", "timeout_s")),
+                        "Group.execute_single": Call(args=3), "Group.execute_async": Call(args=2),
+                        "CONSTANT": None}}
+    good = types.ModuleType("stand_in")
+    good.setup, good.Group, good.CONSTANT = setup, Group, 1
+    assert ray_api_problems(api, lambda name: good) == []
+
+    bad = types.ModuleType("stand_in")
+    bad.setup, bad.Group = changed, OldGroup
+
+    def import_module(name):
+        if name != "stand_in":
+            raise ImportError(f"No module named {name!r}")
+        return bad
+
+    problems = ray_api_problems({**api, "gone": {"x": None}}, import_module)
+    assert len(problems) == 4
+    assert problems[0].startswith("stand_in.setup(backend, rank, size, init_method='env://', timeout_s=1800) no "
+                                  "longer takes the project's call")
+    assert problems[1:] == ["stand_in.Group.execute_async is missing", "stand_in.CONSTANT is missing",
+                            "module gone cannot be imported (No module named 'gone')"]
+    with pytest.raises(RayVersionError) as e:
+        check_ray_api(api, import_module)
+    msg = str(e.value)
+    assert f"Ray {ray.__version__} is installed" in msg and "supports Ray 2.60.x" in msg
+    assert "stand_in.Group.execute_async is missing" in msg and "pip install 'ray[default,train,tune]==2.60.*'" in msg
+
+
+def test_a_ray_without_a_function_the_process_group_calls_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    """A Ray whose private function is gone (monkeypatched away) fails the first preflight check of a run, with
+    its name, before the storage path is even created."""
+    import ray.train.torch.config as torch_config
+
+    monkeypatch.delattr(torch_config, "_shutdown_torch")
+    cfg = _cfg(tmp_path / "runs")
+    with pytest.raises(PreflightError, match=r"ray\.train\.torch\.config\._shutdown_torch is missing"):
+        run_experiment(cfg, RunOptions(name="refused"), QUIET)
+    assert not (tmp_path / "runs").exists()

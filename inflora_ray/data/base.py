@@ -66,6 +66,7 @@ class Benchmark:
     tasks: list[list[int]]  # original class ids per task
     manifest: dict  # provenance: source, split, checksums (recorded with each run)
     scanned: Any = None  # the ScannedData it was built from (shipped to workers and trials instead of a rescan)
+    eval_split: str = "test"  # what ``test`` holds: the test images, or "validation" (held out of the training data)
 
     @property
     def num_tasks(self) -> int:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from ..config import DataConfig
 from .base import Benchmark, DataError, resolve_class_order, split_tasks
+from .holdout import split_off_validation
 from .raw import load_in_memory_sources, load_raw_sources
 from .registry import BenchmarkSpec, check_data_config, get_benchmark
 from .transforms import paper_preprocess, resolve_normalization
@@ -89,7 +90,9 @@ def build_benchmark(cfg: DataConfig, img_size: int, model: Any = None,
 
     Uses ``scanned`` (the run's one scan, from the driver) when it fits ``cfg``; otherwise scans: reads the raw
     dataset under ``cfg.root``, or the prepared Parquet shards at ``cfg.shards`` when set. ``model`` (a
-    ModelConfig or a timm model name) is only needed for ``cfg.normalize == "backbone"``.
+    ModelConfig or a timm model name) is only needed for ``cfg.normalize == "backbone"``. With
+    ``cfg.val_fraction``, the benchmark's ``test`` is the part of the training data held out
+    (:mod:`.holdout`), and ``train`` the rest.
     """
     spec = get_benchmark(cfg.benchmark)
     if scanned is None or not scanned.fits(cfg, img_size):
@@ -101,7 +104,10 @@ def build_benchmark(cfg: DataConfig, img_size: int, model: Any = None,
         "img_size": preprocess.img_size, "train_scale": list(preprocess.train_scale),
         "train_flip": preprocess.train_flip, "test_resize": preprocess.test_resize,
         "mean": preprocess.mean, "std": preprocess.std})
+    if cfg.val_fraction:  # the run trains on the rest of the training data and is evaluated on this part
+        train, test, held_out = split_off_validation(train, cfg.val_fraction, cfg.val_seed)
+        manifest = dict(manifest, holdout=held_out)
     order = resolve_class_order(len(names), cfg.class_order, cfg.class_order_seed)
     tasks = split_tasks(order, cfg.num_tasks)
     return Benchmark(name=cfg.benchmark, train=train, test=test, class_names=names, preprocess=preprocess,
-                     class_order=order, tasks=tasks, manifest=manifest, scanned=scanned)
+                     class_order=order, tasks=tasks, manifest=manifest, scanned=scanned, eval_split=cfg.eval_split)

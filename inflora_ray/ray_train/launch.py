@@ -5,10 +5,12 @@ after the start never stop training (:class:`RunResult` says whether tracking wa
 """
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import sys
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
@@ -53,9 +55,10 @@ class RunContext:
     # The run's dataset as scanned by a caller (a sweep's driver): a ScannedData or a Ray ObjectRef of one; the
     # run then neither lists nor verifies the dataset again (unless its data settings differ).
     data: Any = None
-    # Whether the run's caller has asked it to stop (a sweep's trial that Ray Tune is stopping). A run that
-    # fails once this is true was cut off by that stop: it is saved as interrupted, and its MLflow run is left
-    # for the caller to end (the sweep ends it as its trial ended: pruned, unfinished).
+    # Whether the run's caller has asked it to stop (a sweep's trial that Ray Tune is stopping, or whose other
+    # seed failed for good). Once true, the run's job is aborted within a second or so (:mod:`.stopping`); a
+    # run that fails once this is true was cut off by that stop: it is saved as interrupted, and its MLflow
+    # run is left for the caller to end (the sweep ends it as its trial ended: pruned, unfinished, error).
     stop_requested: Optional[Callable[[], bool]] = None
     stored_config: Optional[dict] = None  # --resume: the run's stored config, as the caller already read it
     # The caller knows no other driver runs this run (a sweep's trial: Tune restarts a trial only once its
@@ -231,7 +234,8 @@ def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions, cont
         train_worker,
         train_loop_config={"config": redact_config(cfg).to_dict(), "run_dir": run.path,
                            "stop_after_task": opts.stop_after_task,
-                           "start_from": opts.start_from, "fault": FaultPlan.from_env(), "data": data},
+                           "start_from": opts.start_from, "data": data,
+                           "fault": FaultPlan.for_run(run.name, cfg.experiment.seed)},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run.name, storage_path=ray_path, storage_filesystem=ray_fs,
@@ -273,7 +277,7 @@ def _launch(cfg: Config, run: RunDir, storage_path: str, benchmark, tracker, con
     fit the Ray Train job and write the results (:func:`run_experiment` after its checks)."""
     changes, from_task, how = continuation
     join_cluster(cfg, opts.address)
-    warn_local_paths(cfg, tracker)
+    warn_local_paths(cfg, tracker, start_from=opts.start_from)
 
     cfg = cfg.with_values({"run.name": run.name})
     record = _record(cfg, benchmark, opts)
@@ -310,13 +314,25 @@ def _launch(cfg: Config, run: RunDir, storage_path: str, benchmark, tracker, con
     if opts.resume:
         clear_fatal(run)
     data = shipped_data(benchmark, context.data, scanned)
+    # A caller that may ask the run to stop (a sweep's trial) gets it stopped at once (:mod:`.stopping`).
+    from .stopping import StopRelay
+
+    relay = StopRelay(run.path, context.stop_requested) if context.stop_requested is not None else None
+    if relay is not None:
+        context = replace(context, train_callbacks=(*context.train_callbacks, relay.callback))
     trainer = _trainer(cfg, run, storage_path, opts, context, benchmark.num_tasks, data)
-    error, checkpoint = _fit(trainer, run, benchmark.num_tasks, tracker, opts, context)
+    with relay if relay is not None else nullcontext():
+        error, checkpoint = _fit(trainer, run, benchmark.num_tasks, tracker, opts, context)
     return _finish(cfg, run, benchmark.num_tasks, tracker, opts, context, error, checkpoint)
 
 
-class _Interrupt(Exception):
-    """Raised in the main thread by SIGTERM, so the driver stops as on Ctrl-C."""
+class _Interrupt(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM, so the driver stops as on Ctrl-C.
+
+    A KeyboardInterrupt, because the driver spends the run blocked in ``ray.get``, where Ray runs signal
+    handlers through its own check (``check_signals`` in Ray's ``_raylet.pyx``) and stops waiting only on a
+    KeyboardInterrupt or SystemExit: any other exception a handler raises is printed and the wait goes on,
+    so ``ray job stop`` would find the driver still waiting when it sends SIGKILL."""
 
 
 def _raise_interrupt(signum, frame):
@@ -352,13 +368,24 @@ def _fit(trainer, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
     main = threading.current_thread() is threading.main_thread()
     # Ray Train installs its own SIGINT handler during fit (it aborts the workers); SIGTERM gets ours.
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    received: list[str] = []  # the signal that stopped the run (ray.get turns _Interrupt into a plain one)
+
+    def on_sigterm(signum, frame):
+        received.append(signal.Signals(signum).name)
+        _raise_interrupt(signum, frame)
+
     if main:
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGTERM, on_sigterm)
     watcher.start()
     try:
         result = trainer.fit()
-    except (KeyboardInterrupt, SystemExit, _Interrupt) as e:
-        return RunInterrupted(f"interrupted ({type(e).__name__})"), None
+    except (KeyboardInterrupt, SystemExit) as e:
+        if received:
+            # The process is being terminated (`ray job stop`, a pod's deletion) and must save and exit within
+            # the stop wait: objects that exist now are left out of the interpreter's final garbage
+            # collection, which took about 4 s of a driver's exit (docs/performance.md).
+            gc.freeze()
+        return RunInterrupted(f"interrupted ({received[0] if received else type(e).__name__})"), None
     except Exception as e:  # ray.train.TrainingFailedError and friends
         if context.stop_requested is not None and context.stop_requested():
             # Tune removes a stopped trial's resources, which kills this run's controller and workers.
@@ -384,7 +411,7 @@ def _finish(cfg: Config, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
     tasks, summ = read_task_results(run, num_tasks)
     status = run_status(len(tasks), num_tasks, failed=error is not None and not interrupted, interrupted=interrupted)
     try:
-        write_final_results(run, tasks, summ, status)
+        write_final_results(run, tasks, summ, status, eval_split=cfg.data.eval_split)
     except OSError as e:  # a full disk, a lost store: the tasks' results and checkpoints are kept
         error, interrupted, status = e, False, "failed"
     reason = f"{type(error).__name__}: {error}" if error is not None else None
@@ -395,7 +422,7 @@ def _finish(cfg: Config, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
         tracker.finish(run, summ, run_status=status, reason=reason, checkpoint=checkpoint,
                        close=not isinstance(error, RunStopped))
     if not context.quiet_table:
-        print_final_table(run.name, summ, num_tasks)
+        print_final_table(run.name, summ, num_tasks, eval_split=cfg.data.eval_split)
     if tracker is not None and tracker.lost:
         print(f"{context.label}warning: MLflow tracking at {tracker.uri} was lost during the run ({tracker.lost}); "
               f"training went on and every result is in {run.results}", file=sys.stderr, flush=True)

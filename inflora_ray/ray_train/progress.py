@@ -54,13 +54,14 @@ def print_task_line(rec: dict, num_tasks: int, label: str = "") -> None:
           f"{r['images_per_second']:.0f} img/s  peak {r['peak_memory_mb']:.0f} MiB", flush=True)
 
 
-def print_final_table(name: str, summ: dict, num_tasks: int) -> None:
-    """The accuracy matrix and the final metrics of a run."""
+def print_final_table(name: str, summ: dict, num_tasks: int, eval_split: str = "test") -> None:
+    """The accuracy matrix and the final metrics of a run, measured on ``eval_split`` (``test``, or
+    ``validation``: images held out of the training data)."""
     done = len(summ.get("accuracy_matrix", []))
-    print(f"\n== {name}: {done}/{num_tasks} tasks ==")
+    print(f"\n== {name}: {done}/{num_tasks} tasks{' (on held-out validation images)' * (eval_split != 'test')} ==")
     if not done:
         return
-    print("accuracy matrix (%), row = after task i, column = test set of task j:")
+    print(f"accuracy matrix (%), row = after task i, column = {eval_split} set of task j:")
     print(format_matrix(summ["accuracy_matrix"]))
     # pooled: over the test images of all seen tasks together; task-mean: the mean of the per-task accuracies
     print(f"final accuracy A_T, pooled                 {100 * summ['final_accuracy']:.2f}%")

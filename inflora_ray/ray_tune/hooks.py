@@ -7,6 +7,7 @@ Imported by :mod:`.sweep` only when a sweep starts (it imports Ray Tune).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from typing import Optional
@@ -17,6 +18,7 @@ from .. import storage
 from ..logs import log_event
 from ..rundir import split_run_name
 from ..tracking.mlflow_runs import END_REASON_TAG
+from .trial import error_cause
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,10 @@ OUTCOME_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "error": "FAILED"
 # URI's credentials.
 _TRACKERS: dict[str, object] = {}
 _LOCK = threading.Lock()
+# The trial outcomes this process recorded, by outcomes file: Tune keeps a copy of its experiment folder (the
+# sweep's) in a staging folder and copies it back over the sweep's folder, so on a resume it can put back the
+# trial_outcomes.json it found when the resume started (see TrialOutcomes.read).
+_RECORDED: dict[str, dict[str, dict]] = {}
 
 
 def register_tracker(sweep: str, tracker) -> None:
@@ -50,7 +56,9 @@ def end_trial_runs(sweep: str, outcomes: dict[str, dict]) -> int:
     ``end_reason`` of their trial's outcome. Runs still RUNNING are always ended (a run cut off by Tune's stop
     leaves its status to this, see :class:`.trial.TrialStop`). The runs of a pruned or unfinished trial are
     set KILLED whatever they wrote last (a run that failed before the stop); a failed trial's runs keep their
-    own status and error. Returns how many runs were changed (0 without tracking)."""
+    own status and error, and those still RUNNING (stopped because another seed failed for good, or cut off
+    with the trial's process) are set KILLED with the trial's error: they did not fail themselves. Returns how
+    many runs were changed (0 without tracking)."""
     tracker = _TRACKERS.get(sweep)
     if tracker is None or tracker.run_id is None:
         return 0
@@ -62,6 +70,8 @@ def end_trial_runs(sweep: str, outcomes: dict[str, dict]) -> int:
             if not trial_run_names(trial_id, [child.info.run_name]):
                 continue
             status, reason = OUTCOME_STATUS[rec["outcome"]], rec.get("error") or rec["outcome"]
+            if rec["outcome"] == "error":
+                status, reason = "KILLED", f"stopped with its trial: {reason}"
             stopped = rec["outcome"] in ("pruned", "unfinished") and (
                 child.info.status != status or child.data.tags.get(END_REASON_TAG) != reason)
             if child.info.status == "RUNNING" or stopped:
@@ -81,25 +91,45 @@ def end_open_runs(sweep: str, status: str, reason: str) -> int:
     return len(open_runs)
 
 
+# The keys of an outcome kept in its history when a resumed trial ends differently.
+_HISTORY_KEYS = ("outcome", "tasks_done", "error", "cause")
+
+
 class TrialOutcomes(tune.Callback):
     """Records how each trial ended in the sweep's ``trial_outcomes.json``: ``completed`` (reached the
-    horizon), ``pruned`` (stopped by the scheduler before it), ``error`` (with the error's last line); and
-    ends the trial's MLflow runs with FINISHED / KILLED / FAILED. Runs on the sweep's driver."""
+    horizon), ``pruned`` (stopped by the scheduler before it), ``error`` (with the error's last line and its
+    ``cause``, ``transient`` or ``permanent``); how many times it was started (``attempts``: the first start,
+    Tune's retries, a ``--resume``), the errors Tune retried it after (``retried_after``), and when a resumed
+    trial ends differently, its earlier outcomes (``earlier``: nothing recorded is rewritten away). Ends the
+    trial's MLflow runs with FINISHED / KILLED / FAILED. Runs on the sweep's driver."""
 
     def __init__(self, sweep: str, path: str, horizon: int):
         self.sweep, self.path, self.horizon = sweep, path, horizon
+        self._retried: dict[str, list[str]] = {}  # this session's retries, by trial
 
     def read(self) -> dict[str, dict]:
-        """{trial_id: {"outcome", "tasks_done", "error"?}} recorded so far (this and earlier attempts)."""
-        return storage.read_json(self.path) if storage.exists(self.path) else {}
+        """{trial_id: {"outcome", "tasks_done", "error"?, "cause"?, "attempts", "retried_after"?,
+        "earlier"?}} recorded so far (this and earlier attempts). Where the file lacks what this process
+        recorded (Tune copied an older copy back over it), it is written again."""
+        states = storage.read_json(self.path) if storage.exists(self.path) else {}
+        mine = _RECORDED.get(self.path, {})
+        if any(states.get(tid) != rec for tid, rec in mine.items()):
+            states = {**states, **mine}
+            storage.write_json(self.path, states)
+        return states
 
     def _record(self, trial, outcome: str, error: Optional[str] = None) -> None:
-        rec = {"outcome": outcome, "tasks_done": _tasks_done(trial), **({"error": error} if error else {})}
+        rec = {"outcome": outcome, "tasks_done": _tasks_done(trial),
+               **({"error": error, "cause": error_cause(error)} if outcome == "error" else {})}
+        retried = self._retried.pop(trial.trial_id, [])
         with _LOCK:
             states = self.read()
-            states[trial.trial_id] = rec
+            prev = states.get(trial.trial_id)
+            full = _with_history(rec, prev, retried)
+            states[trial.trial_id] = full
             storage.write_json(self.path, states)
-        log_event(log, "trial_end", trial=trial.trial_id, **rec)
+            _RECORDED.setdefault(self.path, {})[trial.trial_id] = full
+        log_event(log, "trial_end", trial=trial.trial_id, **rec, attempts=full["attempts"])
         try:
             end_trial_runs(self.sweep, {trial.trial_id: rec})
         except Exception as e:  # MLflow trouble never stops a sweep; the sweep's end tries again
@@ -109,7 +139,27 @@ class TrialOutcomes(tune.Callback):
         self._record(trial, ended_as(trial, self.horizon))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._record(trial, "error", _last_line(trial.get_error()))
+        self._record(trial, "error", _last_line(_trial_error(trial)))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._retried.setdefault(trial.trial_id, []).append(_last_line(_trial_error(trial)))
+
+
+def _with_history(rec: dict, prev: Optional[dict], retried: list[str]) -> dict:
+    """``rec`` with ``attempts`` (the earlier record's, plus this session's starts), the errors retried after
+    (``retried_after``, accumulated) and ``earlier`` (the earlier outcomes, with the previous one appended when
+    it differs from ``rec``)."""
+    prev = prev or {}
+    out = {**rec, "attempts": int(prev.get("attempts", 1 if prev else 0)) + 1 + len(retried)}
+    after = [*prev.get("retried_after", []), *retried]
+    if after:
+        out["retried_after"] = after
+    earlier = list(prev.get("earlier", []))
+    if prev and any(prev.get(k) != rec.get(k) for k in _HISTORY_KEYS):
+        earlier.append({k: prev[k] for k in _HISTORY_KEYS if k in prev})
+    if earlier:
+        out["earlier"] = earlier
+    return out
 
 
 def _tasks_done(trial) -> int:
@@ -149,8 +199,29 @@ class TrialLines(tune.Callback):
         print(f"trial {trial.trial_id} {outcome} after {_tasks_done(trial)}/{self.horizon} tasks", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"trial {trial.trial_id} failed after {_tasks_done(trial)}/{self.horizon} tasks: "
-              f"{_last_line(trial.get_error())}", file=sys.stderr, flush=True)
+        error = _last_line(_trial_error(trial))
+        print(f"trial {trial.trial_id} failed ({error_cause(error)}) after {_tasks_done(trial)}/{self.horizon} "
+              f"tasks: {error}", file=sys.stderr, flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        error = _last_line(_trial_error(trial))
+        cause = error_cause(error)
+        again = " (a permanent error: the retry fails at once with it)" if cause == "permanent" else ""
+        print(f"trial {trial.trial_id} failed ({cause}), retried (--trial-retries){again}: {error}",
+              file=sys.stderr, flush=True)
+
+
+def _trial_error(trial):
+    """The text of the trial's errors as Tune recorded them: its local error file (written as the error is
+    handled; the copy in the sweep's storage, which ``trial.get_error`` reads, follows later), else that."""
+    path = getattr(trial, "error_file", None)
+    try:
+        if path and os.path.exists(path):
+            with open(path) as f:
+                return f.read()
+    except OSError:
+        pass
+    return trial.get_error()
 
 
 def _last_line(err) -> str:

@@ -113,6 +113,9 @@ def read_space(path: str) -> SearchSpace:
             raise SpaceError(f"{path}: experiment.seed cannot be searched: a sweep would pick the luckiest seed, "
                              "and its winner would not reproduce. Every trial runs the same seeds (paired "
                              "comparison); set them with experiment.seed in the config and --seeds-per-trial")
+        if key in ("data.val_fraction", "data.val_seed"):
+            raise SpaceError(f"{path}: {key} cannot be searched: it decides which images the trials are ranked "
+                             "on, so trials that differ in it are not comparable; set it in the config")
         if key not in valid:
             raise SpaceError(f"{path}: unknown parameter {key!r}; valid parameters are {valid}")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:

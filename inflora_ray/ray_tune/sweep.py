@@ -8,11 +8,14 @@ parent gets the table of all trials and the best config as YAML (``python -m inf
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -25,12 +28,15 @@ from ..redact import redact_text
 from ..rundir import RunClaimed, SweepDir, check_contained, default_sweep_name
 from ..tracking.store import redact_config
 from .search_space import SearchSpace, SpaceError
-from .trial import SPREAD_METRICS
+from .trial import SPREAD_METRICS, error_cause, history_text
 
 log = logging.getLogger(__name__)
 
 # run.max_failures of the trials' runs when the config leaves it at 0 (recorded in sweep.json's config).
 SWEEP_RUN_MAX_FAILURES = 2
+# data.val_fraction of the trials when the config leaves it unset: trials are ranked on this part of the training
+# data, held out (as CODA-Prompt tunes on 20% of the training data); 0 in the config ranks them on the test set.
+SWEEP_VAL_FRACTION = 0.2
 # Ray Tune's own console (its status tables): only with --verbose; the sweep prints a line per trial event.
 TUNE_SILENT, TUNE_VERBOSE = 0, 2
 
@@ -85,6 +91,30 @@ class _Sweep:
     def parent_id(self) -> Optional[str]:
         return self.tracker.run_id if self.tracker is not None else None
 
+    @property
+    def held_out(self) -> bool:
+        """True when the trials are ranked on validation images held out of the training data."""
+        return self.base.data.eval_split == "validation"
+
+    @property
+    def search_seeds(self) -> list[int]:
+        """The seeds every trial runs (:meth:`.trial.TrialPlan.seeds`)."""
+        return [self.base.experiment.seed + k for k in range(self.opts.seeds_per_trial)]
+
+    @property
+    def final_seeds(self) -> list[int]:
+        """The seeds of the winner's final runs: with held-out selection, as many seeds again, none of them used
+        by the search (its test accuracy is not the luck of the seeds it was chosen on); else the search's."""
+        if not self.held_out:
+            return self.search_seeds
+        return [s + self.opts.seeds_per_trial for s in self.search_seeds]
+
+    @property
+    def runs_final(self) -> bool:
+        """Whether the winner is run again after the search: over every task (``--first-tasks``), and on the
+        test set with fresh seeds (held-out selection)."""
+        return self.held_out or self.horizon < self.num_tasks
+
 
 def planned_trials(space: SearchSpace, num_samples: int) -> int:
     """How many trials a sweep runs: ``num_samples`` times the number of grid points."""
@@ -134,8 +164,13 @@ def trial_table(results, space: SearchSpace, horizon: int, outcomes: Optional[di
             for key in (k, f"{k}_std"):
                 v = m.get(key)
                 row[key] = float(v) if v is not None else math.nan
-        err = (outcomes.get(tid) or {}).get("error") or (str(r.error).strip().splitlines()[-1][:500] if r.error else "")
+        rec = outcomes.get(tid) or {}
+        err = rec.get("error") or (str(r.error).strip().splitlines()[-1][:500] if r.error else "")
         row["error"] = err
+        # why it errored (transient: --resume re-runs it; permanent), how often it was started, its history
+        row["cause"] = (rec.get("cause") or error_cause(err)) if row["status"] == "error" else ""
+        row["attempts"] = rec.get("attempts")
+        row["earlier"] = history_text(rec)
         rows.append(row)
     return rows
 
@@ -255,10 +290,12 @@ def _open_parent(sw: _Sweep) -> None:
         if sw.record.get("mlflow_parent_run_id"):
             tracker.reopen(sw.record["mlflow_parent_run_id"])
         return
-    tracker.create(opts.name, tags={"sweep": "parent"}, params={
+    tracker.create(opts.name, tags={"sweep": "parent", "selection_split": sw.base.data.eval_split}, params={
         "space": json.dumps(sw.space.as_dict()), "metric": sw.space.metric, "mode": sw.space.mode,
         "scheduler": opts.scheduler, "search": opts.search, "num_samples": opts.num_samples,
-        "first_tasks": opts.first_tasks, "seeds_per_trial": opts.seeds_per_trial})
+        "first_tasks": opts.first_tasks, "seeds_per_trial": opts.seeds_per_trial,
+        "selection_split": sw.base.data.eval_split, "search_seeds": ",".join(map(str, sw.search_seeds)),
+        "final_seeds": ",".join(map(str, sw.final_seeds)) if sw.runs_final else ""})
 
 
 def _tuner(sw: _Sweep, study_storage=None):
@@ -266,19 +303,23 @@ def _tuner(sw: _Sweep, study_storage=None):
     from ray.tune import RunConfig as TuneRunConfig
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from ..ray_train.faults import trial_fault_from_env
+    from ..ray_train.faults import FaultPlan, trial_fault_from_env
     from .trial import TrialPlan, run_trial
     from .hooks import TrialLines, TrialOutcomes, optuna_searcher
 
     base, opts = sw.base, sw.opts
     plan = TrialPlan(base=base.to_dict(), sweep=opts.name, trial_storage=sw.dir.trials_root,
                      parent_run_id=sw.parent_id, horizon=sw.horizon, seeds_per_trial=opts.seeds_per_trial,
-                     exit_after_task=trial_fault_from_env(), data=sw.data)
+                     exit_after_task=trial_fault_from_env(), run_fault=FaultPlan.from_env(), data=sw.data,
+                     outcomes=sw.dir.outcomes)
     # The trial function only drives its runs' TorchTrainers, whose workers reserve their own resources.
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
-    if opts.resume:  # errored trials stay errored: their runs' failures are final (see trial.py)
+    if opts.resume:
+        # Tune starts every errored trial again (a trial has no Tune checkpoint: it resumes its seeds' runs
+        # from their run directories); one that errored for a permanent cause fails again at once with its
+        # recorded error, so only the transient ones are run again (trial.py).
         restore_path, restore_fs = storage.ray_storage(sw.dir.path)
-        return tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+        return tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=restore_fs)
     sched = (ASHAScheduler(time_attr="tasks_done", max_t=sw.horizon, grace_period=opts.grace_period,
                            reduction_factor=opts.reduction_factor) if opts.scheduler == "asha" else FIFOScheduler())
@@ -306,7 +347,9 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
     Raises :class:`~inflora_ray.ray_train.launch.RunInterrupted` when the sweep was interrupted before every
     trial ended (the message says how to resume it), ``RuntimeError`` when no trial completed."""
     _check_options(space, opts)
-    check_config(cfg, opts.address)
+    # The trials run in other working directories, on any node: they get the storage path this driver checked,
+    # made absolute here (as a run's workers get theirs), not one each would resolve against its own.
+    cfg = cfg.with_values({"run.storage_path": check_config(cfg, opts.address)})
     benchmark = checked_benchmark(cfg)  # the sweep's one scan
     num_tasks = benchmark.num_tasks
     if opts.first_tasks is not None and not 1 <= opts.first_tasks <= num_tasks:
@@ -332,6 +375,8 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
         # from the run's last checkpoint instead of failing the trial; errors no restart can fix still end
         # the run at once (the fatal marker).
         base = base.with_values({"run.max_failures": SWEEP_RUN_MAX_FAILURES})
+    if base.data.val_fraction is None:
+        base = base.with_values({"data.val_fraction": SWEEP_VAL_FRACTION})
     if cfg.tracking.enabled:
         from ..tracking.store import pin_uri, resolve_uri
 
@@ -357,6 +402,8 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
                                           "space": space.as_dict(), "metric": space.metric, "mode": space.mode,
                                           "first_tasks": opts.first_tasks, "seeds_per_trial": opts.seeds_per_trial,
                                           "horizon": sw.horizon, "options": _options_record(opts),
+                                          "selection_split": base.data.eval_split, "search_seeds": sw.search_seeds,
+                                          "final_seeds": sw.final_seeds if sw.runs_final else None,
                                           "config": redact_config(base).to_dict()})
     log_event(log, "sweep_start", name=opts.name, trials=planned_trials(space, opts.num_samples),
               scheduler=opts.scheduler, search=opts.search, metric=space.metric, horizon=sw.horizon,
@@ -364,8 +411,12 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
     trials = planned_trials(space, opts.num_samples)
     print(redact_text(f"{'resuming sweep' if opts.resume else 'sweep'} {opts.name}: {trials} trial(s) x "
                       f"{opts.seeds_per_trial} seed(s) x {sw.horizon} task(s) = {trials * opts.seeds_per_trial} runs "
-                      f"at most ({opts.search} search, {opts.scheduler}), ranked on {space.metric}; trials' runs in "
-                      f"{sweep.trials_root}"), flush=True)
+                      f"at most ({opts.search} search, {opts.scheduler}), ranked on {space.metric} "
+                      f"{_split_words(sw)}; trials' runs in {sweep.trials_root}"), flush=True)
+    if not sw.held_out:
+        print("warning: data.val_fraction is 0: the trials are ranked on the test set, so the winner's test "
+              "accuracy is optimistic; leave data.val_fraction unset (a sweep then holds out "
+              f"{SWEEP_VAL_FRACTION:g} of the training data) to rank on held-out images", file=sys.stderr, flush=True)
     if sw.tracker is not None:
         from ..ray_train.launch import print_runs_page
 
@@ -375,7 +426,8 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
     register_tracker(opts.name, sw.tracker)
     study_storage = _study_storage(opts)
     try:
-        results = _tuner(sw, study_storage).fit()
+        with _sigterm_stops_tune():
+            results = _tuner(sw, study_storage).fit()
         out = _conclude(sw, results)
     except BaseException as e:
         if sw.tracker is not None and not sw.parent_closed:
@@ -392,6 +444,37 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
 
         out["optuna_study"] = optuna.load_study(study_name="sweep", storage=study_storage)
     return out
+
+
+def _split_words(sw: _Sweep) -> str:
+    """What the trials are ranked on, in words."""
+    if sw.held_out:
+        return (f"on validation images ({sw.base.data.val_fraction:g} of each class's training images held out, "
+                f"data.val_seed {sw.base.data.val_seed})")
+    return "on the test set"
+
+
+@contextlib.contextmanager
+def _sigterm_stops_tune():
+    """While Ray Tune runs the trials, SIGTERM (``ray job stop``) ends the sweep as Ctrl-C does: Tune stops
+    its trials and saves its state, the sweep ends its trials' runs and its parent run KILLED and says how to
+    resume. (Ray's own SIGTERM handler on a driver exits at once: the parent run would end FAILED.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        on_interrupt = signal.getsignal(signal.SIGINT)  # Tune's graceful stop while fit() runs
+        if callable(on_interrupt) and on_interrupt is not signal.default_int_handler:
+            on_interrupt(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _study_storage(opts: SweepOptions):
@@ -411,6 +494,8 @@ def _conclude(sw: _Sweep, results) -> dict:
 
     space, opts, sweep = sw.space, sw.opts, sw.dir
     rows = trial_table(results, space, sw.horizon, TrialOutcomes(opts.name, sweep.outcomes, sw.horizon).read())
+    for row in rows:  # what the trials' metrics were measured on
+        row["eval_split"] = sw.base.data.eval_split
     write_trial_table(sweep, rows)
     end_trial_runs(opts.name, {r["trial_id"]: {"outcome": r["status"], "error": r["error"]} for r in rows})
     _print_table(sw, rows)
@@ -425,11 +510,12 @@ def _conclude(sw: _Sweep, results) -> dict:
         sw.close_parent("FAILED", files=sweep.table_files)
         raise
     best_params = {p.key: best[f"param.{p.key}"] for p in space.params}
-    best_cfg = redact_config(sw.cfg).with_values({**best_params, "run.name": None})
+    # The best config trains on all the training data and is evaluated on the test set (no held-out part).
+    best_cfg = redact_config(sw.cfg).with_values({**best_params, "run.name": None, "data.val_fraction": None})
     storage.write_bytes(sweep.best_config, best_cfg.to_yaml().encode())
-    print(f"best: trial {best['trial_id']} (completed every task), {space.metric} {best[space.metric]:.4f}; "
-          f"config: {sweep.best_config}  params {best_params}")
-    final = _run_final(sw, best_cfg) if sw.horizon < sw.num_tasks else None
+    print(f"best: trial {best['trial_id']} (completed every task), {space.metric} {best[space.metric]:.4f} "
+          f"{_split_words(sw)}; config: {sweep.best_config}  params {best_params}")
+    final = _run_final(sw, best_cfg) if sw.runs_final else None
     metrics = {f"best_{space.metric}": float(best[space.metric])}
     if not math.isnan(best.get(f"{space.metric}_std", math.nan)):
         metrics[f"best_{space.metric}_std"] = float(best[f"{space.metric}_std"])
@@ -446,6 +532,7 @@ def _conclude(sw: _Sweep, results) -> dict:
                     and not k.startswith("param.")}
     return {"name": opts.name, "sweep_dir": sweep.path, "best_config": best_cfg, "best_params": best_params,
             "best_trial": best["trial_id"], "best_metrics": best_metrics, "rows": rows, "final": final,
+            "selection_split": sw.base.data.eval_split, "final_seeds": sw.final_seeds if final is not None else None,
             "mlflow_parent_run_id": sw.parent_id, "results": results, "errored": [r["trial_id"] for r in errored]}
 
 
@@ -460,33 +547,42 @@ def errored_summary(rows: list[dict]) -> str:
     errored = errored_trials(rows)
     lines = [f"warning: {len(errored)} of {len(rows)} trial(s) ended with an error and took no part in choosing "
              "the winner (the trial table lists them):"]
-    lines += [f"  {r['trial_id']}: {r['error'] or 'no message'}" for r in errored]
+    lines += [f"  {r['trial_id']}{' (' + r['cause'] + ')' if r.get('cause') else ''}: {r['error'] or 'no message'}"
+              for r in errored]
+    transient = sum(r.get("cause") == "transient" for r in errored)
+    if transient:
+        lines.append(f"{transient} of them failed for a transient cause: the same command with --name and --resume "
+                     "runs them again")
     return redact_text("\n".join(lines))
 
 
 def _print_table(sw: _Sweep, rows: list[dict]) -> None:
     metric = sw.space.metric
     print(f"\n== sweep {sw.opts.name}: {len(rows)} trial(s), {sw.opts.seeds_per_trial} seed(s) each, "
-          f"ranked on {metric} after all {sw.horizon} tasks ==")
+          f"ranked on {metric} after all {sw.horizon} tasks {_split_words(sw)} ==")
     for row in rows:
         params = ", ".join(f"{k[6:]}={row[k]}" for k in row if k.startswith("param."))
         spread = f" +- {row[metric + '_std']:.4f}" if sw.opts.seeds_per_trial > 1 and f"{metric}_std" in row else ""
+        error = f"  [{row['cause']}] {row['error']}" if row.get("cause") else f"  {row['error']}"
         print(f"  {row['trial_id']}: {row['status']:10s} tasks {row['tasks_done']}/{sw.horizon}  "
-              f"{metric} {row.get(metric, math.nan):.4f}{spread}  ({params}){'  ' + row['error'] if row['error'] else ''}")
+              f"{metric} {row.get(metric, math.nan):.4f}{spread}  ({params}){error if row['error'] else ''}")
 
 
 def _run_final(sw: _Sweep, best_cfg: Config) -> dict:
-    """``--first-tasks``: the winner over every task, with the sweep's seeds; returns its summary (means over
+    """The winner run again over every task, trained on all the training data and evaluated on the test set,
+    with :attr:`_Sweep.final_seeds` (fresh seeds after held-out selection); returns its summary (means over
     the seeds as ``final_accuracy`` etc. with more than one seed)."""
     from ..ray_train.launch import RunContext, RunOptions, run_experiment
     from ..ray_train.seeds import run_seeds
 
-    print(f"first-task protocol: running the best config over all {sw.num_tasks} tasks")
+    seeds = sw.final_seeds
+    fresh = " (seeds the search did not use)" if sw.held_out else ""
+    print(f"final run(s): the best config over all {sw.num_tasks} tasks on the test set, seed(s) "
+          f"{', '.join(map(str, seeds))}{fresh}", flush=True)
     cfg = best_cfg.with_values({"tracking.sweep_id": sw.opts.name, "tracking.uri": sw.base.tracking.uri})
     opts = RunOptions(name=f"{sw.opts.name}-final", address=sw.opts.address)
-    if sw.opts.seeds_per_trial == 1:
+    if len(seeds) == 1:
         context = RunContext(parent_run_id=sw.parent_id, label="[final] ", data=sw.scanned)
-        return run_experiment(cfg, opts, context).summary
-    seeds = [cfg.experiment.seed + k for k in range(sw.opts.seeds_per_trial)]
+        return run_experiment(cfg.with_values({"experiment.seed": seeds[0]}), opts, context).summary
     agg = run_seeds(cfg, seeds, opts, RunContext(data=sw.scanned))["aggregate"]
     return {k[:-5]: v for k, v in agg.items() if k.endswith("_mean")}

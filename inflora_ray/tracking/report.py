@@ -17,6 +17,7 @@ from ..redact import redact_uri
 from .store import TrackingUnavailable, check_server, explain_store_error, store_call
 
 SEED_KEY, BENCHMARK_KEY, TASKS_KEY = "experiment.seed", "data.benchmark", "data.num_tasks"
+VAL_FRACTION_KEY, VAL_SEED_KEY = "data.val_fraction", "data.val_seed"
 # The final metrics of the table: key in metrics.json -> the MLflow metric that holds it. Accuracy without a
 # suffix is pooled (over the test images of all seen tasks together), with _task_mean the mean of the per-task
 # accuracies (inflora_ray.core.metrics says which papers report which).
@@ -59,6 +60,16 @@ class ComparedRun:
     @property
     def seed(self) -> str:
         return self.params.get(SEED_KEY, "?")
+
+    @property
+    def eval_split(self) -> str:
+        """What the run's accuracies were measured on: ``validation`` (a run with ``data.val_fraction`` > 0, such
+        as a sweep's trial: images held out of the training data) or ``test``."""
+        try:
+            held_out = float(self.params.get(VAL_FRACTION_KEY) or 0) > 0
+        except ValueError:  # "None": unset
+            held_out = False
+        return "validation" if held_out else "test"
 
     @property
     def finished(self) -> bool:

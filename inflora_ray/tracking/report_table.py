@@ -21,6 +21,8 @@ from .report import (
     FINAL_METRICS,
     SEED_KEY,
     TASKS_KEY,
+    VAL_FRACTION_KEY,
+    VAL_SEED_KEY,
     ReportError,
     ComparedRun,
 )
@@ -35,7 +37,9 @@ LEGEND = ("A_T: final accuracy (after the last task), A_avg: average incremental
           "the accuracy after each), F: forgetting, all in %. pooled: correct / total over the test images of all "
           "seen tasks together (as InfLoRA and SD-LoRA report it); task-mean: the mean over the seen tasks of each "
           "one's accuracy (as L2P, DualPrompt and CODA-Prompt report it). Mean +- sample std over the runs (seeds) "
-          "of each cell; n: runs averaged. Only runs that finished every task count.")
+          "of each cell; n: runs averaged. Only runs that finished every task count. Accuracies are on the test "
+          "images, except in columns marked \"validation\": runs with data.val_fraction (a sweep's trials), "
+          "measured on images held out of the training data.")
 # Keys that name or label runs rather than configure them (besides those that cannot alter results).
 _LABELS = {SEED_KEY, BENCHMARK_KEY, TASKS_KEY, "experiment.name"}
 
@@ -62,9 +66,10 @@ class Cell:
 
 @dataclass
 class Table:
-    """Rows (tuples of group values) x columns ((benchmark, number of tasks)) of :class:`Cell`."""
+    """Rows (tuples of group values) x columns ((benchmark, number of tasks, eval split)) of :class:`Cell`:
+    accuracies measured on validation images never share a column with test accuracies."""
     group_by: tuple[str, ...]
-    cells: dict[tuple[tuple[str, ...], tuple[str, int]], Cell]
+    cells: dict[tuple[tuple[str, ...], tuple[str, int, str]], Cell]
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -73,14 +78,15 @@ class Table:
         return sorted({r for r, _ in self.cells}, key=lambda row: tuple(_order(v) for v in row))
 
     @property
-    def columns(self) -> list[tuple[str, int]]:
-        return sorted({c for _, c in self.cells})
+    def columns(self) -> list[tuple[str, int, str]]:
+        """(benchmark, tasks, split), the test columns of a benchmark before its validation ones."""
+        return sorted({c for _, c in self.cells}, key=lambda c: (c[0], c[1], c[2] != "test"))
 
-    def ordered(self) -> list[tuple[tuple[str, ...], tuple[str, int], Cell]]:
+    def ordered(self) -> list[tuple[tuple[str, ...], tuple[str, int, str], Cell]]:
         """The cells with their row and column, row by row."""
         return [(r, c, self.cells[(r, c)]) for r in self.rows for c in self.columns if (r, c) in self.cells]
 
-    def left_out(self) -> list[tuple[tuple[str, ...], tuple[str, int], ComparedRun]]:
+    def left_out(self) -> list[tuple[tuple[str, ...], tuple[str, int, str], ComparedRun]]:
         """Every run not averaged in, with its row and column."""
         return [(r, c, run) for r, c, cell in self.ordered() for run in cell.left_out]
 
@@ -102,9 +108,10 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def column_label(column: tuple[str, int]) -> str:
-    """``digits (5 tasks)``."""
-    return f"{column[0]} ({column[1]} tasks)"
+def column_label(column: tuple[str, int, str]) -> str:
+    """``digits (5 tasks)``, or ``digits (5 tasks, validation)`` for accuracies on held-out training images."""
+    split = "" if column[2] == "test" else f", {column[2]}"
+    return f"{column[0]} ({column[1]} tasks{split})"
 
 
 def _label(row: tuple[str, ...]) -> str:
@@ -118,10 +125,18 @@ def _settings_differ(runs: list[ComparedRun], group_by: tuple[str, ...]) -> dict
     keys = {k for r in runs for k in r.params if k.startswith(sections)}
     out = {}
     for key in sorted(keys - set(group_by) - _LABELS):
-        values = Counter(r.params.get(key, UNSET) for r in runs)
+        values = Counter(_setting(r, key) for r in runs)
         if len(values) > 1 and alters_results(key):
             out[key] = values
     return out
+
+
+def _setting(run: ComparedRun, key: str) -> str:
+    """``run``'s value of ``key`` as runs compare on it: the held-out settings of a run evaluated on the test set
+    (``data.val_fraction`` unset or 0, or a run from before these settings existed) are all the same."""
+    if key in (VAL_FRACTION_KEY, VAL_SEED_KEY) and run.eval_split == "test":
+        return "(none held out)"
+    return run.params.get(key, UNSET)
 
 
 def _flag(table: Table) -> None:
@@ -163,7 +178,8 @@ def build_table(runs: list[ComparedRun], group_by: tuple[str, ...] = DEFAULT_GRO
                           f"as {examples}")
     table = Table(tuple(group_by), {})
     for run in runs:
-        key = (tuple(run.params.get(k, UNSET) for k in group_by), (run.params[BENCHMARK_KEY], run.num_tasks))
+        key = (tuple(run.params.get(k, UNSET) for k in group_by),
+               (run.params[BENCHMARK_KEY], run.num_tasks, run.eval_split))
         cell = table.cells.setdefault(key, Cell())
         (cell.runs if run.finished else cell.left_out).append(run)
     _flag(table)
@@ -213,24 +229,24 @@ def to_markdown(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_COLUMNS = ("benchmark", "num_tasks", "metric", "mean_pct", "std_pct", "n", "seeds", "left_out", "notes")
+CSV_COLUMNS = ("benchmark", "num_tasks", "split", "metric", "mean_pct", "std_pct", "n", "seeds", "left_out", "notes")
 
 
 def to_csv(table: Table) -> str:
     """The table in long form: one line per group x benchmark x metric (columns: the group keys, then
     :data:`CSV_COLUMNS`; ``metric`` is the key of metrics.json: ``final_accuracy`` and
     ``average_incremental_accuracy`` pooled, ``..._task_mean`` task-mean; mean and std in %, std empty for a
-    single run, seeds space-separated)."""
+    single run, seeds space-separated; ``split``: test, or validation for images held out of the training data)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*table.group_by, *CSV_COLUMNS])
-    for row, (bench, tasks), cell in table.ordered():
+    for row, (bench, tasks, split), cell in table.ordered():
         stats = cell.stats()
         for metric in FINAL_METRICS:
             n = cell.count(metric)
             mean = f"{100 * stats[f'{metric}_mean']:.4f}" if f"{metric}_mean" in stats else ""
             std = f"{100 * stats[f'{metric}_std']:.4f}" if n > 1 else ""
-            writer.writerow([*row, bench, tasks, metric, mean, std, n, " ".join(cell.seeds()), len(cell.left_out),
+            writer.writerow([*row, bench, tasks, split, metric, mean, std, n, " ".join(cell.seeds()), len(cell.left_out),
                              " ".join(map(str, cell.notes))])
     return out.getvalue()
 

@@ -1,17 +1,26 @@
-"""Which MLflow store a run uses and whether it can be used: the URI, the server's health, and what to do
-when the store refuses (a missing database driver, MLflow 3's refusal of the file store, credentials)."""
+"""Which MLflow store a run uses and whether it can be used: the URI, the server's health, what to do
+when the store refuses (a missing database driver, MLflow 3's refusal of the file store, credentials), and
+which of its errors pass (:func:`is_transient_tracking`) and are retried (:func:`retry_call`)."""
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 import os
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from typing import Optional, TypeVar
 
+from .. import storage
 from ..config import Config
+from ..logs import log_event
 from ..redact import has_secrets, is_redacted, redact_text, redact_uri
+
+log = logging.getLogger(__name__)
 
 # The module that a database URI's SQLAlchemy dialect imports -> how to install it.
 _DRIVERS = {
@@ -136,3 +145,73 @@ def explain_store_error(uri: str, doing: str, e: Exception) -> str:
     detail = redact_text(f"{type(e).__name__}: {e}", uri)[:300]
     return (f"MLflow at {shown}: {doing} failed ({detail}); fix tracking.uri / --tracking-uri / "
             "MLFLOW_TRACKING_URI, or run with tracking.enabled=false")
+
+
+# ---------------------------------------------------------------------------------------- transient errors
+# The total wait for one MLflow call before what it wrote is deferred (the tracker's backlog): storage's
+# policy (inflora_ray.storage.RetryPolicy and its INFLORA_STORAGE_RETRY* variables: about a minute) unless this
+# variable says otherwise; 0: no retry, defer at once.
+RETRY_WAIT_ENV = "INFLORA_TRACKING_RETRY_MAX_SECONDS"
+# What MLflow's REST client (requests, urllib3) says about a connection lost, refused or timed out, and about a
+# server that kept answering 408/429/5xx; a sqlite store's lock held by another writer.
+_TRANSIENT_TEXT = re.compile(
+    r"[Cc]onnection (?:refused|reset|aborted)|NewConnectionError|ConnectTimeout|ReadTimeout|RemoteDisconnected|"
+    r"ProtocolError|IncompleteRead|timeout exception|[Tt]imed out|too many (?:408|429|5\d\d) error responses|"
+    r"Broken pipe|[Tt]emporary failure in name resolution|database is locked|temporarily unavailable")
+
+
+def retry_policy() -> storage.RetryPolicy:
+    """How the tracker retries an MLflow call: :meth:`storage.RetryPolicy.from_env` with its total wait
+    replaced by :data:`RETRY_WAIT_ENV` when set. A ``ValueError`` names a bad value."""
+    policy = storage.RetryPolicy.from_env()
+    text = os.environ.get(RETRY_WAIT_ENV, "").strip()
+    if not text:
+        return policy
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise ValueError(f"{RETRY_WAIT_ENV}={text!r}: expected a finite number of seconds, at least 0")
+    return dataclasses.replace(policy, max_seconds=seconds)
+
+
+def is_transient_tracking(error: BaseException) -> bool:
+    """True for an MLflow error that may pass if the same call is made again: a connection refused, reset
+    or timed out (a server restarting, a load balancer's hiccup), an answer 408, 429 or 5xx, a locked sqlite
+    store. False for what the store will refuse again (4xx: invalid parameter, permission denied, resource does
+    not exist) and for any other error."""
+    from mlflow.exceptions import RestException
+
+    if isinstance(error, RestException):  # the server answered with an error of its own
+        status = error.get_http_status_code()
+        return status in (408, 429) or status >= 500
+    found = re.search(r"error code (\d{3})", str(error))  # an answer that was not MLflow's JSON
+    if found:
+        status = int(found.group(1))
+        return status in (408, 429) or status >= 500
+    if _TRANSIENT_TEXT.search(str(error)):
+        return True
+    return isinstance(error, OSError) and storage.is_transient(error)
+
+
+def retry_call(uri: str, doing: str, fn: Callable[[], T], policy: storage.RetryPolicy | None = None) -> T:
+    """``fn()``, made again after each transient error (:func:`is_transient_tracking`) with exponential
+    backoff and jitter as ``policy`` says (default :func:`retry_policy`), each retry logged as a
+    ``tracking_retry`` event. A permanent error, or the last transient one once the retries are spent, is
+    raised as it came."""
+    policy = policy or retry_policy()
+    start, failures = time.monotonic(), 0
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient_tracking(e):
+                raise
+            failures += 1
+            waited, delay = time.monotonic() - start, policy.delay(failures)
+            if failures >= policy.attempts or waited + delay > policy.max_seconds:
+                raise
+            log_event(log, "tracking_retry", level=logging.WARNING, doing=doing, attempt=failures + 1,
+                      wait_s=round(delay, 2), error=redact_text(f"{type(e).__name__}: {e}", uri)[:300])
+            time.sleep(delay)

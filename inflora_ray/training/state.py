@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..core.metrics import average_incremental_accuracy, task_mean_accuracy
+
 
 @dataclass
 class TaskResult:
@@ -42,13 +44,9 @@ def with_task_mean(results: list[dict]) -> list[dict]:
     ``average_incremental_accuracy_task_mean`` computed from each one's per-task ``accuracy`` where missing:
     results saved (checkpoints, result files) before those fields existed. New dicts; ``results`` is left as
     it is."""
-    out, task_means = [], []
-    for r in results:
-        task_means.append(sum(r["accuracy"]) / len(r["accuracy"]))
-        filled = {"task_mean_accuracy": task_means[-1],
-                  "average_incremental_accuracy_task_mean": sum(task_means) / len(task_means)}
-        out.append({**filled, **r})
-    return out
+    after = task_mean_accuracy([r["accuracy"] for r in results])
+    return [{"task_mean_accuracy": after[t], "average_incremental_accuracy_task_mean":
+             average_incremental_accuracy(after[:t + 1]), **r} for t, r in enumerate(results)]
 
 
 def task_metrics(result: dict, finite_only: bool = True) -> dict[str, float]:
