@@ -71,13 +71,13 @@ REGION_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def forwarded_env() -> dict[str, str]:
-    """This process's S3 endpoint settings (:data:`ENDPOINT_VARS`, and :data:`REGION_VARS` with them), for the
-    processes a run or sweep starts on other nodes; {} without an endpoint (AWS itself: each node resolves its
-    region). Credentials are never among them: every node gets its own (an instance role, the job's runtime
-    env), so that they are written nowhere by the project."""
-    if s3_endpoint() is None:
-        return {}
-    return {var: os.environ[var] for var in ENDPOINT_VARS + REGION_VARS if os.environ.get(var, "").strip()}
+    """What the processes a run or sweep starts on other nodes need of this process's environment: the retry
+    settings it was given (:data:`RETRY_SETTING_VARS`), and its S3 endpoint settings (:data:`ENDPOINT_VARS`, and
+    :data:`REGION_VARS` with them; none without an endpoint: on AWS itself each node resolves its region).
+    Credentials are never among them: every node gets its own (an instance role, the job's runtime env), so
+    that they are written nowhere by the project."""
+    names = RETRY_SETTING_VARS + (ENDPOINT_VARS + REGION_VARS if s3_endpoint() is not None else ())
+    return {var: os.environ[var] for var in names if os.environ.get(var, "").strip()}
 
 
 def _s3_with_endpoint(endpoint: str) -> pafs.S3FileSystem:
@@ -119,6 +119,10 @@ RETRY_CAP_SECONDS = 8.0
 RETRY_MAX_SECONDS = 60.0
 RETRY_ENV = {"attempts": "INFLORA_STORAGE_RETRIES", "base_seconds": "INFLORA_STORAGE_RETRY_BASE_SECONDS",
              "cap_seconds": "INFLORA_STORAGE_RETRY_CAP_SECONDS", "max_seconds": "INFLORA_STORAGE_RETRY_MAX_SECONDS"}
+# The total wait for one MLflow call (inflora_ray.tracking.store), named here with the storage settings that
+# runs on other nodes get from the driver (forwarded_env).
+TRACKING_RETRY_ENV = "INFLORA_TRACKING_RETRY_MAX_SECONDS"
+RETRY_SETTING_VARS = (*RETRY_ENV.values(), TRACKING_RETRY_ENV)
 
 
 class TransientStorageError(OSError):

@@ -11,6 +11,8 @@ import timm
 import torch
 from torch import nn
 
+from inflora_ray.core.metrics import AccuracyCounts, summary
+from inflora_ray.rundir import RunDir
 from inflora_ray.tools.rehearsal import MLFLOW_SERVER_ENV
 from inflora_ray.training.learner import Hooks
 
@@ -239,3 +241,24 @@ def wait_job(cluster, submission_id: str, timeout: float) -> str:
     cluster.cli("job", "stop", f"--address={cluster.address}", submission_id)
     raise AssertionError(f"job {submission_id} did not finish in {timeout:.0f} s:\n"
                          f"{cluster.job_logs(submission_id)[-4000:]}")
+
+
+def task_record(task: int) -> dict:
+    """A task record as rank 0 writes it (``results/task_NNN.json``), with made-up but consistent numbers."""
+    acc = AccuracyCounts()
+    for i in range(task + 1):
+        acc.add_row([50 + 10 * j for j in range(i + 1)], [100] * (i + 1))
+    summ = summary(acc)
+    report = {"task": task, "classes": [2 * task, 2 * task + 1], "pooled_accuracy": summ["pooled_accuracy"][-1],
+              "average_incremental_accuracy": summ["average_incremental_accuracy"],
+              "forgetting": summ["forgetting"], "backward_transfer": summ["backward_transfer"],
+              "train_loss": 1.0 / (task + 1), "task_seconds": 2.0, "images_per_second": 50.0, "peak_memory_mb": 10.0,
+              "accuracy": summ["accuracy_matrix"][-1], "own_head_accuracy": summ["accuracy_matrix"][-1],
+              "info": {"memory_dims": [3 + task, 4 + task]}}
+    return {"result": report, "summary": summ}
+
+
+def results_dir(tmp_path, name: str = "r") -> RunDir:
+    """An empty run folder (with its results/ folder) for a tracker to log from."""
+    (tmp_path / name / "results").mkdir(parents=True)
+    return RunDir(str(tmp_path / name))

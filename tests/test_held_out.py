@@ -127,7 +127,11 @@ def test_report_never_averages_held_out_and_test_accuracies_together():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_held_out_sweep_chooses_on_validation_and_reruns_the_winner_with_fresh_seeds(ray_session, mlflow_server,
-                                                                                      tmp_path):
+                                                                                      tmp_path, monkeypatch):
+    """Also a sweep given a relative storage path: its record holds the path the driver made absolute, which its
+    trials start from, so their runs go under the driver's folder whatever their working directory and node.
+    (On this one machine a trial would resolve a relative path as the driver does: the record tells them
+    apart.)"""
     from mlflow import MlflowClient
 
     from inflora_ray.ray_tune.search_space import Param, SearchSpace
@@ -136,9 +140,10 @@ def test_held_out_sweep_chooses_on_validation_and_reruns_the_winner_with_fresh_s
     from inflora_ray.rundir import RunDir
 
     seed = 5
+    monkeypatch.chdir(tmp_path)
     cfg = load_config("quickstart", tiny_overrides(**{
         "data.num_tasks": 2, "experiment.seed": seed, "experiment.name": "held-out",
-        "run.storage_path": str(tmp_path / "runs"), "tracking.uri": mlflow_server}))
+        "run.storage_path": "runs", "tracking.uri": mlflow_server}))
     space = SearchSpace([Param("method.rank", "grid", [2, 4])], metric="pooled_accuracy", mode="max")
     out = run_sweep(cfg, space, SweepOptions(name="ho", search="grid", scheduler="fifo", first_tasks=1,
                                              max_concurrent=1))
@@ -146,6 +151,7 @@ def test_held_out_sweep_chooses_on_validation_and_reruns_the_winner_with_fresh_s
     assert record["selection_split"] == out["selection_split"] == "validation"
     assert record["search_seeds"] == [seed] and record["final_seeds"] == [seed + 1] == out["final_seeds"]
     assert record["config"]["data"]["val_fraction"] == 0.2  # the sweep's default
+    assert record["config"]["run"]["storage_path"] == str(tmp_path / "runs")  # made absolute for the trials
 
     # The trials were measured on validation images, and the winner is the best of them on that.
     for row in out["rows"]:

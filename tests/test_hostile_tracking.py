@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, start_mlflow_server, stop_server, tiny_overrides
-from inflora_ray.core.metrics import AccuracyCounts, summary
+from helpers import free_port, results_dir, start_mlflow_server, stop_server, task_record, tiny_overrides
 from inflora_ray.preflight import PreflightError, start_tracker
 from inflora_ray.presets import load_config
 from inflora_ray.rundir import RunDir
@@ -37,24 +36,6 @@ def _cfg(tmp_path, uri: str, **extra):
     return load_config("quickstart", tiny_overrides(**o))
 
 
-def _record(task: int) -> dict:
-    """A task record as rank 0 writes it (``results/task_NNN.json``), with made-up but consistent numbers."""
-    acc = AccuracyCounts()
-    for i in range(task + 1):
-        acc.add_row([50 + 10 * j for j in range(i + 1)], [100] * (i + 1))
-    summ = summary(acc)
-    report = {"task": task, "classes": [2 * task, 2 * task + 1], "pooled_accuracy": summ["pooled_accuracy"][-1],
-              "average_incremental_accuracy": summ["average_incremental_accuracy"],
-              "forgetting": summ["forgetting"], "backward_transfer": summ["backward_transfer"],
-              "train_loss": 1.0 / (task + 1), "task_seconds": 2.0, "images_per_second": 50.0, "peak_memory_mb": 10.0,
-              "accuracy": summ["accuracy_matrix"][-1], "own_head_accuracy": summ["accuracy_matrix"][-1],
-              "info": {"memory_dims": [3 + task, 4 + task]}}
-    return {"result": report, "summary": summ}
-
-
-def _run_dir(tmp_path, name: str = "r") -> RunDir:
-    (tmp_path / name / "results").mkdir(parents=True)
-    return RunDir(str(tmp_path / name))
 
 
 _RECORD = {"class_order": list(range(10)), "versions": {"mlflow": "3"}}
@@ -163,11 +144,11 @@ def test_password_and_tokens_reach_no_param_tag_file_log_or_console(tmp_path, ml
     _capture_all_logs(caplog)
     uri = _with_password(mlflow_server)
     cfg = _cfg(tmp_path, uri, **{"tracking.tags": f"{{source: 'https://git.example.org/x?private_token={TOKEN}'}}"})
-    run = _run_dir(tmp_path)
+    run = results_dir(tmp_path)
     tracker = start_tracker(cfg)
     run_id = tracker.start("r", _RECORD)
     tracker.save_state(run)
-    tracker.log_task(_record(0), run)
+    tracker.log_task(task_record(0), run)
     tracker.finish(run, {}, run_status="finished")
     assert tracker.lost is None
 
@@ -186,12 +167,12 @@ def test_password_and_tokens_reach_no_param_tag_file_log_or_console(tmp_path, ml
 def test_lost_server_message_and_log_line_hold_no_password(tmp_path, mlflow_server, caplog):
     """A server that dies mid-run: MLflow's error quotes the URL it called, password included."""
     _capture_all_logs(caplog)
-    run = _run_dir(tmp_path)
+    run = results_dir(tmp_path)
     live = start_tracker(_cfg(tmp_path, _with_password(mlflow_server)))
     live.start("r", _RECORD)
     dead = Tracker(_cfg(tmp_path, _with_password(f"http://127.0.0.1:{free_port()}")))
     dead.run_id = live.run_id  # the same run, through a server that is gone
-    dead.log_task(_record(0), run)
+    dead.log_task(task_record(0), run)
     assert dead.lost is not None and "logging task 0" in dead.lost
     assert SECRET not in dead.lost and SECRET not in caplog.text and "tracking_lost" in caplog.text
 
@@ -224,7 +205,7 @@ def _fake_checkpoint(run: RunDir) -> None:
     ("interrupted", "KILLED", False), ("stopped", "KILLED", True), ("failed", "FAILED", True),
     ("finished", "FINISHED", True)])
 def test_run_ends_with_the_status_given(tmp_path, sqlite_uri, run_status, status, checkpoint_logged):
-    tracker, run = _sqlite_tracker(tmp_path, sqlite_uri), _run_dir(tmp_path)
+    tracker, run = _sqlite_tracker(tmp_path, sqlite_uri), results_dir(tmp_path)
     _fake_checkpoint(run)
     run_id = tracker.start("r", _RECORD)
     tracker.finish(run, {}, run_status=run_status)
@@ -277,7 +258,7 @@ def test_a_trials_runs_are_found_by_name_among_the_parents_children(tmp_path, sq
     (lambda t, run: t.finish_parent({}, ok=False, status="FINISHED"), "a failed run cannot end as FINISHED"),
 ])
 def test_bad_status_is_refused_before_anything_is_written(tmp_path, sqlite_uri, call, message):
-    tracker, run = _sqlite_tracker(tmp_path, sqlite_uri), _run_dir(tmp_path)
+    tracker, run = _sqlite_tracker(tmp_path, sqlite_uri), results_dir(tmp_path)
     run_id = tracker.start("r", _RECORD)
     with pytest.raises(ValueError, match=message):
         call(tracker, run)
@@ -291,11 +272,11 @@ def test_bad_status_is_refused_before_anything_is_written(tmp_path, sqlite_uri, 
     [0],  # ... died after logging task 1's metrics but before saving tracking.json
 ])
 def test_resumed_run_logs_each_metric_once_per_step(tmp_path, sqlite_uri, saved_tasks):
-    run = _run_dir(tmp_path)
+    run = results_dir(tmp_path)
     first = _sqlite_tracker(tmp_path, sqlite_uri)
     run_id = first.start("r", _RECORD)
     for task in (0, 1):
-        first.log_task(_record(task), run)
+        first.log_task(task_record(task), run)
         assert Tracker.load_state(run)["logged_tasks"] == list(range(task + 1))  # saved at once
     if saved_tasks != [0, 1]:
         state = Tracker.load_state(run)
@@ -307,7 +288,7 @@ def test_resumed_run_logs_each_metric_once_per_step(tmp_path, sqlite_uri, saved_
     second.start("r", _RECORD, resume_run_id=previous["run_id"])
     second.logged_tasks = set(previous["logged_tasks"])
     for task in (0, 1, 2):
-        second.log_task(_record(task), run)
+        second.log_task(task_record(task), run)
     second.finish(run, {}, run_status="finished")
 
     client = second.client

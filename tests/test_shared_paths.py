@@ -47,29 +47,11 @@ def test_a_sweep_refuses_a_relative_storage_path_under_ray_job_submit_as_a_run_d
     assert not (tmp_path / "relative").exists()
 
 
-@pytest.mark.slow
-def test_a_sweep_with_a_relative_storage_path_keeps_its_trials_under_the_drivers_directory(ray_session, tmp_path,
-                                                                                          monkeypatch):
-    """The trials start from the config the sweep records (sweep.json), whose storage path the driver made
-    absolute, so the trial's run folder is under the driver's working directory, where the sweep's own files
-    are, whatever the trial's working directory and node. (On this one machine a trial happens to resolve a
-    relative path as the driver does, so the recorded config is what tells a relative path from an absolute
-    one; on a cluster, a trial on another node would put its run on that node's disk.)"""
-    from inflora_ray.ray_tune.sweep import SweepOptions, run_sweep
-
-    monkeypatch.chdir(tmp_path)
-    out = run_sweep(_cfg("rel"), _space(), SweepOptions(name="sw", max_concurrent=1, scheduler="fifo"))
-    assert [r["status"] for r in out["rows"]] == ["completed"]
-    assert len(list((tmp_path / "rel" / "sw" / "runs").glob("*/results/metrics.json"))) == 1
-    record = json.loads((tmp_path / "rel" / "sw" / "sweep.json").read_text())
-    assert record["config"]["run"]["storage_path"] == str(tmp_path / "rel")
-
-
 def test_the_forwarded_settings_are_the_endpoint_and_region_never_credentials(monkeypatch):
     from inflora_ray import storage
     from inflora_ray.preflight import job_runtime_env
 
-    for var in storage.ENDPOINT_VARS + storage.REGION_VARS:
+    for var in storage.ENDPOINT_VARS + storage.REGION_VARS + storage.RETRY_SETTING_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-never-forwarded")
@@ -84,6 +66,12 @@ def test_the_forwarded_settings_are_the_endpoint_and_region_never_credentials(mo
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
                        json.dumps({"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": ENDPOINT}}}))
     assert job_runtime_env() == {"env_vars": {"AWS_ENDPOINT_URL_S3": ENDPOINT + "0", "AWS_REGION": "eu-test-1"}}
+    # The retry settings the driver was given reach the runs on other nodes too (with or without an endpoint).
+    monkeypatch.setenv("INFLORA_STORAGE_RETRIES", "5")
+    monkeypatch.setenv("INFLORA_TRACKING_RETRY_MAX_SECONDS", "9")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    assert storage.forwarded_env() == {"INFLORA_STORAGE_RETRIES": "5", "INFLORA_TRACKING_RETRY_MAX_SECONDS": "9"}
 
 
 def _started_without_endpoint(ray) -> None:

@@ -90,3 +90,57 @@ def test_transient_ray_job_stop_saves_the_run_ends_mlflow_and_offers_resume(ray_
     # The job's output says what stopped it and how to continue.
     assert "interrupted (SIGTERM)" in output, output[-3000:]
     assert f"--resume {name}" in output, output[-3000:]
+
+
+def test_transient_ray_job_stop_of_a_sweep_with_a_pending_trial_tables_every_trial_and_offers_resume(
+        ray_session, mlflow_server, tmp_path):
+    """SIGTERM to a sweep's driver while one trial runs and the other waits for its turn: Ray Tune stops, every
+    trial it made is in the table as unfinished, the trials' runs and the parent run end KILLED, the driver
+    exits 130 within the stop wait, and it prints the sweep's own --resume command (not Ray Tune's)."""
+    import csv
+
+    import psutil
+    from mlflow import MlflowClient
+
+    wait = configured_stop_wait()
+    space = tmp_path / "space.yaml"
+    space.write_text("metric: pooled_accuracy\nparams:\n  method.rank: {grid: [2, 4]}\n")
+    argv = [sys.executable, "-m", "inflora_ray.tune", "--config", "quickstart", "--space", str(space),
+            "--search", "grid", "--scheduler", "fifo", "--max-concurrent", "1", "--name", "sw",
+            "--storage-path", str(tmp_path / "runs"), "--tracking-uri", mlflow_server,
+            *tiny_overrides(**{"data.num_tasks": 3, "train.epochs": 30, "experiment.name": "transient-stop-sweep"})]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.time() + STARTED_WITHIN_S
+        for line in driver.stdout:  # until the first trial has finished its first task
+            lines.append(line)
+            if "] task 1/3" in line or time.time() > deadline:
+                break
+        assert any("] task 1/3" in ln for ln in lines), "".join(lines)[-3000:]
+        procs = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+        start = time.monotonic()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=wait)
+        took = time.monotonic() - start
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    output = "".join(lines) + out
+    print(f"stop: the sweep's driver exited {took:.1f} s after SIGTERM (stop wait {wait} s)")
+    assert driver.returncode == 130, output[-3000:]
+    assert "--name sw --resume" in output and "Tuner.restore" not in output, output[-3000:]
+
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "sw" / "trials.csv")))
+    # The running trial, and the waiting one if Tune had created it yet (a grid's later points are made lazily).
+    assert "2" in {r["param.method.rank"] for r in rows} and len(rows) <= 2, rows
+    assert {r["status"] for r in rows} == {"unfinished"}, rows
+    sweep = json.loads((tmp_path / "runs" / "sw" / "sweep.json").read_text())
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(sweep["mlflow_parent_run_id"])
+    assert parent.info.status == "KILLED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert children and all(c.info.status == "KILLED" for c in children), [c.info.status for c in children]

@@ -16,9 +16,8 @@ import time
 from contextlib import contextmanager
 
 import pytest
-from helpers import tiny_overrides
+from helpers import results_dir, task_record, tiny_overrides
 
-from inflora_ray.core.metrics import AccuracyCounts, summary
 from inflora_ray.preflight import PreflightError, start_tracker
 from inflora_ray.presets import load_config
 from inflora_ray.results import RESULT
@@ -153,28 +152,10 @@ def _cfg(tmp_path, uri: str, **extra):
     return load_config("quickstart", tiny_overrides(**o))
 
 
-def _record(task: int) -> dict:
-    """A task record as rank 0 writes it (``results/task_NNN.json``), with made-up but consistent numbers."""
-    acc = AccuracyCounts()
-    for i in range(task + 1):
-        acc.add_row([50 + 10 * j for j in range(i + 1)], [100] * (i + 1))
-    summ = summary(acc)
-    report = {"task": task, "classes": [2 * task, 2 * task + 1], "pooled_accuracy": summ["pooled_accuracy"][-1],
-              "average_incremental_accuracy": summ["average_incremental_accuracy"],
-              "forgetting": summ["forgetting"], "backward_transfer": summ["backward_transfer"],
-              "train_loss": 1.0 / (task + 1), "task_seconds": 2.0, "images_per_second": 50.0, "peak_memory_mb": 10.0,
-              "accuracy": summ["accuracy_matrix"][-1], "own_head_accuracy": summ["accuracy_matrix"][-1],
-              "info": {"memory_dims": [3 + task, 4 + task]}}
-    return {"result": report, "summary": summ}
-
-
-def _run_dir(tmp_path, name: str = "r") -> RunDir:
-    (tmp_path / name / "results").mkdir(parents=True)
-    return RunDir(str(tmp_path / name))
 
 
 def _write_result(run: RunDir, task: int) -> dict:
-    rec = _record(task)
+    rec = task_record(task)
     with open(f"{run.results}/task_{task:03d}.json", "w") as f:
         json.dump(rec, f)
     return rec
@@ -258,7 +239,7 @@ def test_transient_hiccup_is_ridden_out_by_retries(tmp_path, proxy, monkeypatch)
     nothing is deferred."""
     monkeypatch.setenv(RETRY_ENV["base_seconds"], "0.2")
     monkeypatch.setenv(RETRY_WAIT_ENV, "20")
-    run = _run_dir(tmp_path)
+    run = results_dir(tmp_path)
     tracker = start_tracker(_cfg(tmp_path, proxy.uri))
     run_id = tracker.start("r", _RECORD)
     with events("tracking_retry", "tracking_lost") as got:
@@ -267,9 +248,9 @@ def test_transient_hiccup_is_ridden_out_by_retries(tmp_path, proxy, monkeypatch)
     assert proxy.resets > 0
     assert [name for name, _ in got].count("tracking_retry") >= 1 and "tracking_lost" not in {n for n, _ in got}
     assert tracker.lost is None and tracker.backlog == [] and tracker.logged_tasks == {0}
-    tracker.finish(run, _record(0)["summary"], run_status="finished")
+    tracker.finish(run, task_record(0)["summary"], run_status="finished")
     from mlflow import MlflowClient
-    assert_holds_everything(MlflowClient(proxy.uri), run_id, 1, _record(0)["summary"])
+    assert_holds_everything(MlflowClient(proxy.uri), run_id, 1, task_record(0)["summary"])
 
 
 def test_transient_outage_is_deferred_then_delivered_in_order(tmp_path, proxy, fast_retries, capfd):
@@ -278,7 +259,7 @@ def test_transient_outage_is_deferred_then_delivered_in_order(tmp_path, proxy, f
     backlog. Task 3, the server back, logs 1, 2 and 3 in order, each once."""
     from mlflow import MlflowClient
 
-    run = _run_dir(tmp_path)
+    run = results_dir(tmp_path)
     tracker = start_tracker(_cfg(tmp_path, proxy.uri))
     run_id = tracker.start("r", _RECORD)
     tracker.save_state(run)
@@ -302,10 +283,10 @@ def test_transient_outage_is_deferred_then_delivered_in_order(tmp_path, proxy, f
     assert "tracking_retry" in names and names.count("tracking_lost") == 2 and names[-1] == "tracking_caught_up"
     assert tracker.lost is None and tracker.backlog == [] and tracker.logged_tasks == {0, 1, 2, 3}
     assert Tracker.load_state(run)["backlog"] == [] and Tracker.load_state(run)["logged_tasks"] == [0, 1, 2, 3]
-    tracker.finish(run, _record(3)["summary"], run_status="finished")
+    tracker.finish(run, task_record(3)["summary"], run_status="finished")
     client = MlflowClient(proxy.uri)
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert_holds_everything(client, run_id, 4, _record(3)["summary"])
+    assert_holds_everything(client, run_id, 4, task_record(3)["summary"])
     assert "is incomplete" not in capfd.readouterr().err
 
 
@@ -315,7 +296,7 @@ def test_transient_outage_past_the_end_is_reported_then_backfilled_by_resume(tmp
     (a new tracker reopening the run as the driver does), logs every missing task and the end, each once."""
     from mlflow import MlflowClient
 
-    run = _run_dir(tmp_path)
+    run = results_dir(tmp_path)
     tracker = start_tracker(_cfg(tmp_path, proxy.uri))
     run_id = tracker.start("r", _RECORD)
     tracker.save_state(run)
@@ -323,7 +304,7 @@ def test_transient_outage_past_the_end_is_reported_then_backfilled_by_resume(tmp
     proxy.down()
     tracker.log_task(_write_result(run, 1), run)
     _write_result(run, 2)  # done, but its logging never ran (a driver that stopped after it)
-    summ = _record(2)["summary"]
+    summ = task_record(2)["summary"]
     with events("tracking_incomplete") as got:
         tracker.finish(run, summ, run_status="finished")
     err = capfd.readouterr().err
@@ -353,14 +334,14 @@ def test_transient_interrupted_run_does_not_wait_again_for_a_server_known_down(t
     """Ctrl-C while the server is down: the end is tried once, not for another minute; --resume logs it."""
     monkeypatch.setenv(RETRY_ENV["base_seconds"], "0.2")
     monkeypatch.setenv(RETRY_WAIT_ENV, "3")
-    run = _run_dir(tmp_path)
+    run = results_dir(tmp_path)
     tracker = start_tracker(_cfg(tmp_path, proxy.uri))
     tracker.start("r", _RECORD)
     tracker.log_task(_write_result(run, 0), run)
     proxy.down()
     tracker.log_task(_write_result(run, 1), run)  # waits its 3 s, then deferred
     t0 = time.monotonic()
-    tracker.finish(run, _record(1)["summary"], run_status="interrupted")
+    tracker.finish(run, task_record(1)["summary"], run_status="interrupted")
     assert time.monotonic() - t0 < 2
     assert Tracker.load_state(run)["backlog"] == [1] and "is incomplete" in capfd.readouterr().err
 

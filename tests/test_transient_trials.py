@@ -155,9 +155,9 @@ def test_a_seeds_permanent_failure_stops_its_sibling_at_once(ray_session, mlflow
     failed, sibling = _metrics(tmp_path, f"{tid}-seed12"), _metrics(tmp_path, f"{tid}-seed11")
     assert failed["status"] == "failed"
     assert sibling["status"] == "interrupted" and sibling["complete"] == 0, sibling
-    held = (tmp_path / "runs" / "sw" / "runs" / f"{tid}-seed11" / "run.log").read_text()
-    assert "event=fault_injected" in held and "mode=hold" in held  # it was stopped while under way
-    assert took < HOLD, took  # the sibling did not wait out its hold
+    # Stopped while under way: in its hold, or (when seed 12 failed first) before it got there; either way
+    # it did not wait out its hold and go on to finish.
+    assert took < HOLD, took
     assert not (tmp_path / "runs" / "sw" / "runs" / f"{tid}-seed11" / ".stop_requested").exists()
     client = MlflowClient(mlflow_server)
     runs = {r.info.run_name: r for r in client.search_runs(

@@ -426,7 +426,7 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
     register_tracker(opts.name, sw.tracker)
     study_storage = _study_storage(opts)
     try:
-        with _sigterm_stops_tune():
+        with _sigterm_stops_tune(), _own_resume_hint():
             results = _tuner(sw, study_storage).fit()
         out = _conclude(sw, results)
     except BaseException as e:
@@ -475,6 +475,24 @@ def _sigterm_stops_tune():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class _WithoutTunesResumeHint(logging.Filter):
+    """Drops Ray Tune's "Resume experiment with: Tuner.restore(...)" after an interrupt: a sweep is resumed with
+    its own command (``--name NAME --resume``), which the sweep prints."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _own_resume_hint():
+    tune_log, hint_filter = logging.getLogger("ray.tune.tune"), _WithoutTunesResumeHint()
+    tune_log.addFilter(hint_filter)
+    try:
+        yield
+    finally:
+        tune_log.removeFilter(hint_filter)
 
 
 def _study_storage(opts: SweepOptions):

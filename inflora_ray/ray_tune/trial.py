@@ -90,7 +90,9 @@ def mean_over_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
 
 
 TRANSIENT, PERMANENT = "transient", "permanent"
-FATAL_LOOK_SECONDS = 1.0
+# How often a seed's run looks for its siblings' fatal markers: in a local folder, and on an object store (each
+# look is a request per sibling, billed and rate-limited; the failed sibling's own end stops the trial anyway).
+FATAL_LOOK_SECONDS, FATAL_LOOK_SECONDS_ON_STORE = 1.0, 10.0
 # Errors that come back on every attempt: a worker's fatal marker (NonRetryableError), a bad sample or config,
 # a run refused before it started.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (NonRetryableError, ConfigError, SpaceError, PreflightError)
@@ -234,15 +236,17 @@ class TrialStop:
     def for_seed(self, seed: int):
         """What the run of ``seed`` asks to know whether it must stop: :meth:`requested`, or another seed's
         worker has recorded an error no restart can fix (its fatal marker, looked for at most every
-        :data:`FATAL_LOOK_SECONDS`): the trial has failed, without waiting for that run's driver to end."""
+        :data:`FATAL_LOOK_SECONDS`, :data:`FATAL_LOOK_SECONDS_ON_STORE` on an object store): the trial has
+        failed, without waiting for that run's driver to end."""
         others = [run for s, run in self._runs.items() if s != seed]
+        every = FATAL_LOOK_SECONDS_ON_STORE if any(storage.is_uri(run.path) for run in others) else FATAL_LOOK_SECONDS
         seen = threading.Event()  # once true, true for good (the run's driver asks again after the abort)
 
         def requested() -> bool:
             if self.requested() or seen.is_set():
                 return True
             now = time.monotonic()
-            if not others or now - self._looked.get(seed, 0.0) < FATAL_LOOK_SECONDS:
+            if not others or now - self._looked.get(seed, 0.0) < every:
                 return False
             self._looked[seed] = now
             try:

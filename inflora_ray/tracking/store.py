@@ -151,7 +151,7 @@ def explain_store_error(uri: str, doing: str, e: Exception) -> str:
 # The total wait for one MLflow call before what it wrote is deferred (the tracker's backlog): storage's
 # policy (inflora_ray.storage.RetryPolicy and its INFLORA_STORAGE_RETRY* variables: about a minute) unless this
 # variable says otherwise; 0: no retry, defer at once.
-RETRY_WAIT_ENV = "INFLORA_TRACKING_RETRY_MAX_SECONDS"
+RETRY_WAIT_ENV = storage.TRACKING_RETRY_ENV
 # What MLflow's REST client (requests, urllib3) says about a connection lost, refused or timed out, and about a
 # server that kept answering 408/429/5xx; a sqlite store's lock held by another writer.
 _TRANSIENT_TEXT = re.compile(
