@@ -105,7 +105,7 @@ class TrialOutcomes(tune.Callback):
 
     def __init__(self, sweep: str, path: str, horizon: int):
         self.sweep, self.path, self.horizon = sweep, path, horizon
-        self._retried: dict[str, list[str]] = {}  # this session's retries, by trial
+        self._retried: dict[str, list[str]] = {}  # retries seen by this driver, by trial
 
     def read(self) -> dict[str, dict]:
         """{trial_id: {"outcome", "tasks_done", "error"?, "cause"?, "attempts", "retried_after"?,
@@ -146,7 +146,7 @@ class TrialOutcomes(tune.Callback):
 
 
 def _with_history(rec: dict, prev: Optional[dict], retried: list[str]) -> dict:
-    """``rec`` with ``attempts`` (the earlier record's, plus this session's starts), the errors retried after
+    """``rec`` with ``attempts`` (the earlier record's, plus the starts this driver saw), the errors retried after
     (``retried_after``, accumulated) and ``earlier`` (the earlier outcomes, with the previous one appended when
     it differs from ``rec``)."""
     prev = prev or {}
