@@ -22,8 +22,24 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def _addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    """``self + a @ b``: 2 m k n (the addition is elementwise, not counted, as for ``addmm``)."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+# FlopCounterMode has no formula for the in-place ``addmm_``, by which the adapted qkv projection adds its k/v
+# branch into the projection's output (inflora_ray/core/lora.py); it costs what ``addmm`` costs.
+IN_PLACE_FORMULAS = {torch.ops.aten.addmm_: _addmm_flops}
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent FlopCounterMode that also counts the in-place matmuls the adapted layers use."""
+    return FlopCounterMode(display=False, custom_mapping=IN_PLACE_FORMULAS)
 
 
 def attention_flops(batch: int, tokens: int, dim: int, depth: int, backward: bool = True) -> int:
@@ -42,7 +58,7 @@ def vit_attention_flops(backbone: nn.Module, batch: int, backward: bool = True, 
 
 def counted_flops(fn: Callable[[], None]) -> tuple[int, int]:
     """FlopCounterMode's total for one call of ``fn``, and the part of it in attention kernels."""
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         fn()
     per_op = counter.get_flop_counts().get("Global", {})
     attention = sum(n for op, n in per_op.items() if "scaled_dot_product" in str(op))

@@ -91,14 +91,31 @@ class _Watch(Hooks):
         self.epochs.append((p.losses[-1], p.scaler, norms))
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_training_runs_in_bf16_and_fp16_on_cpu(precision):
+def _first_task(precision):
+    """Task 0 of a tiny run in ``precision``: its epoch's (loss, scaler state, B norms) and accuracy row."""
     watch = _Watch()
     learner = ContinualLearner(_cfg(**{"data.num_tasks": 3, "train.precision": precision}), hooks=watch)
     assert learner.precision.name == precision
     learner.run(stop_after_task=0)
-    (loss, scaler, norms), = watch.epochs
+    return watch.epochs, learner.counts.matrix()
+
+
+@pytest.fixture(scope="module")
+def fp32_first_task():
+    return _first_task("fp32")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_training_runs_in_bf16_and_fp16_on_cpu(precision, fp32_first_task):
+    """The run trains, and stays within bounds of the same run in fp32 (matmuls in the low precision, the
+    frozen weights held in it, LayerNorm, residual stream and loss in fp32)."""
+    ((loss, scaler, norms),), accuracy = _first_task(precision)
     assert torch.isfinite(torch.tensor(loss)) and all(n > 0 for n in norms)  # B started at 0 and moved
+    ((loss32, _, norms32),), accuracy32 = fp32_first_task
+    assert loss != loss32  # it did compute in the low precision
+    assert abs(loss - loss32) <= 1e-3 * loss32
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(norms32), rtol=0.01, atol=0)
+    assert abs(accuracy[0][0] - accuracy32[0][0]) <= 0.03
     if precision == "fp16":
         assert scaler["scale"] > 0 and scaler["_growth_tracker"] > 0  # steps taken under the scaler
     else:
@@ -130,3 +147,58 @@ def test_fp16_scaler_state_is_checkpointed_and_restored(monkeypatch):
     assert loaded == [saved]
     assert watch.epochs == full.epochs[1:]  # loss, scaler state and B norms of the second epoch
     assert resumed.counts.to_dict() == uninterrupted.counts.to_dict()
+
+
+def _adapted_vit():
+    from helpers import tiny_vit
+    from inflora_ray.core.lora import adapt_vit_qkv
+    torch.manual_seed(0)
+    model = tiny_vit(depth=2, embed_dim=48)
+    model.requires_grad_(False)
+    layers = adapt_vit_qkv(model, rank=4)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in layers:
+            for p in layer.adapter_params().values():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            layer.set_trainable(a=False, b=True)
+    return model, layers
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_frozen_weights_held_in_low_precision_change_no_result_and_come_back_bit_for_bit(dtype):
+    from inflora_ray.training.precision import frozen_weights_in
+    model, layers = _adapted_vit()
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    def step():
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(x)
+        out.float().square().sum().backward()
+        grads = [layer.lora_B_k.grad.clone() for layer in layers]
+        model.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    out, grads = step()
+    with frozen_weights_in(model, dtype) as converted:
+        assert model.blocks[0].attn.qkv.weight.dtype == dtype and model.patch_embed.proj.weight.dtype == dtype
+        assert layers[0].lora_B_k.dtype == torch.float32 and layers[0].lora_A.dtype == torch.float32
+        assert model.blocks[0].norm1.weight.dtype == torch.float32 and model.pos_embed.dtype == torch.float32
+        held_out, held_grads = step()
+    assert converted == 2 * (1 + 4 * 2)  # weight and bias of the patch conv and of 4 matmul layers per block
+    assert torch.equal(held_out, out) and all(torch.equal(a, b) for a, b in zip(held_grads, grads))
+    for k, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[k]), k
+
+
+def test_frozen_weights_leave_fp32_and_trainable_tensors_alone():
+    from inflora_ray.training.precision import frozen_weights_in
+    model, _ = _adapted_vit()
+    model.blocks[1].mlp.fc1.weight.requires_grad_(True)
+    with frozen_weights_in(model, None) as none:
+        assert none == 0
+    with frozen_weights_in(model, torch.bfloat16):
+        assert model.blocks[1].mlp.fc1.weight.dtype == torch.float32  # trained: the optimizer's fp32 tensor
+        assert model.blocks[1].mlp.fc1.bias.dtype == torch.bfloat16
+
