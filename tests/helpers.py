@@ -4,7 +4,11 @@ timm model, and a learner hook that snapshots a checkpoint mid-run and kills the
 from __future__ import annotations
 
 import io
+import socket
+import struct
 import sys
+import threading
+import time
 from pathlib import Path
 
 import timm
@@ -262,3 +266,98 @@ def results_dir(tmp_path, name: str = "r") -> RunDir:
     """An empty run folder (with its results/ folder) for a tracker to log from."""
     (tmp_path / name / "results").mkdir(parents=True)
     return RunDir(str(tmp_path / name))
+
+
+class ResettingProxy:
+    """A loopback TCP proxy to ``upstream`` (``(host, port)``) that can reset connections, as a server restarting
+    or a load balancer dropping its connections: while it is down, every new connection is accepted and closed
+    with SO_LINGER 0 (an RST), and so is an open one at its next request.
+
+    :meth:`down` also resets the open connections at once (answers under way included); an outage that
+    :meth:`down_for` starts, or that starts by itself at the first request holding ``trigger`` once ``ready()``
+    is true (``seconds`` long), lets an answer already under way through."""
+
+    def __init__(self, upstream: tuple[str, int], seconds: float = 20.0, trigger: bytes = b"",
+                 ready=lambda: True):
+        self.upstream, self.seconds, self.trigger, self.ready = upstream, seconds, trigger, ready
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._until = 0.0  # down while time.monotonic() < _until
+        self.started_at: float | None = None  # the first outage's start
+        self.resets = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _reset(self, s: socket.socket) -> None:
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        s.close()
+        with self._lock:
+            self._open.discard(s)
+
+    def down_for(self, seconds: float) -> None:
+        """Reset every new connection, and open ones at their next request, for ``seconds`` from now."""
+        with self._lock:
+            now = time.monotonic()
+            self.started_at = now if self.started_at is None else self.started_at
+            self._until = now + seconds
+
+    def down(self) -> None:
+        """Reset every connection, open or new, until :meth:`up`."""
+        self.down_for(float("inf"))
+        with self._lock:
+            sockets = list(self._open)
+        for s in sockets:
+            self._reset(s)
+
+    def up(self) -> None:
+        with self._lock:
+            self._until = 0.0
+
+    def is_down(self) -> bool:
+        return time.monotonic() < self._until
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            if self.is_down():
+                self.resets += 1
+                self._reset(client)
+                continue
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                self._reset(client)
+                continue
+            with self._lock:
+                self._open |= {client, server}
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, request: bool) -> None:
+        tail = b""
+        try:
+            while data := src.recv(1 << 16):
+                if request and self.trigger and self.started_at is None and self.trigger in tail + data \
+                        and self.ready():
+                    self.down_for(self.seconds)  # this request never reaches the upstream
+                if request and self.is_down():
+                    self.resets += 1
+                    self._reset(src)
+                    self._reset(dst)
+                    return
+                tail = data[-256:]  # the trigger may be cut between two reads
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._listener.close()
+        self.down()

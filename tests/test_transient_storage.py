@@ -12,11 +12,8 @@ import json
 import logging
 import os
 import shutil
-import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from helpers import run_in_process, tiny_overrides
+from helpers import ResettingProxy, run_in_process, tiny_overrides
 from inflora_ray import storage
 from inflora_ray.data import DataError, build_benchmark
 from inflora_ray.data.sample import write_imagenet_r
@@ -357,98 +354,6 @@ def test_transient_shard_reads_are_retried_and_damage_is_not(local_shards, tmp_p
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-class ResettingProxy:
-    """A loopback TCP proxy to ``upstream`` that can reset every connection for a while: during an outage each
-    new connection is accepted and closed with SO_LINGER 0 (an RST), and so is an open one at its next request
-    (as a proxy dropping its connections; an answer already under way is let through).
-
-    The outage starts by itself at the first request that holds ``trigger`` once ``ready()`` is true, or
-    when :meth:`outage` is called."""
-
-    def __init__(self, upstream: tuple[str, int], seconds: float = 20.0, trigger: bytes = b"",
-                 ready=lambda: True):
-        self.upstream, self.seconds, self.trigger, self.ready = upstream, seconds, trigger, ready
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._lock = threading.Lock()
-        self._open: set[socket.socket] = set()
-        self._until = 0.0
-        self.started_at: float | None = None
-        self.resets = 0
-        self._stopped = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @staticmethod
-    def _reset(s: socket.socket) -> None:
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-        s.close()
-
-    def outage(self) -> None:
-        """Reset every connection for ``seconds`` from now."""
-        with self._lock:
-            if self.started_at is None:
-                self.started_at = time.monotonic()
-                self._until = self.started_at + self.seconds
-
-    def resetting(self) -> bool:
-        return time.monotonic() < self._until
-
-    def _accept(self) -> None:
-        while not self._stopped:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            if self.resetting():
-                self.resets += 1
-                self._reset(client)
-                continue
-            try:
-                server = socket.create_connection(self.upstream)
-            except OSError:
-                self._reset(client)
-                continue
-            with self._lock:
-                self._open |= {client, server}
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, request: bool) -> None:
-        tail = b""
-        try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                if request and self.started_at is None and self.trigger in tail + data and self.ready():
-                    self.outage()  # this request never reaches the store
-                if request and self.resetting():
-                    self.resets += 1
-                    self._reset(src)
-                    self._reset(dst)
-                    return
-                tail = data[-256:]  # the trigger may be cut between two reads
-                dst.sendall(data)
-        except OSError:
-            pass
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self._stopped = True
-        self._listener.close()
-        with self._lock:
-            sockets, self._open = list(self._open), set()
-        for s in sockets:
-            self._reset(s)
-
-
 BUCKET = "transient"
 
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
-import struct
-import threading
 import time
 from contextlib import contextmanager
 
 import pytest
-from helpers import results_dir, task_record, tiny_overrides
+from helpers import ResettingProxy, results_dir, task_record, tiny_overrides
 
 from inflora_ray.preflight import PreflightError, start_tracker
 from inflora_ray.presets import load_config
@@ -32,88 +29,10 @@ TASK_FILES = {"accuracy_matrix.csv", "accuracy_matrix.png", "accuracy_vs_task.pn
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-class SwitchProxy:
-    """A loopback TCP proxy to an MLflow server that can be switched off: while off, every open connection
-    is reset at its next request and every new one at once (SO_LINGER 0: an RST)."""
-
-    def __init__(self, upstream: str):
-        host, port = upstream.split("://", 1)[1].rstrip("/").split(":")
-        self.upstream = (host, int(port))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.uri = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self._on = threading.Event()
-        self._on.set()
-        self._lock = threading.Lock()
-        self._open: set[socket.socket] = set()
-        self.resets = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _reset(self, s: socket.socket) -> None:
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-        s.close()
-        with self._lock:
-            self._open.discard(s)
-
-    def down(self) -> None:
-        """Reset every connection, open or new, until :meth:`up`."""
-        self._on.clear()
-        with self._lock:
-            sockets = list(self._open)
-        for s in sockets:
-            self._reset(s)
-
-    def up(self) -> None:
-        self._on.set()
-
-    def down_for(self, seconds: float) -> None:
-        """Switch off now, and on again after ``seconds``."""
-        self.down()
-        threading.Timer(seconds, self.up).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            if not self._on.is_set():
-                self.resets += 1
-                self._reset(client)
-                continue
-            try:
-                server = socket.create_connection(self.upstream)
-            except OSError:
-                self._reset(client)
-                continue
-            with self._lock:
-                self._open |= {client, server}
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                if not self._on.is_set():
-                    self.resets += 1
-                    self._reset(src)
-                    self._reset(dst)
-                    return
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self._listener.close()
-        self.down()
-
-
 @pytest.fixture
 def proxy(mlflow_server):
-    p = SwitchProxy(mlflow_server)
+    host, port = mlflow_server.split("://", 1)[1].rstrip("/").split(":")
+    p = ResettingProxy((host, int(port)))
     yield p
     p.close()
 
@@ -240,7 +159,7 @@ def test_transient_hiccup_is_ridden_out_by_retries(tmp_path, proxy, monkeypatch)
     monkeypatch.setenv(RETRY_ENV["base_seconds"], "0.2")
     monkeypatch.setenv(RETRY_WAIT_ENV, "20")
     run = results_dir(tmp_path)
-    tracker = start_tracker(_cfg(tmp_path, proxy.uri))
+    tracker = start_tracker(_cfg(tmp_path, proxy.endpoint))
     run_id = tracker.start("r", _RECORD)
     with events("tracking_retry", "tracking_lost") as got:
         proxy.down_for(1.5)
@@ -250,7 +169,7 @@ def test_transient_hiccup_is_ridden_out_by_retries(tmp_path, proxy, monkeypatch)
     assert tracker.lost is None and tracker.backlog == [] and tracker.logged_tasks == {0}
     tracker.finish(run, task_record(0)["summary"], run_status="finished")
     from mlflow import MlflowClient
-    assert_holds_everything(MlflowClient(proxy.uri), run_id, 1, task_record(0)["summary"])
+    assert_holds_everything(MlflowClient(proxy.endpoint), run_id, 1, task_record(0)["summary"])
 
 
 def test_transient_outage_is_deferred_then_delivered_in_order(tmp_path, proxy, fast_retries, capfd):
@@ -260,7 +179,7 @@ def test_transient_outage_is_deferred_then_delivered_in_order(tmp_path, proxy, f
     from mlflow import MlflowClient
 
     run = results_dir(tmp_path)
-    tracker = start_tracker(_cfg(tmp_path, proxy.uri))
+    tracker = start_tracker(_cfg(tmp_path, proxy.endpoint))
     run_id = tracker.start("r", _RECORD)
     tracker.save_state(run)
     tracker.log_task(_write_result(run, 0), run)
@@ -284,7 +203,7 @@ def test_transient_outage_is_deferred_then_delivered_in_order(tmp_path, proxy, f
     assert tracker.lost is None and tracker.backlog == [] and tracker.logged_tasks == {0, 1, 2, 3}
     assert Tracker.load_state(run)["backlog"] == [] and Tracker.load_state(run)["logged_tasks"] == [0, 1, 2, 3]
     tracker.finish(run, task_record(3)["summary"], run_status="finished")
-    client = MlflowClient(proxy.uri)
+    client = MlflowClient(proxy.endpoint)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert_holds_everything(client, run_id, 4, task_record(3)["summary"])
     assert "is incomplete" not in capfd.readouterr().err
@@ -297,7 +216,7 @@ def test_transient_outage_past_the_end_is_reported_then_backfilled_by_resume(tmp
     from mlflow import MlflowClient
 
     run = results_dir(tmp_path)
-    tracker = start_tracker(_cfg(tmp_path, proxy.uri))
+    tracker = start_tracker(_cfg(tmp_path, proxy.endpoint))
     run_id = tracker.start("r", _RECORD)
     tracker.save_state(run)
     tracker.log_task(_write_result(run, 0), run)
@@ -309,17 +228,17 @@ def test_transient_outage_past_the_end_is_reported_then_backfilled_by_resume(tmp
         tracker.finish(run, summ, run_status="finished")
     err = capfd.readouterr().err
     assert [n for n, _ in got] == ["tracking_incomplete"]
-    assert f"MLflow run {run_id} at {proxy.uri} is incomplete, the server kept failing (logging task 1: " in err
+    assert f"MLflow run {run_id} at {proxy.endpoint} is incomplete, the server kept failing (logging task 1: " in err
     assert ("not written: the metrics and artifacts of task(s) 1, 2; finishing the run (final metrics, results, "
             "status).") in err and f"write them with: python -m inflora_ray.run --resume r run.storage_path={tmp_path}\n" in err
     state = Tracker.load_state(run)
     assert state["logged_tasks"] == [0] and state["backlog"] == [1, 2]
     assert state["owed"] == ["logging task 1", "logging task 2", "finishing the run (final metrics, results, status)"]
     proxy.up()
-    client = MlflowClient(proxy.uri)
+    client = MlflowClient(proxy.endpoint)
     assert client.get_run(run_id).info.status == "RUNNING"
 
-    resumed = start_tracker(_cfg(tmp_path, proxy.uri))
+    resumed = start_tracker(_cfg(tmp_path, proxy.endpoint))
     previous = Tracker.load_state(run)
     resumed.start("r", _RECORD, resume_run_id=previous["run_id"])
     resumed.logged_tasks = set(previous["logged_tasks"])  # as ray_train/launch.py does
@@ -335,7 +254,7 @@ def test_transient_interrupted_run_does_not_wait_again_for_a_server_known_down(t
     monkeypatch.setenv(RETRY_ENV["base_seconds"], "0.2")
     monkeypatch.setenv(RETRY_WAIT_ENV, "3")
     run = results_dir(tmp_path)
-    tracker = start_tracker(_cfg(tmp_path, proxy.uri))
+    tracker = start_tracker(_cfg(tmp_path, proxy.endpoint))
     tracker.start("r", _RECORD)
     tracker.log_task(_write_result(run, 0), run)
     proxy.down()
@@ -368,7 +287,7 @@ def test_transient_mlflow_outage_mid_run_loses_nothing(ray_session, tmp_path, pr
         elif task == 1:
             proxy.up()
 
-    cfg = _cfg(tmp_path, proxy.uri, **{"data.num_tasks": 3})
+    cfg = _cfg(tmp_path, proxy.endpoint, **{"data.num_tasks": 3})
     with events("tracking_lost", "tracking_caught_up") as got:
         res = run_experiment(cfg, RunOptions(name="outage"), RunContext(on_task=outage, quiet_table=True))
     assert seen == [0, 1, 2] and proxy.resets > 0 and len(res.tasks) == 3
@@ -376,7 +295,7 @@ def test_transient_mlflow_outage_mid_run_loses_nothing(ray_session, tmp_path, pr
     assert [n for n, _ in got] == ["tracking_lost", "tracking_caught_up"]
     assert "logging task 1" in got[0][1]["error"]
     assert res.tracking_lost is None
-    client = MlflowClient(proxy.uri)
+    client = MlflowClient(proxy.endpoint)
     run = client.get_run(res.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["run_status"] == "finished"
     assert_holds_everything(client, res.mlflow_run_id, 3, res.summary)
