@@ -361,3 +361,22 @@ class ResettingProxy:
     def close(self) -> None:
         self._listener.close()
         self.down()
+
+
+def noise_png_shards(root: Path, per_class: int, side: int, classes: int = 4, num_tasks: int = 2) -> Path:
+    """Shards (row groups of 4) of an ImageNet-R-layout folder under ``root/raw``: ``classes`` classes of
+    ``per_class`` ``side`` px noise PNGs each (seeded), prepared by the real ``prepare`` into ``root/shards``."""
+    import numpy as np
+    from PIL import Image
+
+    from inflora_ray.data.shard_writer import prepare_shards
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / "raw" / f"n{c:08d}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format="PNG")
+            (folder / f"img_{i}.png").write_bytes(buf.getvalue())
+    prepare_shards("imagenet-r", str(root / "raw"), str(root / "shards"), rows_per_group=4, num_tasks=num_tasks)
+    return root / "shards"

@@ -2,22 +2,19 @@
 number of epochs and loader processes; the samples are the same as read straight from the shards."""
 from __future__ import annotations
 
-import io
 import os
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
-from helpers import READ_LOG_ENV, bytes_logged, count_reads_in_loader_process, counting_filesystem, tiny_overrides
+from helpers import (READ_LOG_ENV, bytes_logged, count_reads_in_loader_process, counting_filesystem, noise_png_shards,
+                     tiny_overrides)
 from inflora_ray import storage
 from inflora_ray.config import DataConfig
 from inflora_ray.data import build_benchmark
 from inflora_ray.data.blocks import BlockCache, StagedSource
 from inflora_ray.data.loader import PassLoader, TaskDataset, make_loader, train_batches, worker_block
-from inflora_ray.data.shard_writer import prepare_shards
 from inflora_ray.presets import load_config
 from inflora_ray.training.learner import ContinualLearner
 
@@ -25,18 +22,7 @@ from inflora_ray.training.learner import ContinualLearner
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Shards of a 4-class ImageNet-R-layout folder of 160 px noise PNGs (about 75 KB each), row groups of 4."""
-    root = tmp_path_factory.mktemp("blocks")
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        folder = root / "raw" / f"n{c:08d}"
-        folder.mkdir(parents=True)
-        for i in range(25):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(buf, format="PNG")
-            (folder / f"img_{i}.png").write_bytes(buf.getvalue())
-    out = root / "shards"
-    prepare_shards("imagenet-r", str(root / "raw"), str(out), rows_per_group=4, num_tasks=2)
-    return out
+    return noise_png_shards(tmp_path_factory.mktemp("blocks"), per_class=25, side=160)
 
 
 def _bm(shards):

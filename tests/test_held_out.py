@@ -4,21 +4,18 @@ training images, on which the run is evaluated instead of the test set; a sweep 
 results, sweep.json, the trial table, MLflow, the report) say which split each number comes from."""
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from helpers import tiny_overrides
+from helpers import noise_png_shards, tiny_overrides
 from inflora_ray import storage
 from inflora_ray.config import ConfigError, DataConfig
 from inflora_ray.data import build_benchmark
 from inflora_ray.data.blocks import BlockCache, StagedSource
 from inflora_ray.data.holdout import holdout_indices
-from inflora_ray.data.shard_writer import prepare_shards
 from inflora_ray.presets import load_config
 from inflora_ray.ray_tune.search_space import SpaceError, load_space
 from inflora_ray.tracking.report import ComparedRun
@@ -59,17 +56,7 @@ def test_held_out_validation_images_come_from_the_training_data():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Shards of a 4-class ImageNet-R-layout folder of 40 px noise PNGs, 10 per class, row groups of 4."""
-    root = tmp_path_factory.mktemp("held-out")
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        folder = root / "raw" / f"n{c:08d}"
-        folder.mkdir(parents=True)
-        for i in range(10):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, format="PNG")
-            (folder / f"img_{i}.png").write_bytes(buf.getvalue())
-    prepare_shards("imagenet-r", str(root / "raw"), str(root / "shards"), rows_per_group=4, num_tasks=2)
-    return root / "shards"
+    return noise_png_shards(tmp_path_factory.mktemp("held-out"), per_class=10, side=40)
 
 
 def test_held_out_part_of_shards_is_staged_and_read_as_the_shards_hold_it(shards, tmp_path):
