@@ -40,15 +40,17 @@ def synthetic_jpeg(rng: np.random.Generator, side: tuple[int, int] = (300, 600),
     return buf.getvalue()
 
 
-def make_imagenet_r(root: str, classes: int, per_class: int, seed: int = 0) -> int:
-    """Write ``classes`` wnid folders of ``per_class`` JPEGs; return the total bytes written."""
+def make_imagenet_r(root: str, classes: int, per_class: int, seed: int = 0,
+                    side: tuple[int, int] = (300, 600)) -> int:
+    """Write ``classes`` wnid folders of ``per_class`` JPEGs of ``side`` px a side (a range); return the total
+    bytes written."""
     rng = np.random.default_rng(seed)
     total = 0
     for c in range(classes):
         folder = os.path.join(root, f"n{c:08d}")
         os.makedirs(folder)
         for k in range(per_class):
-            data = synthetic_jpeg(rng)
+            data = synthetic_jpeg(rng, side, cell=max(2, min(32, side[0] // 8)))
             with open(os.path.join(folder, f"art_{k}.jpg"), "wb") as f:
                 f.write(data)
             total += len(data)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Optional
 
@@ -69,3 +70,19 @@ def run_cli(body: Callable[[], Optional[int]], usage_errors: tuple = ()) -> int:
         print(f"error: {redact_text(str(e))}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     return EXIT_OK if code is None else code
+
+
+def exit_without_working_directory() -> None:
+    """Exit with code 2 and a message saying what to do when the working directory was deleted (or moved
+    away): the entry points import this module before torch, whose native libraries abort the process from
+    there with an unrelated message ("oneMKL FATAL ERROR: Cannot load libtorch_cpu.so")."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        from .preflight import DELETED_CWD
+
+        print(f"error: {DELETED_CWD}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+
+
+exit_without_working_directory()

@@ -69,7 +69,8 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 _PLACEMENT = ("run.", "tracking.")
 _FREE_KEYS = {"experiment.log_every_steps", "data.root", "data.shards", "data.loader_workers",
               "data.eval_batch_size", "data.shard_cache_mb", "data.device_cache_mb", "data.block_cache_mb",
-              "data.block_cache_dir", "data.verify_hashes", "data.download", "data.verify_release", "train.compile"}
+              "data.block_cache_dir", "data.verify_hashes", "data.download", "data.verify_release", "train.compile",
+              "train.compile_mode", "train.compile_backend"}
 
 
 def alters_results(key: str) -> bool:
@@ -286,6 +287,11 @@ class TrainConfig(_Model):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 / fp16 + grad scaler / fp32
     compile: bool = False
+    # How train.compile compiles (docs/performance.md#compiled-training-step): inductor's default mode; or its
+    # max-autotune-no-cudagraphs (tries matmul kernels, a longer compile); aot_eager / eager stop before
+    # inductor (AOTAutograd, or Dynamo alone): to find which stage a compiler bug is in, and for tests.
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     deterministic: bool = True
 
     def _check(self) -> None:

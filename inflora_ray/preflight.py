@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 from typing import Optional, Sequence
 from urllib.parse import urlparse
@@ -18,6 +19,7 @@ from urllib.parse import urlparse
 from . import storage
 from .config import Config
 from .logs import is_verbose, log_event
+from .redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +87,117 @@ def check_ray_version() -> None:
 
 
 def check_config(cfg: Config, address: Optional[str] = None) -> str:
-    """What every run and sweep checks first, before anything is read or started: the installed Ray fits
-    (:func:`check_ray_version`), the Ray address answers (when one is given), :func:`check_settings`, the storage
-    path is writable. Returns the storage path, absolute."""
+    """What every run and sweep checks first, before anything is read or started: the working directory and
+    HOME can be written (:func:`check_environment`), no setting is a stored config's redacted value
+    (:func:`check_credentials`), the installed Ray fits (:func:`check_ray_version`), the Ray address answers
+    (when one is given), :func:`check_settings`, the storage path is writable. Returns the storage path,
+    absolute."""
+    check_environment(cfg)
+    check_credentials(cfg)
     check_ray_version()
     check_ray_address(address)
     check_settings(cfg)
     return check_storage(cfg)
+
+
+# ------------------------------------------------------------------------------------------- credentials
+# How each setting whose credentials a stored config lost is given again.
+_GIVE_AGAIN = {"run.storage_path": "--storage-path URI (or run.storage_path=URI)", "data.shards": "data.shards=URI",
+               "data.root": "data.root=PATH"}
+
+
+def check_credentials(cfg: Config) -> None:
+    """Have every message and log line of this process redact the credentials of ``cfg``'s URIs
+    (:func:`~inflora_ray.redact.remember_secrets`), and refuse a storage or data setting that is the redacted
+    value of a stored config (``s3://KEY:***@bucket/...``: a ``--resume`` or ``--start-from`` without it given
+    again), which would be used as a path named ``***`` or refused by the store. tracking.uri is checked by
+    the tracker (MLFLOW_TRACKING_URI may stand in for it)."""
+    from .redact import remember_secrets
+    from .tracking.store import credential_values, redacted_settings
+
+    remember_secrets(*credential_values(cfg).values())
+    lost = redacted_settings(cfg, keys=tuple(_GIVE_AGAIN))
+    if lost:
+        listed = "; ".join(f"{k}={v!r}: give it again with {_GIVE_AGAIN[k]}" for k, v in lost.items())
+        raise PreflightError(f"{listed} (the stored config of a run holds its URIs with the credentials replaced by "
+                             "***: inflora-ray never stores them)")
+
+
+# ------------------------------------------------------------------------------------------- environment
+def working_directory() -> str:
+    """The working directory; a :class:`PreflightError` saying what to do when it was deleted (or moved)."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        raise PreflightError(DELETED_CWD) from None
+
+
+DELETED_CWD = ("the working directory no longer exists (it was deleted or moved away): cd to an existing, writable "
+               "directory and run the command again")
+
+
+def _unwritable(folder: str) -> Optional[str]:
+    """Why no file can be created in ``folder`` (None when one can: a probe file is created and removed)."""
+    if not os.path.exists(folder):
+        return "does not exist"
+    if not os.path.isdir(folder):
+        return "is not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".inflora-write-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return f"is not writable ({type(e).__name__}: {e.strerror or e})"
+    return None
+
+
+def _sqlite_folder(uri: str) -> Optional[str]:
+    """The folder of a local sqlite MLflow store (``sqlite:///file``: MLflow's default, ``mlflow.db`` in the
+    working directory), where the database and its journal are written; None for any other store."""
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
+        return os.path.dirname(os.path.abspath(uri[len("sqlite:///"):].split("?", 1)[0]))
+    return None
+
+
+def check_environment(cfg: Optional[Config] = None) -> None:
+    """Before anything starts: the working directory exists and, when ``cfg`` writes there (a relative
+    run.storage_path such as the default ``runs``, MLflow's default store ``mlflow.db`` + ``mlruns/``), can be
+    written; a local MLflow store's folder can be written (else the store retries for about two minutes);
+    HOME is a writable directory (Ray keeps its auth token in ``~/.ray``, MLflow and matplotlib their settings
+    and caches under ``~/.config`` and ``~/.cache``, torch and timm downloaded weights in ``~/.cache``). Each
+    problem is a :class:`PreflightError` naming the directory and the setting or variable to change."""
+    cwd = working_directory()
+    home = os.path.expanduser("~")
+    why = _unwritable(home) if home != "~" else "is not set"
+    if why is not None:
+        raise PreflightError(f"HOME={os.environ.get('HOME', home)!r} {why}: Ray (~/.ray), MLflow (~/.config/mlflow), "
+                             "matplotlib and the model downloads (~/.cache) write there; set HOME to an existing "
+                             "writable directory (e.g. export HOME=/tmp/$USER after mkdir -p /tmp/$USER) and run again")
+    if cfg is None:
+        return
+    here = []  # what this config writes into the working directory
+    path = cfg.run.storage_path
+    if not storage.is_uri(path) and not os.path.isabs(os.path.expanduser(path)):
+        here.append(f"run.storage_path={path!r} (relative: give --storage-path an absolute path or a URI)")
+    store = None
+    if cfg.tracking.enabled:
+        from .tracking.store import resolve_uri
+
+        uri = resolve_uri(cfg)
+        store = _sqlite_folder(uri)
+        default = not cfg.tracking.uri and "MLFLOW_TRACKING_URI" not in os.environ
+        if store == cwd:
+            here.append(f"MLflow's {'default ' if default else ''}store {redact_uri(uri)} (set --tracking-uri / "
+                        "MLFLOW_TRACKING_URI to a writable place or a server, or run with tracking.enabled=false)")
+    why = _unwritable(cwd) if here else None
+    if why is not None:
+        raise PreflightError(f"the working directory {cwd} {why}, and the run would write there: {'; '.join(here)}; "
+                             "or cd to a writable directory and run again")
+    why = _unwritable(store) if store is not None and store != cwd else None
+    if why is not None:
+        raise PreflightError(f"the folder {store} of the MLflow store {redact_uri(uri)} {why}: create it, or set "
+                             "--tracking-uri / MLFLOW_TRACKING_URI to a writable place or a server, or run with "
+                             "tracking.enabled=false")
 
 
 def checked_benchmark(cfg: Config, scanned=None):

@@ -26,11 +26,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
+from urllib.parse import unquote
 
 import pyarrow.fs as pafs
 
 from .logs import log_event
-from .redact import redact_text
+from .redact import has_secrets, redact_text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,20 +81,33 @@ def forwarded_env() -> dict[str, str]:
     return {var: os.environ[var] for var in names if os.environ.get(var, "").strip()}
 
 
-def _s3_with_endpoint(endpoint: str) -> pafs.S3FileSystem:
+def _s3_with_endpoint(endpoint: str, keys: dict | None = None) -> pafs.S3FileSystem:
     scheme, sep, host = endpoint.partition("://")
     if not sep or scheme not in ("http", "https") or not host:
         raise OSError(f"S3 endpoint {endpoint!r} (from {'/'.join(ENDPOINT_VARS)}): expected http(s)://host[:port]")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     # Path-style addressing (the default with an endpoint override): bucket names need no DNS entries.
-    return pafs.S3FileSystem(endpoint_override=host.rstrip("/"), scheme=scheme, region=region)
+    return pafs.S3FileSystem(endpoint_override=host.rstrip("/"), scheme=scheme, region=region, **(keys or {}))
+
+
+def _s3_keys(path: str) -> tuple[dict, str]:
+    """The access keys written in an ``s3://KEY:SECRET@bucket/...`` URI (as pyarrow reads them from such a URI)
+    and the path inside the store (bucket/key, without them)."""
+    rest = path[len("s3://"):].split("?", 1)[0]
+    user_info, at, inside = rest.partition("/")[0].rpartition("@")
+    if not at:
+        return {}, rest
+    key, _, secret = user_info.partition(":")
+    return {"access_key": unquote(key), "secret_key": unquote(secret)}, inside + rest[len(rest.partition("/")[0]):]
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for ``path`` and the path inside it; ``s3://`` paths go to the endpoint in
-    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` when one is set."""
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` when one is set (with the keys of an
+    ``s3://KEY:SECRET@bucket`` URI, as pyarrow takes them without an endpoint)."""
     if path.startswith("s3://") and s3_endpoint() is not None:
-        return _s3_with_endpoint(s3_endpoint()), path[len("s3://"):].split("?", 1)[0]
+        keys, inside = _s3_keys(path)
+        return _s3_with_endpoint(s3_endpoint(), keys), inside
     if is_uri(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), absolute(path)
@@ -102,9 +116,12 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
 def ray_storage(path: str) -> tuple[str, pafs.FileSystem | None]:
     """``(storage_path, storage_filesystem)`` for Ray's ``RunConfig``: an ``s3://`` path on a store given by
     ``AWS_ENDPOINT_URL[_S3]`` becomes the path inside an S3 filesystem with that endpoint (Ray resolves URIs
-    with pyarrow, which ignores those variables); anything else is left to Ray."""
-    if path.startswith("s3://") and s3_endpoint() is not None:
-        return filesystem(path)[1], filesystem(path)[0]
+    with pyarrow, which ignores those variables), and so does a URI with credentials in it (Ray shows and
+    records its storage path: it gets the path without them, the filesystem holds them); anything else is left
+    to Ray."""
+    if (path.startswith("s3://") and s3_endpoint() is not None) or (is_uri(path) and has_secrets(path)):
+        fs, inside = filesystem(path)
+        return inside, fs
     return absolute(path), None
 
 
@@ -297,7 +314,7 @@ def write_bytes(path: str, data: bytes) -> None:
     except TransientStorageError:
         raise
     except Exception as e:  # pyarrow raises OSError and ArrowInvalid variants
-        raise OSError(getattr(e, "errno", None), f"cannot write {path} ({type(e).__name__}: {e})") from e
+        raise OSError(getattr(e, "errno", None), redact_text(f"cannot write {path} ({type(e).__name__}: {e})")) from e
 
 
 def delete(path: str) -> None:
@@ -361,5 +378,5 @@ def check_writable(path: str) -> None:
             out.write(b"ok")
         fs.delete_file(probe)
     except Exception as e:  # pyarrow raises OSError/ArrowInvalid variants
-        raise OSError(f"storage path {path!r} is not writable ({type(e).__name__}: {e}); "
-                      "give a writable local directory, NFS path, or s3:// / gs:// URI with credentials") from None
+        raise OSError(redact_text(f"storage path {path!r} is not writable ({type(e).__name__}: {e}); give a writable "
+                                  "local directory, NFS path, or s3:// / gs:// URI with credentials")) from None

@@ -16,13 +16,14 @@ import json
 import sys
 from pathlib import Path
 
+from ..redact import redact_text, remember_secrets
 from .base import DataError
 from .registry import get_benchmark, shardable_benchmarks, split_manifest_benchmarks
 
 
 def _log(msg: str) -> None:
-    """Progress to stderr (stdout carries the JSON result)."""
-    print(msg, file=sys.stderr, flush=True)
+    """Progress to stderr (stdout carries the JSON result), credentials redacted."""
+    print(redact_text(msg), file=sys.stderr, flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,10 +106,12 @@ def _run(args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     """Run the data CLI on ``argv`` (default: sys.argv[1:]); 0 on success, 2 on a data error."""
     args = _parser().parse_args(argv)
+    # A URI may carry credentials (s3://KEY:SECRET@bucket/..., ?access_token=): none reaches the output.
+    remember_secrets(*(getattr(args, name, None) for name in ("source", "out", "uri", "split_manifest")))
     try:
-        print(json.dumps(_run(args)))
+        print(redact_text(json.dumps(_run(args))))
     except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     return 0
 

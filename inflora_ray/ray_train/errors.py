@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 from .. import storage
 from ..logs import log_event
+from ..redact import redact_text
 
 if TYPE_CHECKING:
     from ..rundir import RunDir
@@ -39,7 +40,7 @@ class NonRetryableError(RuntimeError):
 def write_fatal(run: "RunDir", error: BaseException, **context) -> None:
     """Record ``error`` in the run's fatal marker (atomically; a failure to write it is logged, not raised,
     so the original error still propagates)."""
-    record = {"type": type(error).__name__, "message": str(error), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    record = {"type": type(error).__name__, "message": redact_text(str(error)), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               **context}
     try:
         storage.write_json(run.fatal_marker, record)

@@ -20,10 +20,10 @@ from ..logs import log_event
 from ..preflight import (PreflightError, check_config, check_start_checkpoint, checked_benchmark, join_cluster,
                          start_tracker, warn_local_paths)
 from ..provenance import accelerator, code_identity
-from ..redact import redact_text
+from ..redact import has_secrets, redact_text, redact_tree, redact_uri, remember_secrets
 from ..results import read_task_results, run_status, write_final_results
 from ..rundir import RunClaimed, RunDir, check_contained, default_run_name
-from ..tracking.store import TrackingUnavailable, redact_config
+from ..tracking.store import TrackingUnavailable, credential_values, redact_config
 from .errors import NonRetryableError, clear_fatal, fatal_message, read_fatal
 from .faults import FaultPlan
 from .progress import ProgressWatcher, print_final_table
@@ -174,9 +174,11 @@ def shipped_data(benchmark, given=None, fetched=None):
 
 
 def _record(cfg: Config, benchmark, opts: RunOptions) -> dict:
-    return {"name": cfg.run.name, "class_order": benchmark.class_order, "tasks": benchmark.tasks,
-            "dataset_manifest": benchmark.manifest, "versions": versions(), "start_from": opts.start_from,
-            "num_workers": cfg.run.num_workers, "code": code_identity(), "accelerator": accelerator()}
+    """The run's record (``results/record.json``, and its MLflow run's params and tags), credentials redacted
+    (the dataset's provenance names its URI, ``--start-from`` a checkpoint's)."""
+    return redact_tree({"name": cfg.run.name, "class_order": benchmark.class_order, "tasks": benchmark.tasks,
+                        "dataset_manifest": benchmark.manifest, "versions": versions(), "start_from": opts.start_from,
+                        "num_workers": cfg.run.num_workers, "code": code_identity(), "accelerator": accelerator()})
 
 
 def print_runs_page(tracker, label: str = "") -> None:
@@ -219,6 +221,28 @@ def checkpoint_config(cfg: Config, num_tasks: int):
                             checkpoint_score_order="max")
 
 
+def worker_config(cfg: Config, run: RunDir, opts: RunOptions, data=None) -> dict:
+    """The ``train_loop_config`` of the run's Ray Train workers (read by :func:`.worker.train_worker`).
+
+    Ray Train keeps it in its state actor, which the dashboard shows, and writes it to its export-event files
+    (``RAY_ENABLE_EXPORT_API_WRITE``), so it holds no credential: the config redacted (:func:`redact_config`),
+    the run folder and ``--start-from`` checkpoint redacted. The values with credentials that the workers need
+    (run.storage_path, data.shards, data.root, the run folder, the checkpoint) travel as one Ray object,
+    ``private`` (an ObjectRef: Ray Train records its id, never its content; it lives in the object store for
+    the run's duration), which each worker reads back (:func:`.worker.with_private_inputs`). tracking.uri stays
+    redacted: the workers never use it."""
+    import ray
+
+    private = {"config": {k: v for k, v in credential_values(cfg).items() if k != "tracking.uri"},
+               "run_dir": run.path, "start_from": opts.start_from}
+    private = {k: v for k, v in private.items() if v and (k == "config" or has_secrets(v))}
+    return {"config": redact_config(cfg).to_dict(), "run_dir": redact_uri(run.path),
+            "stop_after_task": opts.stop_after_task,
+            "start_from": redact_uri(opts.start_from) if opts.start_from else None, "data": data,
+            "fault": FaultPlan.for_run(run.name, cfg.experiment.seed),
+            "private": ray.put(private) if private else None}
+
+
 def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions, context: RunContext, num_tasks: int,
              data=None):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -232,10 +256,7 @@ def _trainer(cfg: Config, run: RunDir, storage_path: str, opts: RunOptions, cont
         resources["GPU"] = cfg.run.gpus_per_worker
     return RunTrainer(
         train_worker,
-        train_loop_config={"config": redact_config(cfg).to_dict(), "run_dir": run.path,
-                           "stop_after_task": opts.stop_after_task,
-                           "start_from": opts.start_from, "data": data,
-                           "fault": FaultPlan.for_run(run.name, cfg.experiment.seed)},
+        train_loop_config=worker_config(cfg, run, opts, data),
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run.name, storage_path=ray_path, storage_filesystem=ray_fs,
@@ -255,6 +276,7 @@ def run_experiment(cfg: Config, opts: RunOptions = RunOptions(), context: RunCon
     """
     if opts.start_from is not None:  # the workers, in other working directories, open the same folder
         opts = replace(opts, start_from=storage.absolute(opts.start_from))
+        remember_secrets(opts.start_from)  # kept out of every message and log line
     storage_path = check_config(cfg, opts.address)
     run = _run_dir(cfg, opts.name, storage_path)
     scanned = _scanned(context.data)  # an ObjectRef from a sweep's driver is fetched once, here
@@ -339,10 +361,20 @@ def _raise_interrupt(signum, frame):
     raise _Interrupt(signal.Signals(signum).name)
 
 
+def resume_command(cfg: Config, run: RunDir) -> str:
+    """The command that continues ``run``, credentials redacted: a storage path or shards URI that holds them
+    is shown with ``***`` in their place, and the data setting is named (``--resume`` must be given it again)."""
+    data = {k: v for k, v in credential_values(cfg).items() if k.startswith("data.")}
+    again = "".join(f" {k}={redact_uri(v)}" for k, v in data.items())
+    parent = run.path.rstrip("/").rsplit("/", 1)[0]
+    command = redact_text(f"python -m inflora_ray.run --resume {run.name} run.storage_path={parent}{again}")
+    return command + (" (with the credentials in place of ***)" if "***" in command else "")
+
+
 def _fatal_error(run: RunDir) -> Optional[NonRetryableError]:
     """The error a worker recorded as one no restart can fix, if any (:mod:`.errors`)."""
     record = read_fatal(run)
-    return None if record is None else NonRetryableError(f"run {run.name!r}: {fatal_message(record)}")
+    return None if record is None else NonRetryableError(redact_text(f"run {run.name!r}: {fatal_message(record)}"))
 
 
 def final_checkpoint(result, run: RunDir) -> Optional[str]:
@@ -426,16 +458,17 @@ def _finish(cfg: Config, run: RunDir, num_tasks: int, tracker, opts: RunOptions,
     if tracker is not None and tracker.lost:
         print(f"{context.label}warning: MLflow tracking at {tracker.uri} was lost during the run ({tracker.lost}); "
               f"training went on and every result is in {run.results}", file=sys.stderr, flush=True)
-    resume = (f"python -m inflora_ray.run --resume {run.name} "
-              f"run.storage_path={run.path.rstrip('/').rsplit('/', 1)[0]}")
+    resume = resume_command(cfg, run)
     if isinstance(error, NonRetryableError):
         raise error
+    # The messages are redacted here already: a sweep's trial error is stored by Ray Tune (error.txt).
     if interrupted:
-        raise RunInterrupted(f"run {run.name!r} {error} after {len(tasks)} task(s); results so far are in "
-                             f"{run.results}\nresume it with: {resume}")
+        raise RunInterrupted(redact_text(f"run {run.name!r} {error} after {len(tasks)} task(s); results so far are "
+                                         f"in {run.results}\nresume it with: {resume}"))
     if error is not None:
-        raise RuntimeError(f"run {run.name!r} failed after {len(tasks)} task(s): {type(error).__name__}: {error}\n"
-                           f"the workers' log: {run.log_location}\nresume it with: {resume}") from error
+        raise RuntimeError(redact_text(f"run {run.name!r} failed after {len(tasks)} task(s): {type(error).__name__}: "
+                                       f"{error}\nthe workers' log: {run.log_location}\nresume it with: {resume}")
+                           ) from error
     log_event(log, "run_end", name=run.name, tasks_done=len(tasks), results=run.results,
               mlflow_run_id=tracker.run_id if tracker else None, tracking_lost=tracker.lost if tracker else None)
     return RunResult(run_dir=run.path, name=run.name, tasks=tasks, summary=summ,

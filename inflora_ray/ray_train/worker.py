@@ -7,6 +7,7 @@ the run's fatal marker (:mod:`.errors`) and never reaches Ray Train's retries, w
 it up to ``run.max_failures`` times, or forever (:func:`train_worker`)."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -18,12 +19,14 @@ import torch
 from ray.train import Checkpoint
 
 from .. import storage
-from ..config import Config, ConfigError, config_from_dict
+from ..config import Config, ConfigError, config_from_dict, set_dotted
 from ..data.base import DataError
 from ..logs import attach_run_log, detach_run_log, log_event, setup_logging
 from ..provenance import accelerator
+from ..redact import remember_secrets
 from ..results import write_progress, write_task_result
 from ..rundir import RunDir, checkpoint_name
+from ..tracking.store import redact_config
 from ..training import collective
 from ..training.checkpoint import CheckpointError, checkpoint_problems, learner_architecture, read_checkpoint, \
     write_checkpoint
@@ -120,8 +123,10 @@ class RayHooks(Hooks):
         if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
+        # The checkpoint is stored with the run: its config without credentials (a --start-from gives them again).
+        state = {**learner.state_dict(), "config": redact_config(learner.cfg).to_dict()}
         with tempfile.TemporaryDirectory() as d:
-            write_checkpoint(d, learner.state_dict(),
+            write_checkpoint(d, state,
                              {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))})
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=name)
 
@@ -136,7 +141,10 @@ def setup_worker(loop_config: dict, run: RunDir) -> ContinualLearner:
     checkpoint = ray.train.get_checkpoint()
     origin = "latest checkpoint of this run"
     if checkpoint is None and loop_config.get("start_from"):
-        checkpoint, origin = Checkpoint(path=loop_config["start_from"]), "--start-from"
+        # Opened as the driver opened it: through an S3 endpoint's variables, with a URI's credentials (which then
+        # stay out of the checkpoint's path, shown in messages).
+        path, fs = storage.ray_storage(loop_config["start_from"])
+        checkpoint, origin = Checkpoint(path=path, filesystem=fs), "--start-from"
     state = load_checkpoint_state(checkpoint) if checkpoint is not None else None
     benchmark = None
     if loop_config.get("data") is not None:  # the driver's scan of the dataset: not listed or hashed again here
@@ -177,6 +185,23 @@ def all_ranks_ready(ready: bool) -> bool:
     return float(flag.item()) == 0.0
 
 
+def with_private_inputs(loop_config: dict) -> dict:
+    """``loop_config`` with the values that hold credentials (``private``, a Ray object the driver put: the
+    storage and data settings, the run folder, the ``--start-from`` checkpoint; see
+    :func:`~.launch.worker_config`) put back in place of their redacted forms; those credentials are kept out
+    of this process's messages and logs (:func:`~inflora_ray.redact.remember_secrets`)."""
+    ref = loop_config.get("private")
+    if ref is None:
+        return loop_config
+    private = ray.get(ref)
+    config = copy.deepcopy(loop_config["config"])
+    for key, value in private.get("config", {}).items():
+        set_dotted(config, key, value)
+    remember_secrets(*private.get("config", {}).values(), private.get("run_dir"), private.get("start_from"))
+    return {**loop_config, "config": config, "run_dir": private.get("run_dir", loop_config["run_dir"]),
+            "start_from": private.get("start_from", loop_config.get("start_from")), "private": None}
+
+
 def train_worker(loop_config: dict) -> None:
     """Ray Train entry point of one worker (a data-parallel rank). ``loop_config``: ``config`` (a Config as a
     dict), ``run_dir``, ``stop_after_task``, ``start_from`` (a checkpoint directory) and ``fault`` (tests only).
@@ -187,6 +212,7 @@ def train_worker(loop_config: dict) -> None:
     (its own error, or the marker written by another rank or an earlier attempt), every rank joins the same
     single agreement before training, so none is left waiting in a collective."""
     setup_logging()
+    loop_config = with_private_inputs(loop_config)
     run = RunDir(loop_config["run_dir"])
     run_log = attach_run_log(run.log_path(f"rank{collective.rank()}-{os.getpid()}"), storage.write_bytes)
     try:

@@ -16,6 +16,7 @@ from ray import tune
 
 from .. import storage
 from ..logs import log_event
+from ..redact import redact_text
 from ..rundir import split_run_name
 from ..tracking.mlflow_runs import END_REASON_TAG
 from .trial import error_cause
@@ -225,7 +226,8 @@ def _trial_error(trial):
 
 
 def _last_line(err) -> str:
-    lines = [ln.strip() for ln in str(err or "unknown error").splitlines() if ln.strip()]
+    """The error's last non-empty line (what the table, stderr and ``trial_outcomes.json`` show), redacted."""
+    lines = [ln.strip() for ln in redact_text(str(err or "unknown error")).splitlines() if ln.strip()]
     return (lines[-1] if lines else "unknown error")[:500]
 
 

@@ -24,9 +24,9 @@ from ..config import Config, ConfigError
 from ..data.registry import get_benchmark
 from ..logs import is_verbose, log_event
 from ..preflight import PreflightError, check_config, checked_benchmark, join_cluster, start_tracker
-from ..redact import redact_text
+from ..redact import has_secrets, redact_text, redact_uri
 from ..rundir import RunClaimed, SweepDir, check_contained, default_sweep_name
-from ..tracking.store import redact_config
+from ..tracking.store import redact_config, restore_credentials
 from .search_space import SearchSpace, SpaceError
 from .trial import SPREAD_METRICS, error_cause, history_text
 
@@ -347,6 +347,13 @@ def run_sweep(cfg: Config, space: SearchSpace, opts: SweepOptions = SweepOptions
     Raises :class:`~inflora_ray.ray_train.launch.RunInterrupted` when the sweep was interrupted before every
     trial ended (the message says how to resume it), ``RuntimeError`` when no trial completed."""
     _check_options(space, opts)
+    if has_secrets(cfg.run.storage_path):
+        # Ray Tune pickles its storage settings (path and filesystem, keys included) into the sweep's folder
+        # (tuner.pkl), to be restored from there: a URI's credentials would be stored in the clear.
+        raise PreflightError(f"run.storage_path={redact_uri(cfg.run.storage_path)!r}: a sweep's storage path cannot "
+                             "carry credentials (Ray Tune would store them in the sweep's folder); give the store's "
+                             "credentials through the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                             "GOOGLE_APPLICATION_CREDENTIALS, or the node's role) and the URI without them")
     # The trials run in other working directories, on any node: they get the storage path this driver checked,
     # made absolute here (as a run's workers get theirs), not one each would resolve against its own.
     cfg = cfg.with_values({"run.storage_path": check_config(cfg, opts.address)})
@@ -597,7 +604,8 @@ def _run_final(sw: _Sweep, best_cfg: Config) -> dict:
     fresh = " (seeds the search did not use)" if sw.held_out else ""
     print(f"final run(s): the best config over all {sw.num_tasks} tasks on the test set, seed(s) "
           f"{', '.join(map(str, seeds))}{fresh}", flush=True)
-    cfg = best_cfg.with_values({"tracking.sweep_id": sw.opts.name, "tracking.uri": sw.base.tracking.uri})
+    cfg = restore_credentials(best_cfg, sw.cfg).with_values({"tracking.sweep_id": sw.opts.name,
+                                                             "tracking.uri": sw.base.tracking.uri})
     opts = RunOptions(name=f"{sw.opts.name}-final", address=sw.opts.address)
     if len(seeds) == 1:
         context = RunContext(parent_run_id=sw.parent_id, label="[final] ", data=sw.scanned)

@@ -77,11 +77,39 @@ def pin_uri(uri: str) -> str:
     return uri
 
 
+# The settings that may be URIs with credentials in them (``s3://KEY:SECRET@bucket/...``, ``?access_token=``).
+CREDENTIAL_KEYS = ("tracking.uri", "run.storage_path", "data.shards", "data.root")
+
+
+def _value(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def credential_values(cfg: Config) -> dict[str, str]:
+    """The settings of :data:`CREDENTIAL_KEYS` whose values hold credentials (as given, unredacted)."""
+    return {k: v for k in CREDENTIAL_KEYS if isinstance(v := _value(cfg, k), str) and has_secrets(v)}
+
+
 def redact_config(cfg: Config) -> Config:
-    """``cfg`` with the credentials taken out of tracking.uri: the config a run may store (config.yaml)."""
-    if cfg.tracking.uri is None or not has_secrets(cfg.tracking.uri):
-        return cfg
-    return cfg.with_values({"tracking.uri": redact_uri(cfg.tracking.uri)})
+    """``cfg`` with the credentials taken out of every setting of :data:`CREDENTIAL_KEYS`: the config a run or
+    sweep may store (config.yaml, sweep.json, best_config.yaml, a checkpoint), log or hand to Ray."""
+    found = credential_values(cfg)
+    return cfg.with_values({k: redact_uri(v) for k, v in found.items()}) if found else cfg
+
+
+def restore_credentials(cfg: Config, source: Config) -> Config:
+    """``cfg`` (made from a redacted config) with each redacted setting of :data:`CREDENTIAL_KEYS` that is the
+    redacted form of ``source``'s replaced by ``source``'s value, credentials included."""
+    back = {k: v for k, v in credential_values(source).items()
+            if isinstance(mine := _value(cfg, k), str) and is_redacted(mine) and mine == redact_uri(v)}
+    return cfg.with_values(back) if back else cfg
+
+
+def redacted_settings(cfg: Config, keys=CREDENTIAL_KEYS) -> dict[str, str]:
+    """The settings of ``keys`` whose credentials were redacted (a stored config read back): they cannot be used
+    as they are (a path named ``***``, a store that refuses the request) and must be given again."""
+    return {k: v for k in keys if isinstance(v := _value(cfg, k), str) and is_redacted(v)}
 
 
 def _health_url(uri: str) -> str:

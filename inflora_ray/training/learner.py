@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import collective
-from ..config import Config
+from ..config import Config, TrainConfig
 from ..data import Benchmark, build_benchmark
 from ..data.blocks import BlockCache, BlockSet
 from ..data.device_pipeline import DevicePipeline, resolve_pipeline
@@ -30,7 +30,7 @@ from .optim import lr_factor, make_optimizer
 from .precision import Precision
 from .runtime import peak_memory_mb, resolve_device, rng_state, seed_everything, set_rng_state
 from .state import TaskProgress, TaskResult, with_task_mean
-from .step import train_step
+from .step import largest_rank_share, train_step
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +47,70 @@ class Hooks:
         """After a task is trained, merged and evaluated (task checkpoints, results to the driver)."""
 
 
+class _Features(nn.Module):
+    """The method's features and auxiliary loss of a batch with padding rows (``valid``): what
+    ``train.compile`` compiles, the part of the training forward whose shapes are the same in every task."""
+
+    def __init__(self, model: ContinualViT, method: Method):
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, images: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.method.features(self.model, images, valid)
+
+
+def _compile_features(model: ContinualViT, method: Method, train: TrainConfig) -> nn.Module:
+    """:class:`_Features` under ``torch.compile`` with static shapes, ``train.compile_backend`` and
+    ``train.compile_mode`` (docs/performance.md#compiled-training-step)."""
+    inductor = train.compile_backend == "inductor"
+    mode = train.compile_mode if inductor and train.compile_mode != "default" else None
+    return torch.compile(_Features(model, method), backend=train.compile_backend, mode=mode, dynamic=False)
+
+
 class _CurrentTask(nn.Module):
     """Forward through the method's features and the trained heads only (what training optimises): the
-    current task's head, or heads ``head_indices`` concatenated (joint). Returns ``(logits, aux loss)``."""
+    current task's head, or heads ``head_indices`` concatenated (joint). Returns ``(logits, aux loss)``.
 
-    def __init__(self, model: ContinualViT, method: Method, head_indices: list[int]):
+    ``compiled`` (``train.compile``): the features come from :func:`_compile_features`, always on exactly
+    ``static_batch`` rows, the largest share of a step that this rank gets in the run. A shorter batch (the
+    last of an epoch, a rank's smaller share) is padded with zero images marked as padding for the method
+    (they add nothing to its auxiliary loss), and their features are dropped before the heads. The heads run
+    outside the compiled graph, so neither how many heads the model has nor their widths (classes per task,
+    several heads concatenated in joint training) enter it: one graph serves every step of every task.
+    Methods whose forward depends on per-task state of their own (their number of finished tasks, the task
+    being trained) still get one graph per task; ``recompile_limit`` keeps those from falling back to eager
+    after Dynamo's default limit of 8."""
+
+    def __init__(self, model: ContinualViT, method: Method, head_indices: list[int],
+                 compiled: Optional[nn.Module] = None, static_batch: int = 0, recompile_limit: int = 8):
         super().__init__()
         self.model = model
         self.method = method
         self.head_indices = head_indices
+        self.compiled = compiled
+        self.static_batch = static_batch
+        self.recompile_limit = recompile_limit
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        feats, aux = self.method.features(self.model, images)
+        if self.compiled is None:
+            feats, aux = self.method.features(self.model, images)
+        else:
+            feats, aux = self._padded_features(images)
         heads = [self.model.heads[i] for i in self.head_indices]
         logits = heads[0](feats) if len(heads) == 1 else torch.cat([h(feats) for h in heads], dim=1)
         return logits, aux
+
+    def _padded_features(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        n, size = len(images), self.static_batch
+        if n > size:
+            raise ValueError(f"a compiled step got {n} samples, more than its static batch of {size}")
+        valid = (torch.arange(size, device=images.device) < n).to(torch.float32)
+        if n < size:
+            images = torch.cat([images, images.new_zeros((size - n, *images.shape[1:]))])
+        with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
+            feats, aux = self.compiled(images, valid)
+        return feats[:n], aux
 
 
 class ContinualLearner:
@@ -176,7 +225,8 @@ class ContinualLearner:
                   for idx in indices]
         dataset = TaskDataset(BlockSet(blocks), self.test_set.preprocess, self.test_set.label_map)
         with PassLoader(dataset, loader_workers=self.cfg.data.loader_workers,
-                        pin_memory=self.device.type == "cuda") as loader:
+                        pin_memory=self.device.type == "cuda") as loader, self.precision.frozen_weights(
+                            self.model.backbone):
             for j in range(n_heads):
                 lo = self.benchmark.task_offset(j)
                 hi = lo + len(self.benchmark.tasks[j])
@@ -213,9 +263,14 @@ class ContinualLearner:
             scaler.load_state_dict(progress.scaler)
         # Not wrapped in DDP: train_step all-reduces the gradients itself, so that a rank without a sample in
         # a step can skip the forward and still join the step's one collective (DDP cannot skip a forward).
-        module: nn.Module = _CurrentTask(self.model, self.method, tasks)
-        if cfg.train.compile:
-            module = torch.compile(module)
+        module = _CurrentTask(self.model, self.method, tasks)
+        if cfg.train.compile:  # one graph for the whole run (a resumed run's new process compiles it once more)
+            num_tasks = self.benchmark.num_tasks
+            static = largest_rank_share([len(self._training_indices(t)) for t in range(num_tasks)],
+                                        cfg.data.batch_size, cfg.experiment.seed, cfg.train.epochs, self.world_size)
+            # At most one graph per task even for methods with per-task state; room for a second learner.
+            module = _CurrentTask(self.model, self.method, tasks, _compile_features(self.model, self.method, cfg.train),
+                                  static, recompile_limit=max(8, 2 * num_tasks))
         offset = self.benchmark.task_offset(tasks[0])
         indices = self._training_indices(task)
         sizes = global_batch_sizes(len(indices), cfg.data.batch_size)
@@ -281,7 +336,8 @@ class ContinualLearner:
             trained_heads = [self.model.heads[j] for j in self.method.training_tasks(task)]
             for h in trained_heads:
                 h.requires_grad_(True)
-            self._train_task(task, head, progress, started)
+            with self.precision.frozen_weights(self.model.backbone):
+                self._train_task(task, head, progress, started)
             info = dict(progress.info)
             info.update(self.method.finish_task(self.model, task, covariance))
         finally:

@@ -1,14 +1,41 @@
-"""One optimisation step of one rank on its part of a global batch."""
+"""One optimisation step of one rank on its part of a global batch, and the static batch size of a compiled
+step (``train.compile``)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import collective
+from ..data.loader import block_bounds, epoch_permutation
+
+
+def largest_rank_share(task_sizes: Sequence[int], batch_size: int, seed: int, epochs: int,
+                       world_size: int) -> int:
+    """The most samples one rank owns in any step of a run whose tasks train on ``task_sizes`` samples each:
+    the static batch size of a compiled training step (:class:`~.learner.ContinualLearner` pads every step's
+    share to it, so that one graph serves the whole run).
+
+    One rank owns every global batch whole: the batch size, or the largest task if that is smaller. With
+    several ranks a rank owns the part of each global batch that falls in its block
+    (:func:`~inflora_ray.data.loader.train_batches`); the parts vary from step to step, and their maximum over
+    every epoch of every task is found here from the same permutations, without building the batches.
+    """
+    largest = 0
+    for task, n in enumerate(task_sizes):
+        if world_size == 1 or n == 0:
+            largest = max(largest, min(batch_size, n))
+            continue
+        ends = np.array([block_bounds(n, r, world_size)[1] for r in range(world_size)])
+        step_of_position = np.arange(n) // batch_size  # global batch b holds permutation positions [bB, (b+1)B)
+        for epoch in range(epochs):
+            owner = np.searchsorted(ends, epoch_permutation(np.arange(n), seed, task, epoch), side="right")
+            largest = max(largest, int(np.bincount(step_of_position * world_size + owner).max()))
+    return largest
 
 
 def train_step(module: nn.Module, images: torch.Tensor, targets: torch.Tensor, global_size: int,

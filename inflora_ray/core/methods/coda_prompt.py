@@ -82,9 +82,11 @@ class CodaPrompt(PromptMethod):
                     new.copy_(rows.reshape(new.shape))
         return super().prepare_task(model, task, covariance)
 
-    def features(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def features(self, model: nn.Module, images: torch.Tensor, valid: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The CLS feature of the prefixed forward, and ``mu * penalty`` counted once per sample (the
-        penalty is per batch; summing it over samples and dividing by the global batch size gives it once)."""
+        penalty is per batch; summing it over samples and dividing by the global batch size gives it once;
+        padding rows, ``valid`` 0, are no samples: see :meth:`Method.features`)."""
         query = frozen_query(model, images)
         prefixes, penalty = {}, None
         for layer in self.cfg.coda_layers:
@@ -95,5 +97,6 @@ class CodaPrompt(PromptMethod):
             if self.cfg.coda_ortho_mu > 0:
                 term = ortho_penalty(K) + ortho_penalty(A) + ortho_penalty(P.flatten(1))
                 penalty = term if penalty is None else penalty + term
-        aux = None if penalty is None else self.cfg.coda_ortho_mu * penalty * len(images)
+        n = len(images) if valid is None else valid.sum()
+        aux = None if penalty is None else self.cfg.coda_ortho_mu * penalty * n
         return cls_feature(model.backbone, images, prefixes), aux

@@ -44,14 +44,19 @@ class DualPrompt(PromptMethod):
         """Keys ``(seen, D)`` of the tasks trained so far."""
         return torch.stack([self.params[f"key_{t}"] for t in range(max(self.seen, 1))])
 
-    def expert_index(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def expert_index(self, model: nn.Module, images: torch.Tensor, valid: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Which E-prompt each image uses, and the pull loss: the task identity while training a task (its key
-        pulled toward the queries), the best-matching key of the seen tasks otherwise (no loss)."""
+        pulled toward the queries of the batch's samples, ``valid``: see :meth:`Method.features`), the
+        best-matching key of the seen tasks otherwise (no loss)."""
         query = frozen_query(model, images)
         if self.training_task is not None:
             sim = cosine(query, self.params[f"key_{self.training_task}"][None])[:, 0]
             idx = torch.full((len(images),), self.training_task, dtype=torch.long, device=images.device)
-            return idx, self.cfg.dualprompt_pull_coef * (1.0 - sim).sum()
+            pull = 1.0 - sim
+            if valid is not None:
+                pull = pull * valid.to(pull.dtype)
+            return idx, self.cfg.dualprompt_pull_coef * pull.sum()
         return cosine(query, self.keys()).argmax(dim=1), None
 
     def prefixes(self, idx: torch.Tensor) -> dict[int, Prefix]:
@@ -68,7 +73,8 @@ class DualPrompt(PromptMethod):
             out[layer] = (gk, gv)
         return out
 
-    def features(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def features(self, model: nn.Module, images: torch.Tensor, valid: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The CLS feature of the G/E-prefixed forward, and the key pull loss (training) or None."""
-        idx, aux = self.expert_index(model, images)
+        idx, aux = self.expert_index(model, images, valid)
         return cls_feature(model.backbone, images, self.prefixes(idx)), aux

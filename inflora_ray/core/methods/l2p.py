@@ -77,14 +77,19 @@ class L2P(PromptMethod):
         idx = sim.detach().topk(self.cfg.l2p_top_k, dim=1).indices
         return idx, sim.gather(1, idx)
 
-    def features(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Mean output of the selected prompt tokens, and the key-query surrogate loss summed over the batch."""
+    def features(self, model: nn.Module, images: torch.Tensor, valid: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Mean output of the selected prompt tokens, and the key-query surrogate loss summed over the batch's
+        samples (``valid``: see :meth:`Method.features`)."""
         idx, sim = self.select(model, images)
         prompts = self.params["pool_prompts"][idx].flatten(1, 2) + cls_position(model.backbone)  # (B, N*L, D)
         tokens = prompted_tokens(model.backbone, images, prompts=prompts)
         start = model.backbone.num_prefix_tokens
         feats = tokens[:, start:start + prompts.shape[1]].mean(dim=1)
-        return feats, self.cfg.l2p_pull_coef * (1.0 - sim).sum()
+        pull = 1.0 - sim  # (B, N)
+        if valid is not None:
+            pull = pull * valid[:, None].to(pull.dtype)
+        return feats, self.cfg.l2p_pull_coef * pull.sum()
 
 
 @register_method
@@ -123,7 +128,8 @@ class L2PPlusPlus(PromptMethod):
         pk, pv = split_prefix(chosen.flatten(0, 1))
         return pk.reshape(B, N * (L // 2), D), pv.reshape(B, N * (L // 2), D)
 
-    def features(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def features(self, model: nn.Module, images: torch.Tensor, valid: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The CLS feature of the prefixed forward, and the pull loss (summed over the prefixed blocks).
 
         Pull loss of one block on a batch: ``S = sum_i sum_b sum_{j in top-N(x_b)} (1 - cos(q_i, k_j))``
@@ -131,13 +137,21 @@ class L2PPlusPlus(PromptMethod):
         ``j``. The reference adds ``S`` to the batch-mean cross-entropy; the loop divides the returned loss by
         the global batch size, hence the factor ``len(images)``: on one worker the step's loss is the
         reference's. With several workers the pairs are formed within each worker's share of the batch, as the
-        reference forms them within each GPU's share (``nn.DataParallel``)."""
+        reference forms them within each GPU's share (``nn.DataParallel``). Padding rows (``valid`` 0, see
+        :meth:`Method.features`) count neither as images that chose a key nor as queries nor in ``len(images)``."""
         query = frozen_query(model, images)
         prefixes, pull = {}, None
         for layer in self.cfg.l2p_prefix_layers:
             idx, sim = self.select(query, layer)
             prefixes[layer] = self.prefix(idx, layer)
-            counts = torch.bincount(idx.flatten(), minlength=sim.shape[1]).to(sim.dtype)
-            term = ((1.0 - sim) * counts).sum()
+            # n_j by comparison rather than bincount, whose output size depends on the data (a compiled
+            # step needs static shapes); the counts are small integers, exact in floating point.
+            chosen = (idx[..., None] == torch.arange(sim.shape[1], device=idx.device)).to(sim.dtype)  # (B, N, M)
+            if valid is None:
+                term = ((1.0 - sim) * chosen.sum(dim=(0, 1))).sum()
+            else:
+                w = valid.to(sim.dtype)
+                term = ((1.0 - sim) * w[:, None] * (chosen * w[:, None, None]).sum(dim=(0, 1))).sum()
             pull = term if pull is None else pull + term
-        return cls_feature(model.backbone, images, prefixes), self.cfg.l2p_pull_coef * len(images) * pull
+        n = len(images) if valid is None else valid.sum()
+        return cls_feature(model.backbone, images, prefixes), self.cfg.l2p_pull_coef * n * pull

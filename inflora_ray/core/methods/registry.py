@@ -63,9 +63,15 @@ class Method:
         """Register the method's own modules under ``model.extras`` (called once, right after the model is
         built, before it moves to the device and before a checkpoint is restored)."""
 
-    def features(self, model: ContinualViT, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def features(self, model: ContinualViT, images: torch.Tensor, valid: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The (B, embed_dim) features the heads read, and an auxiliary loss summed over the batch's samples
-        (a scalar) or None. Used in training and evaluation (evaluation ignores the auxiliary loss)."""
+        (a scalar) or None. Used in training and evaluation (evaluation ignores the auxiliary loss).
+
+        ``valid``: None (every row is a sample), or a float ``(B,)`` tensor, 1 for a sample and 0 for a padding
+        row (a compiled training step pads a short batch to its one static size). Each row's features must
+        depend on that row only; padding rows must add nothing to the auxiliary loss nor to anything the
+        method derives from the batch as a whole."""
         return model.features(images), None
 
     def training_tasks(self, task: int) -> list[int]:
