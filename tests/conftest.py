@@ -53,3 +53,19 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_orphaned_placement_groups(request):
+    """After each test on the session's Ray: the placement groups of jobs the test ran as other processes are
+    gone (Ray removes them when the job ends; one reserved while the job was being killed can stay), so the
+    next test finds the session's 2 CPUs free."""
+    yield
+    if "ray_session" in request.fixturenames:
+        from helpers import remove_orphaned_placement_groups
+
+        left = remove_orphaned_placement_groups()
+        if left:
+            import warnings
+
+            warnings.warn(f"removed placement group(s) left by a finished job: {left}")

@@ -380,3 +380,29 @@ def noise_png_shards(root: Path, per_class: int, side: int, classes: int = 4, nu
             (folder / f"img_{i}.png").write_bytes(buf.getvalue())
     prepare_shards("imagenet-r", str(root / "raw"), str(root / "shards"), rows_per_group=4, num_tasks=num_tasks)
     return root / "shards"
+
+
+def remove_orphaned_placement_groups(wait_seconds: float = 20.0) -> list[str]:
+    """Placement groups on this process's Ray that another job created and that are still there after
+    ``wait_seconds`` (polled): removed, and their ids returned. A driver killed while its Ray Train controller
+    was replacing a dead worker group (``ray job stop`` SIGKILLs after the wait) can leave the group it had
+    just reserved behind its finished job, holding its CPUs for good on the test session's 2-CPU Ray."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    if not ray.is_initialized():
+        return []
+    own_job = ray.get_runtime_context().get_job_id()
+
+    def foreign() -> list[str]:
+        return [pg for pg, info in placement_group_table().items()
+                if info["state"] != "REMOVED" and not pg.endswith(own_job)]  # a group's id ends with its job's
+
+    deadline = time.monotonic() + wait_seconds
+    while foreign() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = foreign()
+    for pg in left:
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
+    return left
