@@ -66,10 +66,10 @@ def test_compile_once_per_run_and_training_equals_eager(method, world, monkeypat
         frames = _FramesPerTask()
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled = _run(cfg, compiled=True, hooks=frames)
-        # Everything is compiled in the first task's first step (one frame: the features; a second one only
-        # if the process carries global module hooks from elsewhere), and nothing after it.
+        # One graph for the run (the features), compiled in the first task's first step, and nothing compiled
+        # after it. (In a fresh process Dynamo may also convert a frame without tensor work: no graph.)
         assert frames.frames[0] >= 1 and frames.frames == [frames.frames[0]] * 3, frames.frames
-        assert counters["stats"]["unique_graphs"] == frames.frames[0] <= 2, dict(counters["stats"])
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     finally:
         torch._dynamo.reset()
     for c, e in zip(compiled.task_results, eager.task_results):
