@@ -81,14 +81,10 @@ def pin_uri(uri: str) -> str:
 CREDENTIAL_KEYS = ("tracking.uri", "run.storage_path", "data.shards", "data.root")
 
 
-def _value(cfg: Config, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
-
-
 def credential_values(cfg: Config) -> dict[str, str]:
     """The settings of :data:`CREDENTIAL_KEYS` whose values hold credentials (as given, unredacted)."""
-    return {k: v for k in CREDENTIAL_KEYS if isinstance(v := _value(cfg, k), str) and has_secrets(v)}
+    flat = cfg.flat()
+    return {k: v for k in CREDENTIAL_KEYS if isinstance(v := flat[k], str) and has_secrets(v)}
 
 
 def redact_config(cfg: Config) -> Config:
@@ -101,15 +97,17 @@ def redact_config(cfg: Config) -> Config:
 def restore_credentials(cfg: Config, source: Config) -> Config:
     """``cfg`` (made from a redacted config) with each redacted setting of :data:`CREDENTIAL_KEYS` that is the
     redacted form of ``source``'s replaced by ``source``'s value, credentials included."""
+    flat = cfg.flat()
     back = {k: v for k, v in credential_values(source).items()
-            if isinstance(mine := _value(cfg, k), str) and is_redacted(mine) and mine == redact_uri(v)}
+            if isinstance(mine := flat[k], str) and is_redacted(mine) and mine == redact_uri(v)}
     return cfg.with_values(back) if back else cfg
 
 
 def redacted_settings(cfg: Config, keys=CREDENTIAL_KEYS) -> dict[str, str]:
     """The settings of ``keys`` whose credentials were redacted (a stored config read back): they cannot be used
     as they are (a path named ``***``, a store that refuses the request) and must be given again."""
-    return {k: v for k in keys if isinstance(v := _value(cfg, k), str) and is_redacted(v)}
+    flat = cfg.flat()
+    return {k: v for k in keys if isinstance(v := flat[k], str) and is_redacted(v)}
 
 
 def _health_url(uri: str) -> str:
